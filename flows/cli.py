@@ -1,0 +1,179 @@
+"""``c2m``: run the DAG, show its plan, serve and manage the registered models.
+
+Heavy libraries (Prefect, torch, transformers) are imported inside the commands that need them,
+so ``c2m --help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _project_env(cfg=None) -> None:
+    """Keep Prefect's and Hugging Face's state inside the project (ENVIRONMENT.md); never overrides
+    what the user exported."""
+    home = Path.cwd()
+    defaults = {
+        "PREFECT_HOME": str(home / ".prefect"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home / ".cache" / "huggingface"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if cfg is not None:
+        defaults["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(cfg.paths.store).resolve() / "_prefect_results")
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+def _parse_set(values: list[str]) -> dict:
+    """``--set finetune.learning_rate=1e-4`` -> {"finetune.learning_rate": 0.0001} (YAML scalars)."""
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _load(args):
+    from schemas.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, _parse_set(getattr(args, "set", None)))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    _project_env(cfg)
+    from flows.pipeline import pipeline
+    from tasks.stage import StageError
+
+    try:
+        result = pipeline(config_path=str(args.config), overrides=_parse_set(args.set))
+    except StageError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    print()
+    for k, v in result["links"].items():
+        print(f"{k:18s} {v}")
+    print(f"{'run summary':18s} {result['summary']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    _project_env(cfg)
+    from tasks.ingest import scan_raw
+    from tasks.plan import plan
+    from tasks.stage import StageError, Store
+
+    store = Store(cfg.paths.store)
+    try:
+        source = scan_raw(cfg.paths.raw, cfg.ingest.include, store)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    steps = plan(cfg, store, source)
+    print(f"plan for {args.config} ({source.stats['files']} raw files, {source.stats['bytes']:,} bytes); nothing is run\n")
+    print(f"{'stage':10s} {'status':9s} {'key':12s} why")
+    for s in steps:
+        why = s.why if not s.cached else ""
+        if s.detail:
+            why = f"{why} ({s.detail})"
+        print(f"{s.stage:10s} {'cached' if s.cached else 'will run':9s} {s.key[:10]:12s} {why}")
+    n = sum(not s.cached for s in steps)
+    print(f"\n{n} of {len(steps)} stages would run")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    cfg = _load(args)
+    _project_env(cfg)
+    from tasks.serve import serve
+
+    serve(cfg, host=args.host, port=args.port, ref=args.ref)
+    return 0
+
+
+def cmd_models(args) -> int:
+    cfg = _load(args)
+    from tasks import registry
+    from tasks.stage import StageError
+
+    root, name = cfg.paths.registry, cfg.registry.model_name
+    try:
+        if args.action == "list":
+            rows = registry.list_versions(root, name)
+            if not rows:
+                print(f"no versions of {name} in {root}")
+            for r in rows:
+                print(json.dumps(r, default=str))
+        elif args.action == "promote":
+            if not args.version:
+                raise SystemExit("c2m models promote CONFIG VERSION")
+            registry.promote(root, name, args.version)
+            print(f"production -> {args.version}")
+        elif args.action == "rollback":
+            print(f"production -> {registry.rollback(root, name)}")
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_server(args) -> int:
+    """Start the Prefect server + UI on 127.0.0.1 with this project's PREFECT_HOME."""
+    _project_env()
+    import subprocess
+
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    print(f"Prefect UI: http://{args.host}:{args.port}  (then: export PREFECT_API_URL=http://{args.host}:{args.port}/api)")
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="c2m", description="corpus2model: raw text corpus -> served model, one cached Prefect DAG")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", type=Path, help="YAML config, e.g. configs/demo.yaml")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. finetune.learning_rate=1e-4")
+        return sp
+
+    with_config(sub.add_parser("run", help="run the DAG; cached stages are skipped")).set_defaults(fn=cmd_run)
+    with_config(sub.add_parser("status", help="show which stages would run and why, without running")).set_defaults(fn=cmd_status)
+    sp = with_config(sub.add_parser("serve", help="serve the production model over HTTP on 127.0.0.1"))
+    sp.add_argument("--host", default=None)
+    sp.add_argument("--port", type=int, default=None)
+    sp.add_argument("--ref", default="production", help="alias or version (v1, v2, ...)")
+    sp.set_defaults(fn=cmd_serve)
+    sp = sub.add_parser("models", help="list, promote or roll back registered model versions")
+    sp.add_argument("action", choices=["list", "promote", "rollback"])
+    with_config(sp)
+    sp.add_argument("version", nargs="?")
+    sp.set_defaults(fn=cmd_models)
+    sp = sub.add_parser("server", help="start the Prefect server and UI for this project")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=4200)
+    sp.set_defaults(fn=cmd_server)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The run configuration: one YAML file, validated by pydantic, one section per stage.
+
+Each stage hashes only its own section (plus the upstream keys), so changing
+``finetune.learning_rate`` reruns finetune and what follows and no data stage.
+Unknown keys are errors (``extra="forbid"``): a typo must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+# Fields that change how fast a stage runs, never what it produces: left out of cache keys.
+NOT_HASHED = {"hashed": False}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def hashed(self) -> dict:
+        """The canonical content a cache key is computed from (speed-only fields left out)."""
+        skip = {n for n, f in type(self).model_fields.items() if (f.json_schema_extra or {}).get("hashed") is False}
+        out = {}
+        for name, value in self.model_dump(mode="json", exclude=skip).items():
+            sub = getattr(self, name)
+            out[name] = sub.hashed() if isinstance(sub, Section) else value
+        return out
+
+
+class Paths(Section):
+    """Where things live. Not hashed: moving the store does not change what is in it."""
+
+    raw: Path = Path("data/raw")
+    store: Path = Path("data/store")
+    registry: Path = Path("data/registry")
+
+
+class IngestConfig(Section):
+    include: list[str] = ["**/*.txt", "**/*.jsonl", "**/*.json", "**/*.html", "**/*.htm", "**/*.gz"]
+    max_file_bytes: int = Field(200_000_000, gt=0)
+    # Used when a text/html document carries no task_type of its own.
+    default_task_type: str = "text"
+    default_domain: str = "general"
+    # Below this confidence the decoded text is rejected as "undecodable" rather than guessed.
+    min_encoding_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    workers: int = Field(1, ge=1, description="process pool size for per-file work", json_schema_extra=NOT_HASHED)
+
+
+class CleanConfig(Section):
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    fix_mojibake: bool = True
+    min_chars: int = Field(20, ge=0, description="shorter texts (input+target) are rejected as too_short")
+    max_chars: int = Field(32_768, gt=0, description="longer fields are rejected as too_long")
+    min_target_chars: int = Field(1, ge=0)
+    # Off: every run of spaces/tabs becomes one space, leading ones too. On: a line's leading
+    # indentation is left as it is (code in targets keeps its structure); inner runs still collapse.
+    keep_indentation: bool = False
+    workers: int = Field(1, ge=1, description="process pool size for per-part work", json_schema_extra=NOT_HASHED)
+
+
+class DedupConfig(Section):
+    method: Literal["exact"] = "exact"
+    # Which text the exact hash is computed on: casefolded, whitespace-collapsed NFKC.
+    normalize: bool = True
+
+
+class AugmentConfig(Section):
+    methods: list[Literal["word_dropout", "word_swap"]] = ["word_swap"]
+    # At most this many augmented records per original record of a task type (1:3 by default).
+    max_ratio: float = Field(1 / 3, ge=0.0, le=10.0)
+    task_types: list[str] = ["instruction", "math_qa"]
+    probability: float = Field(0.1, gt=0.0, lt=1.0, description="per-word edit probability")
+    min_words: int = Field(8, ge=2, description="inputs with fewer words are not augmented")
+    seed: int = 0
+
+
+class ValidateConfig(Section):
+    suite: Path = Path("schemas/suites/training_records.yaml")
+    max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
+
+
+class ShardConfig(Section):
+    target_bytes: int = Field(1_000_000_000, gt=0)
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+    row_group_rows: int = Field(10_000, gt=0)
+    splits: dict[str, float] = {"train": 0.9, "validation": 0.05, "test": 0.05}
+    seed: int = 0
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_sum_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if abs(sum(v.values()) - 1.0) > 1e-6 or any(x < 0 for x in v.values()):
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {v}")
+        if "train" not in v:
+            raise ValueError("splits must contain 'train'")
+        import re
+
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        if bad:
+            # Split names become folder names and Hugging Face datasets split names.
+            raise ValueError(f"split names must be letters, digits or '_' (not starting with a digit), got {bad}")
+        return v
+
+
+class TokenizeConfig(Section):
+    vocab_size: int = Field(2048, ge=260)
+    seq_len: int = Field(256, ge=16)
+    min_frequency: int = Field(2, ge=1)
+    # How a record becomes text. Loss is computed on the target tokens only.
+    prompt_template: str = "### Input:\n{input}\n### Response:\n"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_takes_input(cls, v: str) -> str:
+        # Checked here so a bad template fails at config load, not after the tokenizer is trained.
+        try:
+            rendered = v.format(input="\x00")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompt_template must use only the field {{input}} (write literal braces as "
+                             f"{{{{ and }}}}): {e!r}") from None
+        if "\x00" not in rendered:
+            raise ValueError("prompt_template must contain {input}")
+        return v
+
+
+class ModelConfig(Section):
+    """A tiny causal LM built from a config (no hub download)."""
+
+    arch: Literal["llama"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    seed: int = 0
+    # A hub id or local path instead of building from the fields above.
+    pretrained: str | None = None
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FinetuneConfig(Section):
+    method: Literal["lora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(2e-3, gt=0)
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
+
+
+class QuantizeConfig(Section):
+    methods: list[Literal["dynamic_int8"]] = ["dynamic_int8"]
+
+
+class EvaluateConfig(Section):
+    max_records: int = Field(256, ge=1, description="held-out records scored for perplexity")
+    generate_records: int = Field(16, ge=0, description="held-out records answered by greedy generation")
+    max_new_tokens: int = Field(32, ge=1)
+    latency_runs: int = Field(20, ge=1)
+    split: str = "test"
+
+
+class Gate(Section):
+    """Deploy gate: `production` moves only when every condition holds."""
+
+    metric: Literal["perplexity"] = "perplexity"
+    # tuned must improve the base perplexity by at least this fraction (0.1 = 10 % lower)
+    min_improvement_over_base: float = Field(0.1, ge=0.0)
+    # the served variant may be at most this fraction worse than tuned
+    max_quantized_degradation: float = Field(0.05, ge=0.0)
+
+
+class RegistryConfig(Section):
+    model_name: str = "demo-tiny-lm"
+    gate: Gate = Gate()
+    serve_variant: Literal["tuned", "dynamic_int8"] = "dynamic_int8"
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("model_name must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
+        return v
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class PipelineConfig(Section):
+    name: str = "corpus2model"
+    paths: Paths = Paths()
+    ingest: IngestConfig = IngestConfig()
+    clean: CleanConfig = CleanConfig()
+    dedup: DedupConfig = DedupConfig()
+    augment: AugmentConfig = AugmentConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    shard: ShardConfig = ShardConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "PipelineConfig":
+        if self.model.hidden_size % self.model.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.model.hidden_size}) must be divisible by model.num_heads ({self.model.num_heads})"
+            )
+        return self
+
+    def section(self, name: str) -> dict:
+        """The canonical, JSON-able content of one section (what a stage hashes)."""
+        attr = "validate_" if name == "validate" else name
+        return getattr(self, attr).hashed()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read and validate a YAML config. ``overrides`` maps dotted keys to values (``finetune.learning_rate``)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict, source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r:.80})")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

@@ -1,0 +1,159 @@
+"""The DAG, its keys before anything runs, and why each stage will run or is cached.
+
+Because a key depends only on (stage, version, own config sections, upstream keys), the whole
+chain of keys follows from the config and the raw-folder fingerprint: ``c2m status`` shows the
+plan without running a stage, and ``c2m run`` explains every stage it ran by comparing with the
+last run of the same config name ("finetune.learning_rate 0.002 -> 0.001", "raw file X added").
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.stage import Manifest, Store, cache_key, stage_key, verify
+
+# (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
+# tests/test_flow.py checks that every manifest's upstream matches this table.
+DAG: list[tuple[str, list[str]]] = [
+    ("ingest", ["source"]),
+    ("clean", ["ingest"]),
+    ("dedup", ["clean"]),
+    ("augment", ["dedup"]),
+    ("validate", ["augment"]),
+    ("shard", ["validate"]),
+    ("tokenize", ["shard"]),
+    ("finetune", ["tokenize"]),
+    ("quantize", ["finetune"]),
+    ("evaluate", ["shard", "tokenize", "finetune", "quantize"]),
+]
+DATA_STAGES = ["ingest", "clean", "dedup", "augment", "validate", "shard"]
+
+
+def module(stage: str):
+    return importlib.import_module(f"tasks.{stage}")
+
+
+@dataclass
+class StepPlan:
+    stage: str
+    key: str
+    cached: bool
+    why: str
+    sections: dict = field(default_factory=dict)
+    upstream: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``["finetune.learning_rate 0.002 → 0.001", ...]`` for the hashed sections of one stage."""
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            name = k.replace("_extra.", "")
+            changes.append(f"{name} {json.dumps(a.get(k), default=str)} → {json.dumps(b.get(k), default=str)}")
+    return changes
+
+
+def source_diff(old_files: dict[str, str], new_files: dict[str, str]) -> list[str]:
+    added = sorted(set(new_files) - set(old_files))
+    removed = sorted(set(old_files) - set(new_files))
+    changed = sorted(p for p in set(old_files) & set(new_files) if old_files[p] != new_files[p])
+    parts = []
+    for label, items in (("added", added), ("changed", changed), ("removed", removed)):
+        if items:
+            shown = ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+            parts.append(f"raw file{'s' if len(items) > 1 else ''} {label}: {shown}")
+    return parts
+
+
+class RunRecord:
+    """What the last run of a config name used, so the next one can say what changed."""
+
+    def __init__(self, store: Store, name: str):
+        self.path = store.root / "_runs" / f"{name}.json"
+
+    def load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def save(self, source: Manifest, steps: list[StepPlan], extra: dict | None = None) -> None:
+        data = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {f.path: f.sha256 for f in source.files},
+            "stages": {s.stage: {"key": s.key, "sections": s.sections, "upstream": s.upstream} for s in steps},
+            **(extra or {}),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _ingest_detail(source: Manifest, cfg, store: Store) -> str:
+    ingest = module("ingest")
+    section = cfg.ingest.hashed()
+    missing = [
+        f.path for f in source.files
+        if store.unit_lookup("ingest", cache_key("ingest", ingest.VERSION, section, [f.path, f.sha256])) is None
+    ]
+    return f"{len(missing)} of {len(source.files)} raw files to ingest"
+
+
+def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
+    """Keys and cached/why for every stage, from the config and the raw fingerprint alone."""
+    last = RunRecord(store, cfg.name).load()
+    last_stages = last.get("stages", {})
+    keys = {"source": source.key}
+    changed_upstream: dict[str, str] = {}
+    steps: list[StepPlan] = []
+    src_changes = source_diff(last.get("source", {}), {f.path: f.sha256 for f in source.files}) if last else []
+    for stage, ups in DAG:
+        mod = module(stage)
+        upstream = [f"{u}:{keys[u]}" for u in ups]
+        key, _ = stage_key(mod, cfg, upstream)
+        keys[stage] = key
+        sections = {s: cfg.section(s) for s in mod.SECTIONS}
+        if hasattr(mod, "key_extra"):
+            from tasks.stage import stage_config
+
+            sections["_extra"] = mod.key_extra(stage_config(mod, cfg))
+        ok, verdict = verify(store.stage_dir(stage, key))
+        prev = last_stages.get(stage)
+        if ok:
+            why = "cached"
+        elif prev and prev.get("key") == key:
+            why = f"recompute: {verdict}"  # same inputs as last time, but the output is damaged
+        elif prev:
+            reasons = config_diff(prev.get("sections", {}), sections)
+            if prev.get("upstream") != upstream:
+                if "source" in ups and src_changes:
+                    reasons += src_changes
+                else:
+                    moved = [u.split(":")[0] for u in upstream if u not in prev.get("upstream", [])]
+                    reasons += [f"input changed: {', '.join(moved)}"] if moved else []
+            if not reasons:
+                reasons = [f"stage version is now {mod.VERSION}" if prev.get("sections") == sections else "key changed"]
+            why = "; ".join(reasons)
+        else:
+            why = "first run" if not last else "not in store"
+        detail = _ingest_detail(source, cfg, store) if stage == "ingest" and not ok else ""
+        steps.append(StepPlan(stage, key, ok, why, sections, upstream, detail))
+    return steps

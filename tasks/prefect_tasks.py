@@ -1,0 +1,51 @@
+"""The thin Prefect wrappers around the stage contract (one for every stage, one for the scan,
+one for registration).
+
+Prefect's cache key is our content key (``cache_key_fn``), and results persist in the project
+(PREFECT_LOCAL_STORAGE_PATH), so a new process or a scheduled run gets the hit. Prefect cannot
+see that a cached output was damaged after the fact; the flow's plan verifies every output
+before the run and passes ``refresh_cache=True`` for any that failed, so the stage recomputes.
+"""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.plan import module
+from tasks.stage import Manifest, StageContext, Store, run_stage, stage_key
+
+
+def _stage_cache_key(context, parameters) -> str:
+    stage, cfg, inputs = parameters["stage"], parameters["cfg"], parameters["inputs"]
+    key, _ = stage_key(module(stage), cfg, inputs)
+    return f"c2m-{stage}-{key}"
+
+
+@task(
+    name="stage",
+    cache_key_fn=_stage_cache_key,
+    persist_result=True,
+    result_serializer="pickle",
+    task_run_name="{stage}",
+)
+def stage_task(stage: str, inputs: list[Manifest], cfg) -> Manifest:
+    from prefect import get_run_logger
+
+    ctx = StageContext(store=Store(cfg.paths.store), log=get_run_logger())
+    return run_stage(module(stage), inputs, cfg, ctx)
+
+
+@task(name="scan-raw", cache_policy=NO_CACHE, task_run_name="source")
+def scan_task(cfg) -> Manifest:
+    """Always runs: it is how a run learns that a raw file was added or edited (cheap: stat cache)."""
+    from tasks.ingest import scan_raw
+
+    return scan_raw(cfg.paths.raw, cfg.ingest.include, Store(cfg.paths.store))
+
+
+@task(name="register", cache_policy=NO_CACHE, task_run_name="register")
+def register_task(manifests: dict[str, Manifest], cfg) -> dict:
+    """Idempotent: a rerun finds the version with the same lineage and registers nothing new."""
+    from tasks.registry import register
+
+    return register(manifests, cfg)

@@ -1,0 +1,317 @@
+"""The stage contract (DESIGN.md, "The stage contract"), written once for every stage.
+
+A stage module defines::
+
+    STAGE = "clean"            # name, also the store folder
+    VERSION = "1"              # bump when the output for the same input changes
+    SECTIONS = ("clean",)      # config sections it reads, and the only ones it hashes
+    def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest
+    def key_extra(cfg) -> dict     # optional: content the config only points at (a suite file)
+
+``cfg`` is a namespace holding only the declared sections, so a stage cannot read a setting that
+is not part of its cache key. ``run`` writes into ``out_dir`` (a temporary folder) and returns a
+Manifest listing the files it wrote (paths relative to ``out_dir``) plus counters and stats; the
+runner fills in sizes, sha256s and the key, checks the counters, writes ``manifest.json`` last and
+renames the folder into ``<store>/<stage>/<key>/`` in one step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import types
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from schemas.records import SCHEMA_VERSION
+
+CODE_VERSION = "0.1.0"
+MANIFEST = "manifest.json"
+UNIT_MANIFEST = "unit.json"
+
+
+class StageError(RuntimeError):
+    """A stage could not produce its output; the message says which input and what to do."""
+
+
+class CounterMismatch(StageError):
+    pass
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, paths as strings; what keys are hashed from."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(stage: str, version: str, sections: dict, upstream_keys: list[str]) -> str:
+    """Content-only key: stage, stage version, canonical config sections, upstream keys (in order)."""
+    payload = canonical_json(
+        {"stage": stage, "version": version, "config": sections, "upstream": list(upstream_keys)}
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the stage folder
+    bytes: int = 0
+    sha256: str = ""
+    role: str = "data"  # data | quarantine | removed | report | model | ...
+    records: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FileEntry":
+        return cls(**{k: d[k] for k in ("path", "bytes", "sha256", "role", "records") if k in d})
+
+
+@dataclass
+class Manifest:
+    stage: str
+    stage_version: str = ""
+    key: str = ""
+    config_hash: str = ""
+    upstream: dict[str, str] = field(default_factory=dict)  # stage -> key
+    files: list[FileEntry] = field(default_factory=list)
+    # in + added = out + sum(rejected) + duplicates  (checked for record stages)
+    counters: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    schema_version: str = SCHEMA_VERSION
+    code_version: str = CODE_VERSION
+    seconds: float = 0.0
+    created: str = ""
+    path: str = ""  # absolute folder of this output (not part of the JSON identity)
+
+    # -- access -------------------------------------------------------------------------
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def files_with(self, role: str) -> list[Path]:
+        return [self.dir / f.path for f in self.files if f.role == role]
+
+    def entries(self, role: str) -> list[FileEntry]:
+        return [f for f in self.files if f.role == role]
+
+    def file(self, name: str) -> Path:
+        for f in self.files:
+            if f.path == name:
+                return self.dir / f.path
+        raise StageError(f"{self.stage} output {self.path} lists no file {name!r}")
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str | Path = "") -> "Manifest":
+        d = dict(d)
+        d["files"] = [FileEntry.from_dict(f) for f in d.get("files", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}, path=str(path))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        return cls.from_dict(json.loads((folder / MANIFEST).read_text(encoding="utf-8")), folder)
+
+
+def check_counters(stage: str, counters: dict) -> None:
+    """in + added == out + rejected + duplicates, or the stage lost (or invented) records."""
+    if not counters:
+        return
+    n_in = counters.get("in", 0) + counters.get("added", 0)
+    rejected = sum(counters.get("rejected", {}).values())
+    n_out = counters.get("out", 0) + rejected + counters.get("duplicates", 0)
+    if n_in != n_out:
+        raise CounterMismatch(
+            f"stage {stage}: counters do not add up: in {counters.get('in', 0)} + added {counters.get('added', 0)} != "
+            f"out {counters.get('out', 0)} + rejected {rejected} + duplicates {counters.get('duplicates', 0)}; "
+            f"a record was lost or counted twice"
+        )
+
+
+def _finalize_files(folder: Path, files: list[FileEntry], hashed: dict[str, str] | None = None) -> None:
+    for f in files:
+        p = folder / f.path
+        if not p.is_file():
+            raise StageError(f"manifest lists {f.path} but {p} was not written")
+        f.bytes = p.stat().st_size
+        f.sha256 = (hashed or {}).get(f.path) or f.sha256 or sha256_file(p)
+
+
+def verify(folder: Path, manifest_name: str = MANIFEST) -> tuple[bool, str]:
+    """A cache hit must have its manifest and every listed file, each with the recorded size."""
+    mpath = folder / manifest_name
+    if not mpath.is_file():
+        return False, "no output yet"
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return False, f"manifest unreadable ({e})"
+    for f in data.get("files", []):
+        p = folder / f["path"]
+        if not p.is_file():
+            return False, f"output file missing: {f['path']}"
+        size = p.stat().st_size
+        if size != f["bytes"]:
+            return False, f"output file changed size: {f['path']} ({size} bytes, manifest says {f['bytes']})"
+    return True, "verified"
+
+
+class Store:
+    """``<root>/<stage>/<key>/`` outputs, ``<root>/_units/<stage>/<key>/`` per-unit results,
+    ``<root>/_tmp`` for writes in progress (same filesystem, so the final rename is atomic)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def unit_dir(self, stage: str, key: str) -> Path:
+        return self.root / "_units" / stage / key
+
+    def lookup(self, stage: str, key: str) -> tuple[Manifest | None, str]:
+        folder = self.stage_dir(stage, key)
+        ok, why = verify(folder)
+        return (Manifest.load(folder) if ok else None), why
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Per-key lock: two runs on one store compute a key once; the second then reuses it."""
+        lockdir = self.root / "_locks"
+        lockdir.mkdir(parents=True, exist_ok=True)
+        with open(lockdir / f"{name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def atomic_dir(self, final: Path) -> Iterator[Path]:
+        """Yield a temp folder; on success it replaces ``final`` in one rename, on error it vanishes."""
+        tmp_root = self.root / "_tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.parent.name}-{final.name}-", dir=tmp_root))
+        try:
+            yield tmp
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                # An unverifiable leftover (e.g. a file was deleted): move it aside, then replace.
+                trash = tmp_root / f"stale-{uuid.uuid4().hex}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- per-unit cache -------------------------------------------------------------------
+    def unit_lookup(self, stage: str, key: str) -> dict | None:
+        folder = self.unit_dir(stage, key)
+        ok, _ = verify(folder, UNIT_MANIFEST)
+        if not ok:
+            return None
+        data = json.loads((folder / UNIT_MANIFEST).read_text(encoding="utf-8"))
+        data["dir"] = str(folder)
+        return data
+
+    def unit_write(self, stage: str, key: str, write) -> dict:
+        """``write(tmp_dir) -> {"files": [FileEntry|dict], "counters": {...}, ...}``; stored atomically."""
+        final = self.unit_dir(stage, key)
+        with self.atomic_dir(final) as tmp:
+            info = write(tmp)
+            entries = [f if isinstance(f, FileEntry) else FileEntry.from_dict(f) for f in info.get("files", [])]
+            _finalize_files(tmp, entries)
+            info = {**info, "files": [dataclasses.asdict(e) for e in entries], "key": key}
+            (tmp / UNIT_MANIFEST).write_text(canonical_json(info), encoding="utf-8")
+        info["dir"] = str(final)
+        return info
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Stage outputs share bytes with per-unit results through hard links (copy across filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides its inputs and config: the store (for per-unit caching),
+    the raw folder (ingest only) and a logger."""
+
+    store: Store
+    raw_dir: Path | None = None
+    log: Any = None
+
+    def info(self, msg: str, *args) -> None:
+        if self.log is not None:
+            self.log.info(msg, *args)
+
+
+def stage_config(module: types.ModuleType, cfg) -> types.SimpleNamespace:
+    """The declared sections only, as models (for the stage) and as canonical dicts (for the key)."""
+    return types.SimpleNamespace(**{s: getattr(cfg, "validate_" if s == "validate" else s) for s in module.SECTIONS})
+
+
+def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str]) -> tuple[str, str]:
+    sections = {s: cfg.section(s) for s in module.SECTIONS}
+    if hasattr(module, "key_extra"):
+        # e.g. the expectation suite's file content: editing the suite must rerun validation.
+        sections["_extra"] = module.key_extra(stage_config(module, cfg))
+    config_hash = hashlib.sha256(canonical_json(sections).encode()).hexdigest()[:16]
+    keys = [u if isinstance(u, str) else f"{u.stage}:{u.key}" for u in upstream]
+    return cache_key(module.STAGE, module.VERSION, sections, keys), config_hash
+
+
+def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageContext) -> Manifest:
+    """Return the verified cached output for this key, or compute it atomically (under a per-key lock)."""
+    key, config_hash = stage_key(module, cfg, inputs)
+    store = ctx.store
+    with store.lock(f"{module.STAGE}-{key}"):
+        hit, _ = store.lookup(module.STAGE, key)
+        if hit is not None:
+            hit.stats = {**hit.stats, "cache": "hit"}
+            return hit
+        final = store.stage_dir(module.STAGE, key)
+        t0 = time.perf_counter()
+        with store.atomic_dir(final) as tmp:
+            result = module.run(inputs, stage_config(module, cfg), tmp, ctx)
+            check_counters(module.STAGE, result.counters)
+            _finalize_files(tmp, result.files, result.stats.pop("_hashed", None))
+            result.stage = module.STAGE
+            result.stage_version = module.VERSION
+            result.key = key
+            result.config_hash = config_hash
+            result.upstream = {u.stage: u.key for u in inputs}
+            result.seconds = round(time.perf_counter() - t0, 3)
+            result.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            (tmp / MANIFEST).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+        result.path = str(final)
+        result.stats = {**result.stats, "cache": "computed"}
+        return result

@@ -1,0 +1,136 @@
+"""The run summary: per stage ran/cached and why, seconds, records in/out; printed, written as
+markdown + JSON next to the run record, and published as Prefect table + markdown artifacts."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.plan import StepPlan
+from tasks.stage import Manifest
+
+
+@dataclass
+class Row:
+    stage: str
+    status: str  # ran | cached | failed | skipped
+    why: str
+    seconds: float
+    records_in: int | None = None
+    records_out: int | None = None
+    rejected: int | None = None
+    duplicates: int | None = None
+    detail: str = ""
+    key: str = ""
+
+
+def _detail(m: Manifest) -> str:
+    s = m.stats
+    parts = []
+    if "units" in s:
+        parts.append(f"{s.get('units_computed', 0)}/{s['units']} units computed")
+        if s.get("computed_files") and s.get("units_computed", 0) <= 3:
+            parts.append(", ".join(s["computed_files"]))
+    rej = m.counters.get("rejected") or {}
+    if rej:
+        parts.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rej.items(), key=lambda kv: -kv[1])))
+    if m.counters.get("added"):
+        parts.append(f"added {m.counters['added']}")
+    for k in ("final_eval_loss", "warns_failed", "size_ratio"):
+        if k in s:
+            v = s[k]
+            parts.append(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}")
+    return "; ".join(parts)
+
+
+def row_for(step: StepPlan, m: Manifest | None, status: str, seconds: float) -> Row:
+    c = (m.counters if m else {}) or {}
+    return Row(
+        stage=step.stage,
+        status=status,
+        why="" if status == "cached" else step.why,
+        seconds=round(seconds, 2),
+        records_in=c.get("in"),
+        records_out=c.get("out"),
+        rejected=sum((c.get("rejected") or {}).values()) if c else None,
+        duplicates=c.get("duplicates") if c else None,
+        detail=_detail(m) if m else "",
+        key=step.key[:10],
+    )
+
+
+def _cell(v) -> str:
+    return "" if v is None else str(v)
+
+
+COLUMNS = ["stage", "status", "why", "seconds", "records_in", "records_out", "rejected", "duplicates", "detail"]
+
+
+def as_markdown(rows: list[Row], title: str = "") -> str:
+    head = f"### {title}\n\n" if title else ""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        d = asdict(r)
+        lines.append("| " + " | ".join(_cell(d[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def as_text(rows: list[Row]) -> str:
+    """A fixed-width table for the terminal; long 'why'/'detail' cells are cut, the markdown keeps them."""
+    widths = {"stage": 9, "status": 7, "why": 44, "seconds": 7, "records_in": 6, "records_out": 6, "rejected": 5, "duplicates": 4, "detail": 60}
+    labels = {"records_in": "in", "records_out": "out", "rejected": "rej", "duplicates": "dup", "seconds": "sec"}
+    def fit(text: str, w: int) -> str:
+        return text if len(text) <= w else text[: w - 1] + "…"
+    out = ["  ".join(fit(labels.get(c, c), widths[c]).ljust(widths[c]) for c in COLUMNS)]
+    for r in rows:
+        d = asdict(r)
+        out.append("  ".join(fit(_cell(d[c]), widths[c]).ljust(widths[c]) for c in COLUMNS).rstrip())
+    return "\n".join(out)
+
+
+class RunLog:
+    """Runs each stage through its Prefect task the way the plan says and keeps one row per stage."""
+
+    def __init__(self, steps: list[StepPlan], cfg, echo=print):
+        self.steps = {s.stage: s for s in steps}
+        self.cfg = cfg
+        self.rows: list[Row] = []
+        self.manifests: dict[str, Manifest] = {}
+        self.echo = echo
+
+    def stage(self, name: str, inputs: list[Manifest]) -> Manifest:
+        from tasks.prefect_tasks import stage_task
+
+        step = self.steps[name]
+        t0 = time.perf_counter()
+        try:
+            # An output that failed verification must not come back from Prefect's cache.
+            # Results live in the config's own store: two stores never share a cache record whose
+            # manifest points into the other one.
+            from prefect.filesystems import LocalFileSystem
+
+            storage = LocalFileSystem(basepath=str(Path(self.cfg.paths.store).resolve() / "_prefect_results"))
+            task = stage_task.with_options(refresh_cache=not step.cached, result_storage=storage)
+            state = task(name, inputs, self.cfg, return_state=True)
+            m = state.result()
+        except Exception:
+            self.rows.append(row_for(step, None, "failed", time.perf_counter() - t0))
+            self.echo(f"[{name}] FAILED ({step.why})")
+            raise
+        cached = state.name == "Cached" or m.stats.get("cache") == "hit"
+        row = row_for(step, m, "cached" if cached else "ran", time.perf_counter() - t0)
+        self.rows.append(row)
+        self.manifests[name] = m
+        self.echo(f"[{name}] {row.status}{'' if cached else ' (' + step.why + ')'} {row.seconds:.2f}s {row.detail}".rstrip())
+        return m
+
+
+def write_summary(store_root: Path, name: str, rows: list[Row], extra: dict) -> tuple[Path, Path]:
+    folder = Path(store_root) / "_runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    md = folder / f"{name}.summary.md"
+    js = folder / f"{name}.summary.json"
+    md.write_text(as_markdown(rows, f"Run summary: {name}") + "\n" + "\n".join(f"- {k}: {v}" for k, v in extra.items()) + "\n", encoding="utf-8")
+    js.write_text(json.dumps({"rows": [asdict(r) for r in rows], **extra}, indent=1, default=str), encoding="utf-8")
+    return md, js
