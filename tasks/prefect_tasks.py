@@ -12,13 +12,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.plan import module
-from tasks.stage import Manifest, StageContext, Store, run_stage, stage_key
+from tasks.stage import Manifest, StageContext, Store, run_stage, sha256_bytes, stage_key
 
 
 def _stage_cache_key(context, parameters) -> str:
+    """The content key, plus which store holds that content: Prefect's cached value is a manifest
+    pointing into one store, so two stores (two projects, two tests) must never share a record."""
     stage, cfg, inputs = parameters["stage"], parameters["cfg"], parameters["inputs"]
     key, _ = stage_key(module(stage), cfg, inputs)
-    return f"c2m-{stage}-{key}"
+    store_id = sha256_bytes(str(Store(cfg.paths.store).root).encode())[:8]
+    return f"c2m-{stage}-{key}-{store_id}"
 
 
 @task(

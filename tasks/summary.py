@@ -106,12 +106,7 @@ class RunLog:
         t0 = time.perf_counter()
         try:
             # An output that failed verification must not come back from Prefect's cache.
-            # Results live in the config's own store: two stores never share a cache record whose
-            # manifest points into the other one.
-            from prefect.filesystems import LocalFileSystem
-
-            storage = LocalFileSystem(basepath=str(Path(self.cfg.paths.store).resolve() / "_prefect_results"))
-            task = stage_task.with_options(refresh_cache=not step.cached, result_storage=storage)
+            task = stage_task.with_options(refresh_cache=not step.cached)
             state = task(name, inputs, self.cfg, return_state=True)
             m = state.result()
         except Exception:

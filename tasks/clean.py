@@ -1,0 +1,250 @@
+"""clean: repair and normalise record text, drop records that cannot be training data.
+
+Every record passes through ``clean_text`` (mojibake repair with ftfy, Unicode normalisation,
+control and zero-width characters removed, whitespace and line endings normalised) and then
+``clean_record``'s keep/drop decision; each drop is quarantined with its reason
+(datatrove's filter shape: keep, or drop with a reason, and count it).
+
+Work is cached per input part (ingest writes one part per raw file): the unit key is
+(clean config, part sha256), so adding or editing one raw file cleans only that file's part and
+links the others from ``<store>/_units/clean/``.
+
+Baseline, replaced by the quality-filter issue: the only drop reasons are length rules
+(``too_long``, ``empty_target``, ``too_short``); no language ID, repetition or Gopher-style
+quality filters run yet.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
+from tasks.stage import (
+    FileEntry,
+    Manifest,
+    StageContext,
+    StageError,
+    Store,
+    cache_key,
+    link_or_copy,
+    sha256_file,
+)
+
+STAGE = "clean"
+VERSION = "1"
+SECTIONS = ("clean",)
+
+BATCH_ROWS = 2048
+MAX_COMPUTED_LISTED = 50
+
+# C0 and C1 controls except \t and \n (\r is gone by the time this runs: line endings come first).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+_LINE_BREAK = re.compile("\r\n|\r|\u2028|\u2029")
+_HSPACE = re.compile(r"[ \t]+")
+_INDENT = re.compile(r"^[ \t]*")
+_TRAILING = re.compile(r"[ \t]+$", re.M)
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def _fix_mojibake(text: str) -> str:
+    import ftfy
+
+    # Only ftfy's encoding repairs: normalisation is our own step (cfg.normalization, which may be
+    # "none"), and curly quotes, ligatures, full-width letters and HTML entities are content, not
+    # damage. ftfy's C1 fix stays on: a stray \x92 is almost always cp1252's "'" decoded as latin-1.
+    config = ftfy.TextFixerConfig(
+        unescape_html=False,
+        uncurl_quotes=False,
+        fix_latin_ligatures=False,
+        fix_character_width=False,
+        normalization=None,
+        explain=False,
+    )
+    return ftfy.fix_text(text, config)
+
+
+def clean_text(text: str, cfg) -> str:
+    """Repair and normalise one text field; ``cfg`` is the clean section (CleanConfig).
+
+    Steps, in order: ftfy encoding repair (cfg.fix_mojibake), line endings to ``\\n``, control
+    characters (C0/C1 except ``\\n`` ``\\t``) and zero-width characters removed, Unicode
+    normalisation (cfg.normalization), runs of spaces/tabs to one space (leading indentation
+    kept when cfg.keep_indentation), trailing spaces stripped per line, at most one blank line in
+    a row, ends stripped.
+    """
+    if cfg.fix_mojibake:
+        text = _fix_mojibake(text)
+    text = _LINE_BREAK.sub("\n", text)
+    text = _CONTROL.sub("", text)
+    # Before normalisation: a zero-width joiner between a letter and its combining mark would
+    # otherwise block composition.
+    text = _ZERO_WIDTH.sub("", text)
+    if cfg.normalization != "none":
+        text = unicodedata.normalize(cfg.normalization, text)
+    if cfg.keep_indentation:
+        lines = []
+        for line in text.split("\n"):
+            indent = _INDENT.match(line).group(0)
+            lines.append(indent + _HSPACE.sub(" ", line[len(indent):]))
+        text = "\n".join(lines)
+    else:
+        text = _HSPACE.sub(" ", text)
+    text = _TRAILING.sub("", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
+    """Return (cleaned record, None, "") or (None, reason, detail).
+
+    Length limits are checked on the raw fields, before cleaning can shorten them: a 40,000-char
+    field is rejected as ``too_long``, never truncated into a different record. The id is kept
+    (ingest assigned it from the raw text; lineage must not change here).
+    """
+    inp, tgt = record.get("input") or "", record.get("target") or ""
+    for name, value in (("input", inp), ("target", tgt)):
+        if len(value) > cfg.max_chars:
+            return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}"
+    inp, tgt = clean_text(inp, cfg), clean_text(tgt, cfg)
+    if len(tgt) < cfg.min_target_chars:
+        return None, "empty_target", f"target has {len(tgt)} chars after cleaning < clean.min_target_chars {cfg.min_target_chars}"
+    if len(inp) + len(tgt) < cfg.min_chars:
+        return None, "too_short", f"input+target have {len(inp) + len(tgt)} chars after cleaning < clean.min_chars {cfg.min_chars}"
+    return {**record, "input": inp, "target": tgt}, None, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# one unit = one input part
+# ---------------------------------------------------------------------------------------------
+def _check_schema(path: Path) -> pq.ParquetFile:
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    if not schema.equals(RECORD_SCHEMA, check_metadata=False):
+        raise StageError(
+            f"clean: {path} does not hold training records (schema {schema}); "
+            f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it"
+        )
+    return pf
+
+
+def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
+    """Clean one Parquet part into ``dst`` (always written) and ``quarantine`` (only with drops).
+
+    Streams in batches so a large part never sits in memory whole. Returns the unit's counters
+    and the raw files its records came from.
+    """
+    pf = _check_schema(src)
+    counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
+    chars_in = chars_out = 0
+    sources: set[str] = set()
+    qwriter = None
+    with pq.ParquetWriter(dst, RECORD_SCHEMA) as writer:
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            kept, rejects = [], []
+            for rec in batch.to_pylist():
+                counters["in"] += 1
+                chars_in += len(rec.get("input") or "") + len(rec.get("target") or "")
+                sp = (rec.get("metadata") or {}).get("source_path")
+                if sp:
+                    sources.add(sp)
+                out, reason, detail = clean_record(rec, cfg)
+                if out is None:
+                    rejects.append(quarantine_row(STAGE, reason, detail=detail, record=rec))
+                    counters["rejected"][reason] = counters["rejected"].get(reason, 0) + 1
+                else:
+                    kept.append(out)
+                    chars_out += len(out["input"]) + len(out["target"])
+            if kept:
+                writer.write_table(records_table(kept))
+                counters["out"] += len(kept)
+            if rejects:
+                if qwriter is None:
+                    qwriter = pq.ParquetWriter(quarantine, QUARANTINE_SCHEMA)
+                qwriter.write_table(quarantine_table(rejects))
+    if qwriter is not None:
+        qwriter.close()
+    return {"counters": counters, "chars_in": chars_in, "chars_out": chars_out, "source_paths": sorted(sources)}
+
+
+def _clean_unit(args) -> dict:
+    store_root, unit_key, src, rel, cfg = args
+    store = Store(store_root)
+
+    def write(tmp: Path) -> dict:
+        info = clean_part(Path(src), tmp / "records.parquet", tmp / "quarantine.parquet", cfg)
+        c = info["counters"]
+        files = [FileEntry("records.parquet", role="data", records=c["out"])]
+        n_rejected = sum(c["rejected"].values())
+        if n_rejected:
+            files.append(FileEntry("quarantine.parquet", role="quarantine", records=n_rejected))
+        # A part without provenance (built by hand, not by ingest) is named by its own path.
+        return {**info, "files": files, "source_paths": info["source_paths"] or [rel]}
+
+    return store.unit_write(STAGE, unit_key, write)
+
+
+def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    (upstream,) = inputs
+    section = cfg.clean.hashed()
+    units, todo, stems = [], [], set()
+    for entry in upstream.entries("data"):
+        src = upstream.dir / entry.path
+        if not src.is_file():
+            raise StageError(f"clean: upstream {upstream.stage} output {upstream.path} lists {entry.path} but it is missing; rerun {upstream.stage}")
+        sha = entry.sha256 or sha256_file(src)
+        key = cache_key(STAGE, VERSION, section, [sha])
+        stem = Path(entry.path).stem
+        if stem in stems:  # parts in different sub-folders with one name: keep both
+            stem = f"{stem}-{len(units):06d}"
+        stems.add(stem)
+        hit = ctx.store.unit_lookup(STAGE, key)
+        units.append((entry, key, stem, hit))
+        if hit is None:
+            todo.append((str(ctx.store.root), key, str(src), entry.path, cfg.clean))
+    # Two identical parts share one key: compute it once.
+    todo = list({t[1]: t for t in todo}.values())
+    if len(todo) > 1 and cfg.clean.workers > 1:
+        with ProcessPoolExecutor(cfg.clean.workers) as pool:
+            done = {info["key"]: info for info in pool.map(_clean_unit, todo)}
+    else:
+        done = {info["key"]: info for info in map(_clean_unit, todo)}
+
+    files: list[FileEntry] = []
+    counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
+    chars_in = chars_out = 0
+    computed: list[str] = []
+    computed_keys: set[str] = set()
+    for entry, key, stem, hit in units:
+        info = hit or done[key]
+        if hit is None and key not in computed_keys:
+            computed_keys.add(key)
+            computed.extend(info["source_paths"])
+        c = info["counters"]
+        counters["in"] += c["in"]
+        counters["out"] += c["out"]
+        for reason, n in c["rejected"].items():
+            counters["rejected"][reason] = counters["rejected"].get(reason, 0) + n
+        chars_in += info["chars_in"]
+        chars_out += info["chars_out"]
+        for e in info["files"]:
+            sub = "parts" if e["role"] == "data" else "quarantine"
+            dst = f"{sub}/{stem}.parquet"
+            link_or_copy(Path(info["dir"]) / e["path"], out_dir / dst)
+            files.append(FileEntry(dst, bytes=e["bytes"], sha256=e["sha256"], role=e["role"], records=e["records"]))
+    stats = {
+        "units": len(units),
+        "units_computed": len(computed_keys),
+        "units_reused": len(units) - len(computed_keys),
+        "computed_files": computed[:MAX_COMPUTED_LISTED],
+        "chars_in": chars_in,
+        "chars_out": chars_out,
+        "rejected": dict(sorted(counters["rejected"].items())),
+        "_hashed": {f.path: f.sha256 for f in files},
+    }
+    ctx.info("clean: %d records in, %d out, %d units computed", counters["in"], counters["out"], len(computed_keys))
+    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

@@ -1,0 +1,194 @@
+"""augment: word-level noise, the per-task-type cap, ids/metadata, determinism, and the stage."""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.config import AugmentConfig
+from schemas.records import make_record
+from tasks import augment
+from tasks.augment import Candidates, augment_records, word_dropout, word_swap
+from tasks.stage import run_stage
+
+TEXT = "the quick brown fox jumps over\nthe lazy dog while the cat sleeps"
+
+
+# --------------------------------------------------------------------------------------------
+# edits
+# --------------------------------------------------------------------------------------------
+def test_word_swap_swaps_adjacent_pairs_and_keeps_layout():
+    assert word_swap("a b c d e", 0.999999, random.Random(0)) == "b a d c e"
+    assert word_swap("a b  c\nd", 0.999999, random.Random(0)) == "b a  d\nc"
+    for seed in range(20):
+        out = word_swap(TEXT, 0.3, random.Random(seed))
+        assert sorted(out.split()) == sorted(TEXT.split())
+        assert re.split(r"\S+", out) == re.split(r"\S+", TEXT)  # every separator where it was
+    assert word_swap(TEXT, 0.3, random.Random(7)) == word_swap(TEXT, 0.3, random.Random(7))
+    assert word_swap("  lone  ", 0.9, random.Random(0)) == "  lone  "
+
+
+def test_word_swap_changes_something_at_high_p():
+    changed = sum(word_swap(TEXT, 0.5, random.Random(s)) != TEXT for s in range(20))
+    assert changed >= 18
+
+
+def test_word_dropout_keeps_order_and_never_drops_everything():
+    words = TEXT.split()
+    for seed in range(30):
+        out = word_dropout(TEXT, 0.3, random.Random(seed)).split()
+        it = iter(words)
+        assert all(w in it for w in out)  # a subsequence: order kept, nothing invented
+        assert 1 <= len(out) <= len(words)
+    for seed in range(20):
+        out = word_dropout("one two three", 0.999999, random.Random(seed))
+        assert out in {"one", "two", "three"}
+
+
+def test_word_dropout_keeps_line_breaks_when_words_vanish():
+    # Dropping "over" and "the" around the line break keeps the break, not a space.
+    text = "alpha over\nthe beta"
+    outs = {word_dropout(text, 0.5, random.Random(s)) for s in range(200)}
+    assert "alpha\nbeta" in outs
+    assert "alpha beta" not in outs
+    assert all("  " not in o for o in outs)
+
+
+# --------------------------------------------------------------------------------------------
+# augment_records
+# --------------------------------------------------------------------------------------------
+def _rec(i, task_type, words=10):
+    inp = " ".join(f"w{i}_{j}" for j in range(words))
+    return make_record(inp, f"answer {i}", task_type=task_type, domain="d", source="s", source_path=f"{task_type}.jsonl", source_line=i)
+
+
+def _corpus():
+    return (
+        [_rec(i, "math_qa") for i in range(30)]
+        + [_rec(100 + i, "instruction") for i in range(10)]
+        + [_rec(200 + i, "instruction", words=3) for i in range(2)]  # too short to be parents
+        + [_rec(300 + i, "text") for i in range(6)]  # not an augmented task type
+    )
+
+
+def _cfg(**kw):
+    base = dict(methods=["word_swap"], max_ratio=1 / 3, task_types=["instruction", "math_qa"], probability=0.3, min_words=8, seed=0)
+    return AugmentConfig(**{**base, **kw})
+
+
+def test_cap_is_respected_per_task_type():
+    recs = _corpus()
+    added = augment_records(recs, _cfg())
+    by_type = Counter(r["metadata"]["task_type"] for r in added)
+    originals = Counter(r["metadata"]["task_type"] for r in recs)
+    assert by_type["math_qa"] == math.floor(originals["math_qa"] / 3) == 10
+    assert by_type["instruction"] == math.floor(originals["instruction"] / 3) == 4
+    assert "text" not in by_type
+    for tt, n in by_type.items():
+        assert n <= math.floor(1 / 3 * originals[tt])
+
+
+def test_ids_metadata_and_target():
+    recs = _corpus()
+    parents = {r["id"]: r for r in recs}
+    added = augment_records(recs, _cfg(methods=["word_swap", "word_dropout"]))
+    assert len({r["id"] for r in added}) == len(added)
+    for a in added:
+        pid, k = a["id"].split("#aug")
+        assert k == "1"
+        p = parents[pid]
+        md = a["metadata"]
+        assert md["parent_id"] == pid and md["aug_method"] in {"word_swap", "word_dropout"}
+        assert {k: v for k, v in md.items() if k not in ("parent_id", "aug_method")} == {
+            k: v for k, v in p["metadata"].items() if k not in ("parent_id", "aug_method")}
+        assert a["target"] == p["target"]
+        assert a["input"] != p["input"]
+        assert len(p["input"].split()) >= 8
+    # Round robin: both methods used, alternating across parents of one task type.
+    methods = [a["metadata"]["aug_method"] for a in added if a["metadata"]["task_type"] == "math_qa"]
+    assert abs(methods.count("word_swap") - methods.count("word_dropout")) <= 2
+
+
+def test_deterministic_across_calls_and_input_order():
+    recs = _corpus()
+    a = augment_records(recs, _cfg())
+    shuffled = recs[:]
+    random.Random(3).shuffle(shuffled)
+    b = augment_records(shuffled, _cfg())
+    assert a == augment_records(recs, _cfg())
+    assert sorted(a, key=lambda r: r["id"]) == sorted(b, key=lambda r: r["id"])
+    c = augment_records(recs, _cfg(seed=1))
+    assert {r["id"] for r in c} != {r["id"] for r in a}
+
+
+def test_unchanged_output_is_skipped_and_next_parent_tried():
+    # Inputs of one repeated word never change under a swap: those parents are skipped.
+    same = [make_record(" ".join(["la"] * 10), f"song {i}", task_type="instruction") for i in range(6)]
+    varied = [_rec(i, "instruction") for i in range(6)]
+    cands = Candidates(_cfg(max_ratio=0.5))
+    for r in same + varied:
+        cands.add(r)
+    added, stats = cands.augment()
+    assert len(added) == 6  # floor(0.5 * 12): all from the varied parents
+    assert {r["metadata"]["parent_id"] for r in added} <= {r["id"] for r in varied}
+    assert stats["no_change"] >= 6
+    assert stats["task_types"]["instruction"] == {"originals": 12, "eligible": 12, "cap": 6, "augmented": 6, "ratio": 0.5}
+
+
+def test_ratio_above_one_gives_several_augmentations_per_parent():
+    recs = [_rec(i, "math_qa", words=12) for i in range(4)]
+    added = augment_records(recs, _cfg(max_ratio=2.0, methods=["word_swap", "word_dropout"]))
+    assert len(added) == 8
+    ks = Counter(a["metadata"]["parent_id"] for a in added)
+    assert set(ks.values()) == {2}
+    assert {a["id"].rsplit("#aug", 1)[1] for a in added} == {"1", "2"}
+    per_parent = {}
+    for a in added:
+        per_parent.setdefault(a["metadata"]["parent_id"], set()).add(a["input"])
+    assert all(len(v) == 2 for v in per_parent.values())  # two different edits, not a repeat
+
+
+def test_augmented_records_are_not_parents_or_originals():
+    recs = [_rec(i, "math_qa") for i in range(9)]
+    first = augment_records(recs, _cfg())
+    second = augment_records(recs + first, _cfg())
+    assert second == first  # the 3 augmented ones neither raise the cap nor get re-noised
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+def test_stage_counters_output_and_cache_hit(make_cfg, ctx, records_manifest):
+    recs = _corpus()
+    up = records_manifest(recs, parts=2)
+    cfg = make_cfg({"augment": {"methods": ["word_swap", "word_dropout"], "probability": 0.3}})
+    m = run_stage(augment, [up], cfg, ctx)
+    c = m.counters
+    assert c == {"in": 48, "added": 14, "out": 62, "rejected": {}, "duplicates": 0}
+    assert m.stats["task_types"]["math_qa"]["augmented"] == 10
+    assert m.stats["task_types"]["instruction"]["augmented"] == 4
+    assert m.stats["task_types"]["text"]["augmented"] == 0
+    assert sum(m.stats["methods"].values()) == 14
+
+    rows = [r for p in m.files_with("data") for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == 62 == sum(e.records for e in m.entries("data"))
+    assert rows[:48] == recs  # originals first, unchanged, in input order
+    assert rows[48:] == augment_records(recs, cfg.augment)
+
+    again = run_stage(augment, [up], cfg, ctx)
+    assert again.stats["cache"] == "hit"
+
+
+def test_stage_with_nothing_to_augment(make_cfg, ctx, records_manifest):
+    recs = [_rec(i, "text") for i in range(5)]
+    m = run_stage(augment, [records_manifest(recs)], make_cfg(), ctx)
+    assert m.counters == {"in": 5, "added": 0, "out": 5, "rejected": {}, "duplicates": 0}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1])
+def test_small_ratio_adds_nothing_below_one_record(ratio):
+    assert augment_records([_rec(i, "math_qa") for i in range(9)], _cfg(max_ratio=ratio)) == []

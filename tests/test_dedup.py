@@ -1,0 +1,160 @@
+"""dedup: exact keys, an order-independent representative, removed rows, and the stage."""
+from __future__ import annotations
+
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.records import REMOVED_SCHEMA, make_record
+from tasks import dedup
+from tasks.dedup import PartWriter, exact_key, select_representatives
+from tasks.stage import run_stage
+
+
+def _rec(inp, tgt, rid, path=None, line=None, task_type="instruction"):
+    # Explicit ids (as a source-given id would be) so "which member was kept" is visible.
+    r = make_record(inp, tgt, task_type=task_type, source_path=path, source_line=line)
+    r["id"] = rid
+    return r
+
+
+def _corpus():
+    return [
+        _rec("What is 2+2?", "4", "a1", "b.jsonl", 3),
+        _rec("what  is 2+2? ", "4", "a2", "a.jsonl", 9),  # same after normalisation; smallest path
+        _rec("WHAT IS 2+2?", "4", "a3", "b.jsonl", 1),
+        _rec("Name a colour.", "Blue.", "b1", "c.jsonl", 1),
+        _rec("Name a colour.", "Red.", "c1", "c.jsonl", 2),  # same input, other target: not a dup
+        _rec("", "A plain document.", "d1", None, None),
+        _rec("", "A plain document.", "d2", "z.txt", None),  # None path sorts first as "": d1 kept
+        _rec("Unique question?", "Unique answer.", "e1", "e.jsonl", 1),
+    ]
+
+
+def test_exact_key_normalisation():
+    a = {"input": "Hello  World", "target": "Ok\n"}
+    b = {"input": "hello world", "target": "OK"}
+    assert exact_key(a, normalize=True) == exact_key(b, normalize=True)
+    assert exact_key(a, normalize=False) != exact_key(b, normalize=False)
+    assert exact_key(a, normalize=False) == exact_key(dict(a), normalize=False)
+    # input and target are separate fields: moving text across the boundary is a different record.
+    assert exact_key({"input": "ab", "target": "c"}, True) != exact_key({"input": "a", "target": "bc"}, True)
+    assert len(exact_key(a, True)) == 64
+
+
+def test_representative_is_smallest_source_path_line_id():
+    kept, removed = select_representatives(_corpus(), normalize=True)
+    assert [r["id"] for r in kept] == ["a2", "b1", "c1", "d1", "e1"]  # input order
+    assert sorted((r["id"], r["duplicate_of"]) for r in removed) == [("a1", "a2"), ("a3", "a2"), ("d2", "d1")]
+    assert {r["kind"] for r in removed} == {"exact"}
+    assert {r["id"]: r["source_path"] for r in removed}["a3"] == "b.jsonl"
+
+
+def test_without_normalisation_only_identical_text_collapses():
+    kept, removed = select_representatives(_corpus(), normalize=False)
+    assert [r["id"] for r in removed] == ["d2"]
+    assert len(kept) == 7
+
+
+def test_same_path_ties_break_on_line_then_id():
+    recs = [_rec("q", "t", "z", "p.jsonl", 5), _rec("q", "t", "y", "p.jsonl", 2), _rec("q", "t", "x", "p.jsonl", 5)]
+    kept, removed = select_representatives(recs, normalize=True)
+    assert [r["id"] for r in kept] == ["y"]
+    kept, removed = select_representatives([recs[0], recs[2]], normalize=True)
+    assert [r["id"] for r in kept] == ["x"]
+
+
+def test_fully_identical_members_keep_exactly_one():
+    r = _rec("same", "same", "s", "p.jsonl", 1)
+    kept, removed = select_representatives([r, dict(r), dict(r)], normalize=True)
+    assert len(kept) == 1 and len(removed) == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_representative_does_not_depend_on_input_order(seed):
+    base = _corpus()
+    shuffled = base[:]
+    random.Random(seed).shuffle(shuffled)
+    kept_a, removed_a = select_representatives(base, normalize=True)
+    kept_b, removed_b = select_representatives(shuffled, normalize=True)
+    assert sorted(r["id"] for r in kept_a) == sorted(r["id"] for r in kept_b)
+    assert sorted(map(tuple, (r.values() for r in removed_a))) == sorted(map(tuple, (r.values() for r in removed_b)))
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+def _read(paths):
+    return [r for p in paths for r in pq.read_table(p).to_pylist()]
+
+
+def test_stage_counters_removed_and_cache_hit(make_cfg, ctx, records_manifest):
+    records = _corpus()
+    up = records_manifest(records, parts=3)
+    cfg = make_cfg()
+    m = run_stage(dedup, [up], cfg, ctx)
+    c = m.counters
+    assert c == {"in": 8, "out": 5, "rejected": {}, "duplicates": 3}
+    assert m.stats["clusters"] == 2 and m.stats["duplicates"] == 3 and m.stats["largest_cluster"] == 3
+
+    kept = _read(m.files_with("data"))
+    assert [r["id"] for r in kept] == ["a2", "b1", "c1", "d1", "e1"]
+    assert kept[0] == records[1]  # kept records are written unchanged
+    assert [e.path for e in m.entries("data")] == ["parts/part-00000.parquet"]
+    assert m.entries("data")[0].records == 5
+
+    removed_table = pq.read_table(m.file("removed.parquet"))
+    assert removed_table.schema.equals(REMOVED_SCHEMA, check_metadata=False)
+    removed = removed_table.to_pylist()
+    assert sorted((r["id"], r["duplicate_of"], r["source_path"]) for r in removed) == [
+        ("a1", "a2", "b.jsonl"), ("a3", "a2", "b.jsonl"), ("d2", "d1", "z.txt")]
+    assert m.entries("removed")[0].records == 3
+
+    again = run_stage(dedup, [up], cfg, ctx)
+    assert again.stats["cache"] == "hit"
+
+
+def test_stage_kept_ids_independent_of_file_order(make_cfg, ctx, records_manifest):
+    cfg = make_cfg()
+    base = _corpus()
+    results = []
+    for seed in range(3):
+        shuffled = base[:]
+        random.Random(seed).shuffle(shuffled)
+        m = run_stage(dedup, [records_manifest(shuffled, parts=2)], cfg, ctx)
+        results.append(sorted(r["id"] for r in _read(m.files_with("data"))))
+    assert results[0] == results[1] == results[2] == ["a2", "b1", "c1", "d1", "e1"]
+
+
+def test_stage_normalize_off(make_cfg, ctx, records_manifest):
+    m = run_stage(dedup, [records_manifest(_corpus())], make_cfg({"dedup": {"normalize": False}}), ctx)
+    assert m.counters["duplicates"] == 1 and m.counters["out"] == 7
+
+
+def test_stage_without_duplicates_writes_no_removed_file(make_cfg, ctx, records_manifest):
+    recs = [_rec(f"q{i}", f"t{i}", f"id{i}", "f.jsonl", i) for i in range(4)]
+    m = run_stage(dedup, [records_manifest(recs)], make_cfg(), ctx)
+    assert m.counters == {"in": 4, "out": 4, "rejected": {}, "duplicates": 0}
+    assert m.entries("removed") == [] and m.stats["clusters"] == 0
+
+
+def test_part_writer_rolls_over_and_keeps_order(tmp_path):
+    from schemas.records import records_table
+
+    recs = [_rec(f"question {i} " + "x" * 2000, f"answer {i}", f"id{i:03d}", "f.jsonl", i) for i in range(60)]
+    w = PartWriter(tmp_path, max_bytes=20_000)
+    for i in range(0, 60, 5):
+        w.write(records_table(recs[i:i + 5]))
+    entries = w.close()
+    assert len(entries) > 1
+    assert [e.path for e in entries] == [f"parts/part-{i:05d}.parquet" for i in range(len(entries))]
+    back = _read([tmp_path / e.path for e in entries])
+    assert [r["id"] for r in back] == [r["id"] for r in recs]
+    assert sum(e.records for e in entries) == 60
+
+
+def test_part_writer_writes_one_empty_part(tmp_path):
+    entries = PartWriter(tmp_path).close()
+    assert [e.path for e in entries] == ["parts/part-00000.parquet"] and entries[0].records == 0
+    assert pq.read_table(tmp_path / entries[0].path).num_rows == 0
