@@ -26,6 +26,7 @@ def _project_env(cfg=None) -> None:
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / ".cache" / "huggingface"),
         "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     }
     if cfg is not None:
         defaults["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(cfg.paths.store).resolve() / "_prefect_results")

@@ -168,6 +168,9 @@ class FinetuneConfig(Section):
 
 class QuantizeConfig(Section):
     methods: list[Literal["dynamic_int8"]] = ["dynamic_int8"]
+    # Linear layers kept in float (names or name suffixes), e.g. [lm_head] as many LLM quantizers
+    # do. On the demo model it bought nothing (INT8 perplexity 127.36 with or without) for +39 % size.
+    skip_modules: list[str] = []
 
 
 class EvaluateConfig(Section):

@@ -182,17 +182,9 @@ def plot_losses(history: list[dict], path: Path) -> None:
 # the stage
 # ---------------------------------------------------------------------------------------------
 def final_path(out_dir: Path, ctx: StageContext, rel: str) -> Path:
-    """Where ``out_dir/rel`` will be once run_stage renames the temp folder into the store.
-
-    Artifacts link files for people to open after the run, so they must name the final place.
-    run_stage makes ``out_dir`` with ``mkdtemp(prefix=f"{stage}-{key}-")``; anything else (a
-    direct call in a test) keeps ``out_dir``.
-    """
-    stage, _, rest = out_dir.name.partition("-")
-    key = rest.split("-")[0]
-    if out_dir.parent.name == "_tmp" and len(key) == 24 and all(c in "0123456789abcdef" for c in key):
-        return ctx.store.stage_dir(stage, key) / rel
-    return out_dir / rel
+    """Where ``out_dir/rel`` will be once run_stage renames the temp folder into the store
+    (artifacts link files for people to open after the run); a direct call keeps ``out_dir``."""
+    return (ctx.final_dir or out_dir) / rel
 
 
 def tokenizer_dir(tok: Manifest) -> Path:

@@ -105,19 +105,32 @@ def load_causal_lm(folder: Path):
 # ---------------------------------------------------------------------------------------------
 # dynamic INT8 (torch.ao eager mode), stored without pickle
 # ---------------------------------------------------------------------------------------------
-def quantize_dynamic_int8(model):
-    """Per-channel symmetric int8 weights on every nn.Linear; activations quantized at run time."""
+def linear_names(model, skip: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Names of the nn.Linear modules to quantize; ``skip`` names (or name suffixes) stay float."""
+    import torch
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.endswith("." + s) for s in skip)
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skipped(n)]
+
+
+def quantize_dynamic_int8(model, modules: list[str] | set[str] | None = None):
+    """Per-channel symmetric int8 weights on the named nn.Linear modules (all of them when
+    ``modules`` is None); activations are quantized at run time."""
     import warnings
 
     import torch
 
+    names = linear_names(model) if modules is None else list(modules)
     with warnings.catch_warnings():
         # torch.ao announces its move to torchao; the eager API still works on this torch.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(model.eval(), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        spec = {name: per_channel_dynamic_qconfig for name in names}
+        return quantize_dynamic(model.eval(), spec, dtype=torch.qint8)
 
 
 def _quantized_linears(model) -> dict:
@@ -188,7 +201,7 @@ def load_dynamic_int8(folder: Path):
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in modules]
     if missing or unexpected:
         raise ValueError(f"{folder / INT8_WEIGHTS}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    qmodel = quantize_dynamic_int8(model)
+    qmodel = quantize_dynamic_int8(model, modules)
     linears = _quantized_linears(qmodel)
     if set(linears) != modules:
         raise ValueError(f"{folder}: quantized modules differ from {QUANT_CONFIG} (config and weights disagree)")

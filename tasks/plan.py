@@ -12,7 +12,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tasks.stage import Manifest, Store, cache_key, stage_key, verify
 
@@ -122,7 +121,6 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
     last = RunRecord(store, cfg.name).load()
     last_stages = last.get("stages", {})
     keys = {"source": source.key}
-    changed_upstream: dict[str, str] = {}
     steps: list[StepPlan] = []
     src_changes = source_diff(last.get("source", {}), {f.path: f.sha256 for f in source.files}) if last else []
     for stage, ups in DAG:

@@ -1,7 +1,7 @@
 """quantize: the merged fine-tuned model -> quantized variants, each a folder that loads on its own.
 
 ``dynamic_int8``: torch.ao eager dynamic quantization, per-channel symmetric int8 weights on every
-``nn.Linear`` (lm_head included), activations quantized per batch at run time; embeddings and
+``nn.Linear`` except ``quantize.skip_modules`` (none by default), activations quantized per batch at run time; embeddings and
 norms stay fp32. torch.ao's own save path is ``torch.save`` (pickle); instead the exact int8
 weights, per-channel scales and zero points go into safetensors (tasks/modeling.py) and
 ``load_causal_lm`` rebuilds the model from them. The stage checks that round trip: the reloaded
@@ -41,16 +41,16 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def quantize_folder(src: Path, dst: Path) -> dict:
+def quantize_folder(src: Path, dst: Path, skip_modules: tuple[str, ...] | list[str] = ()) -> dict:
     """Quantize the model in ``src`` into ``dst``; returns what the stage reports about it."""
-    from tasks.modeling import folder_size_bytes, load_causal_lm, quantize_dynamic_int8, save_dynamic_int8
+    from tasks.modeling import folder_size_bytes, linear_names, load_causal_lm, quantize_dynamic_int8, save_dynamic_int8
 
     model, tokenizer = load_causal_lm(src)
     ids = probe_inputs(model.config.vocab_size, length=min(CHECK_LEN, model.config.max_position_embeddings))
     fp32_logits = logits(model, ids)
     float_config = model.config
     t0 = time.perf_counter()
-    qmodel = quantize_dynamic_int8(model)
+    qmodel = quantize_dynamic_int8(model, linear_names(model, skip_modules))
     q_logits = logits(qmodel, ids)
     qcfg = save_dynamic_int8(qmodel, tokenizer, dst, float_config)
     seconds = time.perf_counter() - t0
@@ -66,6 +66,7 @@ def quantize_folder(src: Path, dst: Path) -> dict:
     agree = float((q_logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean())
     return {
         "modules": len(qcfg["modules"]),
+        "skipped_modules": list(skip_modules),
         "fp32_bytes": fp32_bytes,
         "int8_bytes": int8_bytes,
         "size_ratio": round(int8_bytes / fp32_bytes, 4),
@@ -97,7 +98,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         if method != "dynamic_int8":  # the config schema admits only implemented methods
             raise StageError(f"quantize.methods: {method!r} is not implemented")
         dst = out_dir / method
-        info = quantize_folder(merged, dst)
+        info = quantize_folder(merged, dst, cfg.quantize.skip_modules)
         ctx.info("quantize %s: %s", method, info)
         stats[method] = info
         files += [FileEntry(p.relative_to(out_dir).as_posix(), role="model")

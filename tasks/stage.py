@@ -268,6 +268,8 @@ class StageContext:
     store: Store
     raw_dir: Path | None = None
     log: Any = None
+    # Where out_dir will live once the runner renames it: artifacts link files people open later.
+    final_dir: Path | None = None
 
     def info(self, msg: str, *args) -> None:
         if self.log is not None:
@@ -301,7 +303,7 @@ def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageC
         final = store.stage_dir(module.STAGE, key)
         t0 = time.perf_counter()
         with store.atomic_dir(final) as tmp:
-            result = module.run(inputs, stage_config(module, cfg), tmp, ctx)
+            result = module.run(inputs, stage_config(module, cfg), tmp, dataclasses.replace(ctx, final_dir=final))
             check_counters(module.STAGE, result.counters)
             _finalize_files(tmp, result.files, result.stats.pop("_hashed", None))
             result.stage = module.STAGE

@@ -25,10 +25,10 @@ class Row:
     key: str = ""
 
 
-def _detail(m: Manifest) -> str:
+def _detail(m: Manifest, cached: bool = False) -> str:
     s = m.stats
     parts = []
-    if "units" in s:
+    if "units" in s and not cached:  # a cached output did not compute anything in this run
         parts.append(f"{s.get('units_computed', 0)}/{s['units']} units computed")
         if s.get("computed_files") and s.get("units_computed", 0) <= 3:
             parts.append(", ".join(s["computed_files"]))
@@ -55,7 +55,7 @@ def row_for(step: StepPlan, m: Manifest | None, status: str, seconds: float) -> 
         records_out=c.get("out"),
         rejected=sum((c.get("rejected") or {}).values()) if c else None,
         duplicates=c.get("duplicates") if c else None,
-        detail=_detail(m) if m else "",
+        detail=_detail(m, status == "cached") if m else "",
         key=step.key[:10],
     )
 

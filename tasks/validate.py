@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import tempfile
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,6 @@ from tasks.stage import (
     canonical_json,
     link_or_copy,
     sha256_bytes,
-    stage_key,
 )
 
 STAGE = "validate"
@@ -611,16 +609,6 @@ def failing_rows_table(report: ValidationReport, table: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _final_dir(out_dir: Path, inputs: list[Manifest], cfg, ctx: StageContext) -> Path:
-    """Where out_dir will live once run_stage renames it (for links that must outlive the temp name)."""
-    import sys
-
-    shim = types.SimpleNamespace(validate_=cfg.validate, section=lambda name: cfg.validate.hashed())
-    key, _ = stage_key(sys.modules[__name__], shim, inputs)
-    final = ctx.store.stage_dir(STAGE, key)
-    return final if key in out_dir.name else out_dir
-
-
 def _read_parts(inputs: list[Manifest]) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
     if len(inputs) != 1:
         raise StageError(f"validate takes one upstream manifest (augment), got {len(inputs)}")
@@ -681,7 +669,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             "upstream or, if the expectation is wrong, edit the suite."
         )
 
-    final = _final_dir(out_dir, inputs, cfg, ctx)
+    final = ctx.final_dir or out_dir  # links in artifacts must name the folder that outlives this run
     publish_markdown("validate-summary", markdown,
                      description=f"{report.warn_failed} warn-severity expectation(s) failed" if report.warn_failed else "")
     publish_link("validate-data-docs", "file://" + str(final / "data_docs" / "index.html"), text="Data Docs")

@@ -128,11 +128,10 @@ def test_packed_documents_do_not_attend_to_each_other():
 
 def test_final_path_names_the_store_folder_run_stage_renames_into(tmp_path):
     store = Store(tmp_path / "store")
-    ctx = StageContext(store=store)
-    key = "0123456789abcdef01234567"
-    tmp = store.root / "_tmp" / f"finetune-{key}-x1_y2z3"
-    assert finetune.final_path(tmp, ctx, "loss.png") == store.stage_dir("finetune", key) / "loss.png"
-    assert finetune.final_path(tmp_path / "out", ctx, "loss.png") == tmp_path / "out" / "loss.png"
+    final = store.stage_dir("finetune", "0123456789abcdef01234567")
+    ctx = StageContext(store=store, final_dir=final)
+    assert finetune.final_path(store.root / "_tmp" / "finetune-x", ctx, "loss.png") == final / "loss.png"
+    assert finetune.final_path(tmp_path / "out", StageContext(store=store), "loss.png") == tmp_path / "out" / "loss.png"
 
 
 # ---------------------------------------------------------------------------------------------

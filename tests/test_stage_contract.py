@@ -59,6 +59,16 @@ def test_run_stage_hit_miss_and_atomic_layout(make_cfg, ctx):
     assert not any((ctx.store.root / "_tmp").iterdir())  # nothing half-written left behind
 
 
+def test_stage_is_told_its_final_folder(make_cfg, ctx):
+    seen = []
+    mod = make_stage()
+    inner = mod.run
+    mod.run = lambda inputs, cfg, out_dir, c: (seen.append((out_dir, c.final_dir)), inner(inputs, cfg, out_dir, c))[1]
+    m = run_stage(mod, [], make_cfg(), ctx)
+    (tmp, final), = seen
+    assert final == Path(m.path) and tmp != final and ctx.final_dir is None
+
+
 def test_damaged_output_is_detected_and_recomputed(make_cfg, ctx):
     calls = []
     mod = make_stage(calls=calls)
