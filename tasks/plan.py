@@ -137,8 +137,8 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
         prev = last_stages.get(stage)
         if ok:
             why = "cached"
-        elif prev and prev.get("key") == key:
-            why = f"recompute: {verdict}"  # same inputs as last time, but the output is damaged
+        elif store.stage_dir(stage, key).exists():
+            why = f"recompute: {verdict}"  # this output was made before, but it is damaged now
         elif prev:
             reasons = config_diff(prev.get("sections", {}), sections)
             if prev.get("upstream") != upstream:
