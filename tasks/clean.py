@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,8 +28,9 @@ from tasks.stage import (
     StageContext,
     StageError,
     Store,
+    Unit,
     cache_key,
-    link_or_copy,
+    gather_units,
     sha256_file,
 )
 
@@ -39,7 +39,6 @@ VERSION = "1"
 SECTIONS = ("clean",)
 
 BATCH_ROWS = 2048
-MAX_COMPUTED_LISTED = 50
 
 # C0 and C1 controls except \t and \n (\r is gone by the time this runs: line endings come first).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -191,60 +190,18 @@ def _clean_unit(args) -> dict:
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     (upstream,) = inputs
     section = cfg.clean.hashed()
-    units, todo, stems = [], [], set()
+    units, stems = [], set()
     for entry in upstream.entries("data"):
         src = upstream.dir / entry.path
         if not src.is_file():
             raise StageError(f"clean: upstream {upstream.stage} output {upstream.path} lists {entry.path} but it is missing; rerun {upstream.stage}")
-        sha = entry.sha256 or sha256_file(src)
-        key = cache_key(STAGE, VERSION, section, [sha])
+        key = cache_key(STAGE, VERSION, section, [entry.sha256 or sha256_file(src)])
         stem = Path(entry.path).stem
         if stem in stems:  # parts in different sub-folders with one name: keep both
             stem = f"{stem}-{len(units):06d}"
         stems.add(stem)
-        hit = ctx.store.unit_lookup(STAGE, key)
-        units.append((entry, key, stem, hit))
-        if hit is None:
-            todo.append((str(ctx.store.root), key, str(src), entry.path, cfg.clean))
-    # Two identical parts share one key: compute it once.
-    todo = list({t[1]: t for t in todo}.values())
-    if len(todo) > 1 and cfg.clean.workers > 1:
-        with ProcessPoolExecutor(cfg.clean.workers) as pool:
-            done = {info["key"]: info for info in pool.map(_clean_unit, todo)}
-    else:
-        done = {info["key"]: info for info in map(_clean_unit, todo)}
-
-    files: list[FileEntry] = []
-    counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
-    chars_in = chars_out = 0
-    computed: list[str] = []
-    computed_keys: set[str] = set()
-    for entry, key, stem, hit in units:
-        info = hit or done[key]
-        if hit is None and key not in computed_keys:
-            computed_keys.add(key)
-            computed.extend(info["source_paths"])
-        c = info["counters"]
-        counters["in"] += c["in"]
-        counters["out"] += c["out"]
-        for reason, n in c["rejected"].items():
-            counters["rejected"][reason] = counters["rejected"].get(reason, 0) + n
-        chars_in += info["chars_in"]
-        chars_out += info["chars_out"]
-        for e in info["files"]:
-            sub = "parts" if e["role"] == "data" else "quarantine"
-            dst = f"{sub}/{stem}.parquet"
-            link_or_copy(Path(info["dir"]) / e["path"], out_dir / dst)
-            files.append(FileEntry(dst, bytes=e["bytes"], sha256=e["sha256"], role=e["role"], records=e["records"]))
-    stats = {
-        "units": len(units),
-        "units_computed": len(computed_keys),
-        "units_reused": len(units) - len(computed_keys),
-        "computed_files": computed[:MAX_COMPUTED_LISTED],
-        "chars_in": chars_in,
-        "chars_out": chars_out,
-        "rejected": dict(sorted(counters["rejected"].items())),
-        "_hashed": {f.path: f.sha256 for f in files},
-    }
-    ctx.info("clean: %d records in, %d out, %d units computed", counters["in"], counters["out"], len(computed_keys))
+        units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean)))
+    files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers, ("chars_in", "chars_out"))
+    stats["rejected"] = dict(sorted(counters["rejected"].items()))
+    ctx.info("clean: %d records in, %d out, %d units computed", counters["in"], counters["out"], stats["units_computed"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

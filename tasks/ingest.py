@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -29,9 +28,10 @@ from tasks.stage import (
     StageContext,
     StageError,
     Store,
+    Unit,
     cache_key,
     canonical_json,
-    link_or_copy,
+    gather_units,
     sha256_file,
 )
 
@@ -322,42 +322,10 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     (source,) = inputs
     raw_dir = Path(source.path)
     section = cfg.ingest.hashed()
-    todo, units = [], []
-    for f in source.files:
+    units = []
+    for i, f in enumerate(source.files):
         key = cache_key(STAGE, VERSION, section, [f.path, f.sha256])
-        hit = ctx.store.unit_lookup(STAGE, key)
-        units.append((f, key, hit))
-        if hit is None:
-            todo.append((str(ctx.store.root), key, str(raw_dir / f.path), f.path, f.sha256, cfg.ingest))
-    if todo and cfg.ingest.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(cfg.ingest.workers) as pool:
-            done = {info["key"]: info for info in pool.map(_ingest_unit, todo, chunksize=4)}
-    else:
-        done = {info["key"]: info for info in map(_ingest_unit, todo)}
-
-    files: list[FileEntry] = []
-    counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
-    computed = []
-    for i, (f, key, hit) in enumerate(units):
-        info = hit or done[key]
-        if hit is None:
-            computed.append(f.path)
-        c = info["counters"]
-        counters["in"] += c["in"]
-        counters["out"] += c["out"]
-        for r, n in c["rejected"].items():
-            counters["rejected"][r] = counters["rejected"].get(r, 0) + n
-        stem = f"{i:06d}-{f.sha256[:12]}"
-        for e in info["files"]:
-            sub = "parts" if e["role"] == "data" else "quarantine"
-            dst = f"{sub}/{stem}.parquet"
-            link_or_copy(Path(info["dir"]) / e["path"], out_dir / dst)
-            files.append(FileEntry(dst, bytes=e["bytes"], sha256=e["sha256"], role=e["role"], records=e["records"]))
-    stats = {
-        "units": len(units),
-        "units_computed": len(computed),
-        "units_reused": len(units) - len(computed),
-        "computed_files": computed[:50],
-        "_hashed": {f.path: f.sha256 for f in files},
-    }
+        args = (str(ctx.store.root), key, str(raw_dir / f.path), f.path, f.sha256, cfg.ingest)
+        units.append(Unit(key=key, stem=f"{i:06d}-{f.sha256[:12]}", label=f.path, args=args))
+    files, counters, stats = gather_units(STAGE, units, _ingest_unit, ctx, out_dir, cfg.ingest.workers)
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

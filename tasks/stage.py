@@ -317,3 +317,66 @@ def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageC
         result.path = str(final)
         result.stats = {**result.stats, "cache": "computed"}
         return result
+
+
+# ---------------------------------------------------------------------------------------------
+# per-unit stages (ingest per raw file, clean per part): one changed unit recomputes alone
+# ---------------------------------------------------------------------------------------------
+MAX_LISTED = 50
+
+
+@dataclass
+class Unit:
+    key: str  # unit cache key (content of the unit + the stage's hashed config)
+    stem: str  # file name stem of its outputs inside the stage folder
+    label: str  # what a person calls it (the raw file path)
+    args: tuple  # what the worker gets; the worker returns Store.unit_write's info
+
+
+def gather_units(stage: str, units: list[Unit], worker, ctx: StageContext, out_dir: Path,
+                 workers: int = 1, sum_fields: tuple[str, ...] = ()) -> tuple[list[FileEntry], dict, dict]:
+    """Reuse every cached unit, compute the missing ones (in a process pool when ``workers`` > 1),
+    and link all unit files into ``out_dir`` as ``parts/<stem>.parquet`` / ``quarantine/<stem>.parquet``.
+
+    Returns (files, counters summed over units, stats with units/units_computed/computed_files and
+    the sums of ``sum_fields``)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    hits = {u.key: ctx.store.unit_lookup(stage, u.key) for u in units}
+    todo = list({u.key: u.args for u in units if hits[u.key] is None}.values())  # equal units: once
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            done = {info["key"]: info for info in pool.map(worker, todo, chunksize=max(1, len(todo) // (4 * workers)))}
+    else:
+        done = {info["key"]: info for info in map(worker, todo)}
+
+    files: list[FileEntry] = []
+    counters: dict = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
+    sums = dict.fromkeys(sum_fields, 0)
+    computed: set[str] = set()
+    labels: list[str] = []
+    for u in units:
+        info = hits[u.key] or done[u.key]
+        if hits[u.key] is None and u.key not in computed:
+            computed.add(u.key)
+            labels.extend(info.get("source_paths") or [u.label])
+        c = info["counters"]
+        counters["in"] += c["in"]
+        counters["out"] += c["out"]
+        for reason, n in c["rejected"].items():
+            counters["rejected"][reason] = counters["rejected"].get(reason, 0) + n
+        for name in sum_fields:
+            sums[name] += info.get(name, 0)
+        for e in info["files"]:
+            dst = f"{'parts' if e['role'] == 'data' else 'quarantine'}/{u.stem}.parquet"
+            link_or_copy(Path(info["dir"]) / e["path"], out_dir / dst)
+            files.append(FileEntry(dst, bytes=e["bytes"], sha256=e["sha256"], role=e["role"], records=e["records"]))
+    stats = {
+        "units": len(units),
+        "units_computed": len(computed),
+        "units_reused": len(units) - len(computed),
+        "computed_files": labels[:MAX_LISTED],
+        **sums,
+        "_hashed": {f.path: f.sha256 for f in files},  # linked files keep their unit sha256
+    }
+    return files, counters, stats
