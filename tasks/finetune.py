@@ -187,6 +187,16 @@ def final_path(out_dir: Path, ctx: StageContext, rel: str) -> Path:
     return (ctx.final_dir or out_dir) / rel
 
 
+def canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a Python set, whose order changes with the process's hash
+    seed; sort it (and the keys) so the same training gives the same bytes in any process."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for k, v in cfg.items():
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            cfg[k] = sorted(v)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def tokenizer_dir(tok: Manifest) -> Path:
     files = tok.files_with("tokenizer")
     if not files:
@@ -277,6 +287,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             result = train_lora(peft_model, train_loader, eval_loader, ft, log=ctx.info)
 
         peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
         merged = peft_model.merge_and_unload()
         merged.eval()
         save_model(merged, tokenizer, out_dir / "merged")

@@ -170,7 +170,9 @@ def save_dynamic_int8(qmodel, tokenizer, folder: Path, float_config) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, modules = dynamic_int8_tensors(qmodel)
-    save_file(tensors, str(folder / INT8_WEIGHTS), metadata={"format": "pt", "quantization": "dynamic_int8"})
+    # One metadata key only: safetensors writes __metadata__ from a hash map, so two keys come out
+    # in a different order in each process and the same weights would hash differently.
+    save_file(tensors, str(folder / INT8_WEIGHTS), metadata={"format": "pt"})
     float_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     qcfg = {"method": "dynamic_int8", "scheme": "per_channel_symmetric", "dtype": "qint8", "axis": 0,

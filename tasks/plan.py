@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from tasks.stage import Manifest, Store, cache_key, stage_key, verify
+from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, verify
 
 # (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
 # tests/test_flow.py checks that every manifest's upstream matches this table.
@@ -155,3 +155,16 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
         detail = _ingest_detail(source, cfg, store) if stage == "ingest" and not ok else ""
         steps.append(StepPlan(stage, key, ok, why, sections, upstream, detail))
     return steps
+
+
+def run_local(cfg, log=None) -> dict[str, Manifest]:
+    """The DAG without Prefect: the same keys, store and outputs as the flow, in DAG order.
+    For debugging a stage and for the kill/concurrency tests (a process that may be killed)."""
+    from tasks.ingest import scan_raw
+
+    store = Store(cfg.paths.store)
+    done: dict[str, Manifest] = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, store)}
+    ctx = StageContext(store=store, log=log)
+    for stage, ups in DAG:
+        done[stage] = run_stage(module(stage), [done[u] for u in ups], cfg, ctx)
+    return done

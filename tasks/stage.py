@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -78,10 +79,13 @@ class FileEntry:
     sha256: str = ""
     role: str = "data"  # data | quarantine | removed | report | model | ...
     records: int | None = None
+    # When the file was written: a later mtime means someone touched it, so verify re-hashes it.
+    # Not part of any key or identity.
+    mtime_ns: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FileEntry":
-        return cls(**{k: d[k] for k in ("path", "bytes", "sha256", "role", "records") if k in d})
+        return cls(**{k: d[k] for k in ("path", "bytes", "sha256", "role", "records", "mtime_ns") if k in d})
 
 
 @dataclass
@@ -156,12 +160,15 @@ def _finalize_files(folder: Path, files: list[FileEntry], hashed: dict[str, str]
         p = folder / f.path
         if not p.is_file():
             raise StageError(f"manifest lists {f.path} but {p} was not written")
-        f.bytes = p.stat().st_size
+        st = p.stat()
+        f.bytes = st.st_size
+        f.mtime_ns = st.st_mtime_ns
         f.sha256 = (hashed or {}).get(f.path) or f.sha256 or sha256_file(p)
 
 
 def verify(folder: Path, manifest_name: str = MANIFEST) -> tuple[bool, str]:
-    """A cache hit must have its manifest and every listed file, each with the recorded size."""
+    """A cache hit must have its manifest and every listed file, each with the recorded size; a file
+    whose mtime moved since it was written is re-hashed, so a same-size edit is caught too."""
     mpath = folder / manifest_name
     if not mpath.is_file():
         return False, "no output yet"
@@ -173,9 +180,11 @@ def verify(folder: Path, manifest_name: str = MANIFEST) -> tuple[bool, str]:
         p = folder / f["path"]
         if not p.is_file():
             return False, f"output file missing: {f['path']}"
-        size = p.stat().st_size
-        if size != f["bytes"]:
-            return False, f"output file changed size: {f['path']} ({size} bytes, manifest says {f['bytes']})"
+        st = p.stat()
+        if st.st_size != f["bytes"]:
+            return False, f"output file changed size: {f['path']} ({st.st_size} bytes, manifest says {f['bytes']})"
+        if f.get("mtime_ns") and st.st_mtime_ns != f["mtime_ns"] and f.get("sha256") and sha256_file(p) != f["sha256"]:
+            return False, f"output file edited: {f['path']} (sha256 differs from the manifest)"
     return True, "verified"
 
 
@@ -209,12 +218,25 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def sweep_tmp(self) -> int:
+        """Remove temp folders whose writer process is gone (killed with -9, machine reset).
+        A folder's name carries its writer's pid, so a live concurrent writer is never touched."""
+        tmp_root = self.root / "_tmp"
+        removed = 0
+        for entry in tmp_root.iterdir() if tmp_root.is_dir() else []:
+            pid = entry.name.split(".", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        return removed
+
     @contextlib.contextmanager
     def atomic_dir(self, final: Path) -> Iterator[Path]:
         """Yield a temp folder; on success it replaces ``final`` in one rename, on error it vanishes."""
         tmp_root = self.root / "_tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{final.parent.name}-{final.name}-", dir=tmp_root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{final.parent.name}-{final.name}-", dir=tmp_root))
         try:
             yield tmp
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +271,16 @@ class Store:
             (tmp / UNIT_MANIFEST).write_text(canonical_json(info), encoding="utf-8")
         info["dir"] = str(final)
         return info
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -294,6 +326,21 @@ def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str
 def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageContext) -> Manifest:
     """Return the verified cached output for this key, or compute it atomically (under a per-key lock)."""
     key, config_hash = stage_key(module, cfg, inputs)
+    store = ctx.store
+    try:
+        store.sweep_tmp()  # leftovers of killed runs: never reused, only removed
+        return _run_locked(module, inputs, cfg, ctx, key, config_hash)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            # Nothing was marked finished: the temp folder is gone and no manifest was renamed in.
+            raise StageError(
+                f"stage {module.STAGE}: cannot write to the store {store.root} ({os.strerror(e.errno)}: {e.filename or ''}); "
+                f"free disk space or point paths.store at a writable folder, then run again"
+            ) from e
+        raise
+
+
+def _run_locked(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageContext, key: str, config_hash: str) -> Manifest:
     store = ctx.store
     with store.lock(f"{module.STAGE}-{key}"):
         hit, _ = store.lookup(module.STAGE, key)
