@@ -11,23 +11,35 @@ Memory is bounded by the number of distinct keys, not by the corpus: pass one st
 input and keeps, per key, a 32-byte digest and the representative's sort key; pass two streams
 it again and writes the kept records in input order.
 
-Baseline, replaced by the MinHash issue: exact duplicates only (no near-duplicate detection), and
-no index persisted across runs (each run compares its whole input).
+``dedup.method: minhash`` adds near-duplicates (``tasks.minhash``): every upstream part gets a
+sketch (exact digests, LSH band keys, shingle hashes for verification) cached in
+``<store>/_units/dedup/<key>/`` keyed by (sketch settings, part sha256). That cache is the
+persisted index: a run that adds parts sketches only the new ones and compares them against the
+stored sketches of the old ones. Exact and verified near pairs are joined by union-find; each
+cluster keeps its smallest (source_path, source_line, id) member and every other member is a
+``removed`` row naming it, with kind ``exact`` (same normalised text as the kept one) or ``near``.
+
+Contamination (``dedup.eval_files``): word n-grams of evaluation sets are looked up in every kept
+training record; hits are counted in stats and, with ``contamination_action: remove``,
+quarantined with reason ``contaminated``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import RECORD_SCHEMA, REMOVED_SCHEMA, normalize_for_hash
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, normalize_for_hash, quarantine_row,
+                             quarantine_table)
+from tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("dedup",)
 
 BATCH_ROWS = 4096
@@ -185,29 +197,338 @@ def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_R
 
 
 # ---------------------------------------------------------------------------------------------
+# near-duplicates: per-part sketches (the persisted index) + one global decision
+# ---------------------------------------------------------------------------------------------
+SKETCH_VERSION = "1"
+SKETCH_FILES = ("keys.npy", "sets.npy", "set_offsets.npy", "digests.npy", "meta.json")
+
+
+def record_text(record: dict) -> str:
+    """The text a record is shingled on: input and target (a document has an empty input)."""
+    inp, tgt = record.get("input") or "", record.get("target") or ""
+    return f"{inp}\n{tgt}" if inp else tgt
+
+
+def sketch_params(cfg):
+    from tasks.minhash import Params
+
+    return Params(ngram=cfg.ngram, bands=cfg.bands, rows=cfg.rows, seed=cfg.seed)
+
+
+def sketch_key(cfg, part_sha256: str) -> str:
+    """What a part's sketch depends on: its bytes and the sketch settings (not the threshold: a
+    new threshold reuses every sketch)."""
+    settings = {"ngram": cfg.ngram, "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed, "normalize": cfg.normalize}
+    return cache_key(STAGE, SKETCH_VERSION, settings, [part_sha256])
+
+
+def sketch_records(records: list[dict], cfg) -> dict:
+    """Pure: the index entries of a list of records (arrays + per-record representative keys)."""
+    import numpy as np
+
+    from tasks.minhash import sketch
+
+    sk = sketch([record_text(r) for r in records], sketch_params(cfg))
+    digests = np.frombuffer(b"".join(_digest(r.get("input") or "", r.get("target") or "", cfg.normalize)[:16] for r in records),
+                            dtype=np.uint64).reshape(-1, 2) if records else np.zeros((0, 2), dtype=np.uint64)
+    meta = [[*representative_key(r)[:3], _content_digest(r).hex()] for r in records]
+    return {**sk, "digests": digests, "meta": meta}
+
+
+def _sketch_unit(args) -> dict:
+    store_root, key, src, cfg = args
+
+    def write(tmp: Path) -> dict:
+        import numpy as np
+
+        pf = pq.ParquetFile(src)
+        parts = {"keys": [], "sets": [], "lens": [], "digests": [], "meta": []}
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            sk = sketch_records(batch.to_pylist(), cfg)
+            parts["keys"].append(sk["keys"])
+            parts["sets"].append(sk["sets"])
+            parts["lens"].append(np.diff(sk["set_offsets"]))
+            parts["digests"].append(sk["digests"])
+            parts["meta"].extend(sk["meta"])
+        bands = cfg.bands
+        keys = np.concatenate(parts["keys"]) if parts["keys"] else np.zeros((0, bands), np.uint64)
+        sets = np.concatenate(parts["sets"]) if parts["sets"] else np.zeros(0, np.uint32)
+        lens = np.concatenate(parts["lens"]) if parts["lens"] else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        digests = np.concatenate(parts["digests"]) if parts["digests"] else np.zeros((0, 2), np.uint64)
+        np.save(tmp / "keys.npy", keys)
+        np.save(tmp / "sets.npy", sets)
+        np.save(tmp / "set_offsets.npy", offsets)
+        np.save(tmp / "digests.npy", digests)
+        (tmp / "meta.json").write_text(json.dumps(parts["meta"], ensure_ascii=False), encoding="utf-8")
+        n = len(parts["meta"])
+        return {"files": [FileEntry(f, role="index", records=n) for f in SKETCH_FILES], "records": n}
+
+    return Store(store_root).unit_write(STAGE, key, write)
+
+
+class SketchIndex:
+    """The sketches of all parts, concatenated in part order (global row i = part u, row r).
+    Verification hashes stay memory-mapped on disk: only candidate rows are ever read."""
+
+    def __init__(self, unit_dirs: list[Path]):
+        import numpy as np
+
+        self.keys, self.digests, self.meta, self._sets, self._offs, self.starts = [], [], [], [], [], [0]
+        for d in unit_dirs:
+            self.keys.append(np.load(d / "keys.npy"))
+            self.digests.append(np.load(d / "digests.npy"))
+            self.meta.extend(json.loads((d / "meta.json").read_text(encoding="utf-8")))
+            self._sets.append(np.load(d / "sets.npy", mmap_mode="r"))
+            self._offs.append(np.load(d / "set_offsets.npy"))
+            self.starts.append(self.starts[-1] + len(self.keys[-1]))
+        self.keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 1), np.uint64)
+        self.digests = np.concatenate(self.digests) if self.digests else np.zeros((0, 2), np.uint64)
+        self.n = self.starts[-1]
+
+    def get_set(self, i: int):
+        import bisect
+
+        u = bisect.bisect_right(self.starts, i) - 1
+        r = i - self.starts[u]
+        off = self._offs[u]
+        return self._sets[u][off[r]:off[r + 1]]
+
+    def rep_key(self, i: int) -> tuple:
+        path, line, rid, tie = self.meta[i]
+        return (path, line, rid, tie)
+
+
+def decide_clusters(index: SketchIndex, threshold: float) -> tuple[list, dict]:
+    """Exact groups + verified near pairs -> union-find clusters -> per row (keep, kept row, kind).
+
+    Returns (decisions, stats): decisions[i] is None for a kept row or (kept_row, kind)."""
+    import numpy as np
+
+    from tasks.minhash import UnionFind, near_duplicate_pairs
+
+    t0 = time.perf_counter()
+    uf = UnionFind(index.n)
+    # exact groups: rows with one 128-bit digest, found by one sort
+    d = index.digests
+    order = np.lexsort((d[:, 1], d[:, 0])) if index.n else np.zeros(0, np.int64)
+    ds = d[order]
+    same = np.flatnonzero((ds[1:] == ds[:-1]).all(axis=1)) + 1 if index.n > 1 else np.zeros(0, np.int64)
+    for p in same.tolist():
+        uf.union(int(order[p - 1]), int(order[p]))
+    t1 = time.perf_counter()
+
+    def same_digest(i, j):
+        return bool((d[i] == d[j]).all())
+
+    pairs, n_cand = near_duplicate_pairs(index.keys, index.get_set, threshold, skip=same_digest)
+    for i, j, _ in pairs:
+        uf.union(i, j)
+    t2 = time.perf_counter()
+    roots = uf.roots()
+    members: dict[int, list[int]] = {}
+    for i in np.flatnonzero(np.bincount(roots, minlength=index.n)[roots] > 1).tolist():
+        members.setdefault(int(roots[i]), []).append(i)
+    decisions: list = [None] * index.n
+    n_exact = n_near = 0
+    for rows in members.values():
+        rep = min(rows, key=index.rep_key)
+        for i in rows:
+            if i != rep:
+                kind = "exact" if same_digest(i, rep) else "near"
+                n_exact += kind == "exact"
+                n_near += kind == "near"
+                decisions[i] = (rep, kind)
+    sizes = [len(r) for r in members.values()]
+    stats = {"candidate_pairs": n_cand, "verified_near_pairs": len(pairs), "clusters": len(sizes),
+             "largest_cluster": max(sizes, default=1 if index.n else 0), "exact_duplicates": n_exact,
+             "near_duplicates": n_near, "seconds_exact": round(t1 - t0, 3), "seconds_lsh_verify": round(t2 - t1, 3)}
+    return decisions, stats
+
+
+def build_sketches(parts: list[tuple[Path, str]], cfg, store: Store) -> tuple[list[Path], int]:
+    """Sketch every part not in the index yet (process pool when cfg.workers > 1); return the
+    unit folders in part order and how many were computed."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    keys = [sketch_key(cfg, sha) for _, sha in parts]
+    found = {k: store.unit_lookup(STAGE, k) for k in keys}
+    todo = list({k: (str(store.root), k, str(p), cfg) for (p, _), k in zip(parts, keys) if found[k] is None}.values())
+    if cfg.workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(min(cfg.workers, len(todo))) as pool:
+            done = {info["key"]: info for info in pool.map(_sketch_unit, todo)}
+    else:
+        done = {info["key"]: info for info in map(_sketch_unit, todo)}
+    return [Path((found[k] or done[k])["dir"]) for k in keys], len(todo)
+
+
+# ---------------------------------------------------------------------------------------------
+# contamination: evaluation n-grams found in training records
+# ---------------------------------------------------------------------------------------------
+def load_eval_ngrams(paths: list[Path], ngram: int):
+    """Sorted unique uint64 hashes of the word n-grams of every evaluation record."""
+    import numpy as np
+
+    from tasks.minhash import doc_words, shingle_hashes
+
+    texts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise StageError(f"dedup: evaluation file {p} (dedup.eval_files) does not exist: fix the path or remove it")
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"dedup: {p}:{n} is not JSON ({e}); eval_files must be JSONL with input/target or text") from None
+            texts.append(record_text(obj) if "target" in obj else str(obj.get("text", "")))
+    # texts shorter than n words would give a whole-text shingle: too weak a signal, left out
+    texts = [t for t in texts if len(doc_words(t)) >= ngram]
+    if not texts:
+        return np.zeros(0, np.uint64)
+    flat, _ = shingle_hashes(texts, ngram)
+    return np.unique(flat)
+
+
+def contaminated_mask(records: list[dict], eval_hashes, ngram: int) -> list[int]:
+    """Per record the number of its word n-grams that occur in the evaluation sets."""
+    import numpy as np
+
+    from tasks.minhash import doc_words, shingle_hashes
+
+    if not records or len(eval_hashes) == 0:
+        return [0] * len(records)
+    texts = [record_text(r) for r in records]
+    flat, off = shingle_hashes(texts, ngram)
+    hit = np.isin(flat, eval_hashes)
+    counts = np.add.reduceat(hit.astype(np.int64), off[:-1]) if len(flat) else np.zeros(len(texts), np.int64)
+    # a record shorter than n words has only a whole-text shingle: not an n-gram match
+    short = [len(doc_words(t)) < ngram for t in texts]
+    return [0 if s else int(c) for s, c in zip(short, counts.tolist())]
+
+
+def key_extra(cfg) -> dict:
+    """The evaluation sets' content is part of the key: editing one reruns dedup."""
+    return {"eval_files": [sha256_file(Path(p)) if Path(p).is_file() else "missing" for p in cfg.dedup.eval_files]}
+
+
+# ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     (upstream,) = inputs
     paths = upstream.files_with("data")
-    index = ExactIndex(cfg.dedup.normalize)
+    c = cfg.dedup
+    if c.method == "minhash":
+        return _run_minhash(upstream, c, out_dir, ctx)
+    index = ExactIndex(c.normalize)
     n_in = 0
     for batch in iter_record_batches(paths, STAGE):
         for rec in batch.to_pylist():
             n_in += 1
             index.add(rec)
 
-    writer = PartWriter(out_dir)
-    removed_path = out_dir / "removed.parquet"
-    removed_writer = None
-    n_out = n_removed = 0
-    for batch in iter_record_batches(paths, STAGE):
-        mask, removed = [], []
+    def decide(batch, start):
+        out = []
         for rec in batch.to_pylist():
             keep, kept_id = index.decide(rec)
-            if not keep:
-                removed.append(_removed_row(rec, kept_id))
-            mask.append(keep)
+            out.append(None if keep else (kept_id, "exact"))
+        return out
+
+    files, n_out, n_removed, rejected, cont = _write_output(paths, decide, c, out_dir)
+    sizes = index.cluster_sizes()
+    counters = {"in": n_in, "out": n_out, "rejected": rejected, "duplicates": n_removed}
+    stats = {
+        "method": "exact",
+        "keys": len(index.slots),
+        "clusters": len(sizes),
+        "duplicates": n_removed,
+        "largest_cluster": max(sizes, default=1 if index.slots else 0),
+        "normalize": c.normalize,
+        "parts": len([f for f in files if f.role == "data"]),
+        **cont,
+    }
+    ctx.info("dedup: %d records in, %d kept, %d exact duplicates in %d clusters", n_in, n_out, n_removed, len(sizes))
+    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+
+
+def _run_minhash(upstream: Manifest, c, out_dir: Path, ctx: StageContext) -> Manifest:
+    t0 = time.perf_counter()
+    parts = []
+    for e in upstream.entries("data"):
+        p = upstream.dir / e.path
+        if not p.is_file():
+            raise StageError(f"dedup: upstream {upstream.stage} output {upstream.path} lists {e.path} but it is missing; rerun {upstream.stage}")
+        pf = pq.ParquetFile(p)
+        if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
+            raise StageError(f"dedup: {p} does not hold training records (schema {pf.schema_arrow}); "
+                             f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it")
+        parts.append((p, e.sha256 or sha256_file(p)))
+    unit_dirs, computed = build_sketches(parts, c, ctx.store)
+    t1 = time.perf_counter()
+    index = SketchIndex(unit_dirs)
+    decisions, dstats = decide_clusters(index, c.threshold)
+    t2 = time.perf_counter()
+
+    def decide(batch, start):
+        out = []
+        for d in decisions[start:start + batch.num_rows]:
+            out.append(None if d is None else (index.meta[d[0]][2], d[1]))
+        return out
+
+    files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], decide, c, out_dir)
+    t3 = time.perf_counter()
+    counters = {"in": index.n, "out": n_out, "rejected": rejected, "duplicates": n_removed}
+    stats = {
+        "method": "minhash", "normalize": c.normalize, "threshold": c.threshold, "ngram": c.ngram,
+        "bands": c.bands, "rows": c.rows, "duplicates": n_removed, **dstats,
+        "sketch_units": len(unit_dirs), "sketch_units_computed": computed,
+        "sketch_units_reused": len(unit_dirs) - computed,
+        "seconds_sketch": round(t1 - t0, 3), "seconds_decide": round(t2 - t1, 3), "seconds_write": round(t3 - t2, 3),
+        "parts": len([f for f in files if f.role == "data"]), **cont,
+    }
+    ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed",
+             index.n, n_out, dstats["exact_duplicates"], dstats["near_duplicates"], computed, len(unit_dirs))
+    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+
+
+def _write_output(paths: list[Path], decide, c, out_dir: Path):
+    """Pass two: kept records in input order into parts/, removed rows into removed.parquet,
+    contaminated records (action remove) into quarantine.parquet."""
+    eval_hashes = load_eval_ngrams(c.eval_files, c.contamination_ngram) if c.eval_files else None
+    writer = PartWriter(out_dir)
+    removed_path, q_path = out_dir / "removed.parquet", out_dir / "quarantine.parquet"
+    removed_writer = q_writer = None
+    n_out = n_removed = n_q = 0
+    cont = {"contaminated_records": 0, "contaminated_ngrams": 0} if eval_hashes is not None else {}
+    start = 0
+    for batch in iter_record_batches(paths, STAGE):
+        dec = decide(batch, start)
+        start += batch.num_rows
+        mask = [d is None for d in dec]
+        removed = []
+        if not all(mask):  # only removed rows are turned into Python dicts
+            ids = batch.column("id").to_pylist()
+            spaths = batch.column("metadata").field("source_path").to_pylist()
+            removed = [{"id": ids[i], "duplicate_of": d[0], "kind": d[1], "source_path": spaths[i]}
+                       for i, d in enumerate(dec) if d is not None]
+        q_rows = []
+        if eval_hashes is not None:
+            kept_idx = [i for i, m in enumerate(mask) if m]
+            kept_tab = batch.take(pa.array(kept_idx, pa.int64()))
+            recs = dict(zip(kept_idx, kept_tab.to_pylist()))
+            hits = contaminated_mask([recs[i] for i in kept_idx], eval_hashes, c.contamination_ngram)
+            for i, h in zip(kept_idx, hits):
+                if h:
+                    cont["contaminated_records"] += 1
+                    cont["contaminated_ngrams"] += h
+                    if c.contamination_action == "remove":
+                        mask[i] = False
+                        q_rows.append(quarantine_row(STAGE, "contaminated", detail=f"{h} word {c.contamination_ngram}-grams found in dedup.eval_files",
+                                                     score=float(h), record=recs[i]))
         # The kept rows go out as Arrow, untouched by the dict round trip.
         writer.write(batch.filter(pa.array(mask, pa.bool_())))
         n_out += sum(mask)
@@ -216,20 +537,17 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
                 removed_writer = pq.ParquetWriter(removed_path, REMOVED_SCHEMA)
             removed_writer.write_table(pa.Table.from_pylist(removed, schema=REMOVED_SCHEMA))
             n_removed += len(removed)
+        if q_rows:
+            if q_writer is None:
+                q_writer = pq.ParquetWriter(q_path, QUARANTINE_SCHEMA)
+            q_writer.write_table(quarantine_table(q_rows))
+            n_q += len(q_rows)
     files = writer.close()
     if removed_writer is not None:
         removed_writer.close()
         files.append(FileEntry("removed.parquet", role="removed", records=n_removed))
-
-    sizes = index.cluster_sizes()
-    counters = {"in": n_in, "out": n_out, "rejected": {}, "duplicates": n_removed}
-    stats = {
-        "keys": len(index.slots),
-        "clusters": len(sizes),
-        "duplicates": n_removed,
-        "largest_cluster": max(sizes, default=1 if index.slots else 0),
-        "normalize": cfg.dedup.normalize,
-        "parts": len([f for f in files if f.role == "data"]),
-    }
-    ctx.info("dedup: %d records in, %d kept, %d exact duplicates in %d clusters", n_in, n_out, n_removed, len(sizes))
-    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+    if q_writer is not None:
+        q_writer.close()
+        files.append(FileEntry("quarantine.parquet", role="quarantine", records=n_q))
+    rejected = {"contaminated": n_q} if n_q else {}
+    return files, n_out, n_removed, rejected, cont

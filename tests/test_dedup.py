@@ -158,3 +158,129 @@ def test_part_writer_writes_one_empty_part(tmp_path):
     entries = PartWriter(tmp_path).close()
     assert [e.path for e in entries] == ["parts/part-00000.parquet"] and entries[0].records == 0
     assert pq.read_table(tmp_path / entries[0].path).num_rows == 0
+
+
+# --------------------------------------------------------------------------------------------
+# near-duplicates (method: minhash), the persisted sketch index, contamination, standalone use
+# --------------------------------------------------------------------------------------------
+_VOCAB = [f"word{i}" for i in range(2000)]
+
+
+def _text(seed, n=200):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(_VOCAB) for _ in range(n))
+
+
+def _near(text, k, seed):
+    rng = random.Random(seed)
+    toks = text.split()
+    for _ in range(k):
+        toks[rng.randrange(len(toks))] = rng.choice(_VOCAB)
+    return " ".join(toks)
+
+
+def _doc_rec(text, rid, path, line):
+    return _rec("", text, rid, path, line, task_type="text")
+
+
+def _near_corpus():
+    base, other = _text(1), _text(2)
+    return [
+        _doc_rec(_near(base, 2, 10), "n1", "b.jsonl", 1),  # J ~ 0.9 with base
+        _doc_rec(base, "n0", "a.jsonl", 5),  # the representative: smallest source_path
+        _doc_rec("  " + base.upper() + "\n", "n2", "c.jsonl", 1),  # exact after normalisation
+        _doc_rec(_near(base, 40, 11), "far", "c.jsonl", 2),  # J < 0.5: kept
+        _doc_rec(other, "o1", "d.jsonl", 1),
+        _doc_rec(_text(3), "u1", "d.jsonl", 2),
+    ]
+
+
+MINHASH = {"dedup": {"method": "minhash"}}
+
+
+def test_minhash_stage_removes_near_and_exact_with_kinds(make_cfg, ctx, records_manifest):
+    up = records_manifest(_near_corpus(), parts=2)
+    m = run_stage(dedup, [up], make_cfg(MINHASH), ctx)
+    assert m.counters == {"in": 6, "out": 4, "rejected": {}, "duplicates": 2}
+    removed = sorted((r["id"], r["duplicate_of"], r["kind"]) for r in pq.read_table(m.file("removed.parquet")).to_pylist())
+    assert removed == [("n1", "n0", "near"), ("n2", "n0", "exact")]
+    assert sorted(r["id"] for r in _read(m.files_with("data"))) == ["far", "n0", "o1", "u1"]
+    assert m.stats["near_duplicates"] == 1 and m.stats["exact_duplicates"] == 1
+    assert m.stats["sketch_units_computed"] == 2
+    assert run_stage(dedup, [up], make_cfg(MINHASH), ctx).stats["cache"] == "hit"
+
+
+def test_minhash_threshold_is_configurable(make_cfg, ctx, records_manifest):
+    m = run_stage(dedup, [records_manifest(_near_corpus(), parts=2)], make_cfg({"dedup": {"method": "minhash", "threshold": 0.97}}), ctx)
+    assert m.counters["duplicates"] == 1  # only the exact copy left above 0.97
+    # the threshold is not part of the sketch key: another threshold reuses every sketch
+    m2 = run_stage(dedup, [records_manifest(_near_corpus(), parts=2)], make_cfg({"dedup": {"method": "minhash", "threshold": 0.5}}), ctx)
+    assert m2.stats["sketch_units_computed"] == 0 and m2.stats["sketch_units_reused"] == 2
+
+
+def test_incremental_index_sketches_only_new_parts(make_cfg, ctx, records_manifest, tmp_path):
+    cfg = make_cfg(MINHASH)
+    old = [_doc_rec(_text(100 + i), f"old{i}", "old.jsonl", i) for i in range(6)]
+    m1 = run_stage(dedup, [records_manifest(old, parts=3)], cfg, ctx)
+    assert m1.stats["sketch_units_computed"] == 3 and m1.counters["duplicates"] == 0
+    # a new part whose record near-duplicates an old one (and sorts after it)
+    new = [_doc_rec(_near(_text(103), 2, 7), "new0", "zz-new.jsonl", 1), _doc_rec(_text(999), "new1", "zz-new.jsonl", 2)]
+    up = records_manifest(old, parts=3)
+    folder = up.dir
+    p = folder / "parts" / "000003.parquet"
+    from schemas.records import records_table
+    from tasks.stage import FileEntry, sha256_file
+
+    pq.write_table(records_table(new), p)
+    up.files.append(FileEntry("parts/000003.parquet", p.stat().st_size, sha256_file(p), "data", 2))
+    m2 = run_stage(dedup, [up], cfg, ctx)
+    assert m2.stats["sketch_units_computed"] == 1 and m2.stats["sketch_units_reused"] == 3
+    removed = pq.read_table(m2.file("removed.parquet")).to_pylist()
+    assert [(r["id"], r["duplicate_of"], r["kind"]) for r in removed] == [("new0", "old3", "near")]
+    assert m2.counters == {"in": 8, "out": 7, "rejected": {}, "duplicates": 1}
+
+
+def test_contamination_report_and_remove(make_cfg, ctx, records_manifest, tmp_path):
+    import json
+
+    evalf = tmp_path / "eval.jsonl"
+    leaked = _text(50, 40)
+    evalf.write_text(json.dumps({"input": "Q", "target": leaked}) + "\n" + json.dumps({"text": "too short"}) + "\n")
+    recs = [_doc_rec("prefix words here " + leaked + " and more", "leak", "a.jsonl", 1), _doc_rec(_text(51), "clean", "a.jsonl", 2)]
+    rep = run_stage(dedup, [records_manifest(recs)], make_cfg({"dedup": {"method": "minhash", "eval_files": [str(evalf)]}}), ctx)
+    assert rep.stats["contaminated_records"] == 1 and rep.counters["out"] == 2
+    rm = run_stage(dedup, [records_manifest(recs)], make_cfg({"dedup": {"method": "minhash", "eval_files": [str(evalf)],
+                                                                       "contamination_action": "remove"}}), ctx)
+    assert rm.counters == {"in": 2, "out": 1, "rejected": {"contaminated": 1}, "duplicates": 0}
+    q = pq.read_table(rm.file("quarantine.parquet")).to_pylist()
+    assert q[0]["id"] == "leak" and q[0]["reason"] == "contaminated" and q[0]["score"] == 28.0  # 40 - 13 + 1 n-grams
+    # editing the evaluation file changes the key
+    evalf.write_text(json.dumps({"text": _text(52, 40)}) + "\n")
+    again = run_stage(dedup, [records_manifest(recs)], make_cfg({"dedup": {"method": "minhash", "eval_files": [str(evalf)]}}), ctx)
+    assert again.stats["cache"] == "computed" and again.stats["contaminated_records"] == 0
+
+
+def test_standalone_dedup_folder_names_input_ids(make_cfg, tmp_path):
+    import gzip
+    import json
+
+    from flows.standalone import dedup_folder
+
+    base = _text(60)
+    docs = [("d1", base), ("d2", _text(61)), ("d3", base), ("d4", _near(base, 2, 62)), ("d5", "  " + base + " ")]
+    ind = tmp_path / "in"
+    ind.mkdir()
+    with gzip.open(ind / "shard_0.jsonl.gz", "wt") as f:
+        for i, t in docs[:3]:
+            f.write(json.dumps({"id": i, "text": t}) + "\n")
+    (ind / "shard_1.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs[3:]))
+    out = tmp_path / "out"
+    m = dedup_folder(ind, out, make_cfg(MINHASH))
+    rows = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["duplicate_of"], r["kind"]) for r in rows) == [("d3", "d1", "exact"), ("d4", "d1", "near"), ("d5", "d1", "exact")]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["ingest"]["counters"]["out"] == 5 and stats["dedup"]["counters"]["duplicates"] == 3
+    assert sum(e.records for e in m.entries("data")) == 2 and (out / "parts").is_dir()
+    # a rerun on the same store is a cache hit and writes the same removed.jsonl
+    m2 = dedup_folder(ind, out, make_cfg(MINHASH))
+    assert m2.stats["cache"] == "hit" and len((out / "removed.jsonl").read_text().splitlines()) == 3

@@ -1,0 +1,264 @@
+"""One data stage on a folder, without the DAG: ``c2m ingest|clean|dedup IN_DIR OUT_DIR``.
+
+IN_DIR holds raw files (txt/html/JSONL/JSON, optionally .gz; ingested first) or record Parquet
+parts (RECORD_SCHEMA, used as they are). The stage runs through the normal runner against a
+store (``--store``, default ``OUT_DIR/.store``), so a second call on a grown folder reuses the
+per-file, per-part and sketch caches exactly as the pipeline does. OUT_DIR then gets:
+
+* ``parts/*.parquet`` the stage's records, ``quarantine/*.parquet`` its drops (with reasons),
+* ``stats.json`` counters + stats of every stage run, ``manifest.json`` of the last stage,
+* dedup only: ``removed.jsonl``, one ``{"id", "duplicate_of", "kind", "source_path", "record_id"}``
+  per removed record. ``id``/``duplicate_of`` are the ids the input gave its records
+  (``metadata.source_id``, e.g. the ``"id"`` of a JSONL line) when it gave one, else the record
+  ids: the ids a person (or shared/bench/anchors/evaluate.py) knows the input by.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+SUBCOMMANDS = ("ingest", "clean", "dedup")
+
+
+def _store(out_dir: Path, store: str | Path | None):
+    from tasks.stage import Store
+
+    return Store(Path(store) if store else Path(out_dir) / ".store")
+
+
+def _ctx(store):
+    import logging
+
+    from tasks.stage import StageContext
+
+    return StageContext(store=store, log=logging.getLogger("corpus2model"))
+
+
+def _parquet_manifest(in_dir: Path):
+    """Record parts already on disk (RECORD_SCHEMA) as an upstream manifest, or None."""
+    import pyarrow.parquet as pq
+
+    from schemas.records import RECORD_SCHEMA
+    from tasks.stage import FileEntry, Manifest, cache_key, sha256_file
+
+    paths = sorted(p for p in in_dir.rglob("*.parquet") if ".store" not in p.parts and "quarantine" not in p.parts)
+    if not paths:
+        return None
+    files = []
+    for p in paths:
+        pf = pq.ParquetFile(p)
+        if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
+            from tasks.stage import StageError
+
+            raise StageError(f"{p} is Parquet but not RECORD_SCHEMA (schemas/records.py): give raw files or record parts")
+        files.append(FileEntry(p.relative_to(in_dir).as_posix(), bytes=p.stat().st_size, sha256=sha256_file(p),
+                               role="data", records=pf.metadata.num_rows))
+    key = cache_key("folder", "1", {}, [json.dumps([[f.path, f.sha256] for f in files])])
+    return Manifest(stage="folder", stage_version="1", key=key, files=files, path=str(in_dir.resolve()))
+
+
+def _records(in_dir: Path, cfg, store, runs: list):
+    """The input as records: Parquet parts as they are, anything else through ingest."""
+    in_dir = Path(in_dir)
+    m = _parquet_manifest(in_dir)
+    if m is not None:
+        return m
+    return _run(_mod("ingest"), [_source(in_dir, cfg, store)], cfg, store, runs)
+
+
+def _source(in_dir: Path, cfg, store):
+    from tasks.ingest import scan_raw
+
+    return scan_raw(Path(in_dir), cfg.ingest.include, store)
+
+
+def _mod(name: str):
+    import importlib
+
+    return importlib.import_module(f"tasks.{name}")
+
+
+def _run(module, inputs, cfg, store, runs: list):
+    from tasks.stage import run_stage
+
+    m = run_stage(module, inputs, cfg, _ctx(store))
+    runs.append(m)
+    return m
+
+
+def _publish(m, out_dir: Path, runs: list) -> None:
+    """Link the stage's files into OUT_DIR (replacing an earlier result) and write stats.json."""
+    from tasks.stage import link_or_copy
+
+    out_dir = Path(out_dir)
+    for sub in ("parts", "quarantine"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+    for f in m.files:
+        (out_dir / f.path).unlink(missing_ok=True)
+        link_or_copy(m.dir / f.path, out_dir / f.path)
+    shutil.copyfile(m.dir / "manifest.json", out_dir / "manifest.json")
+    stats = {r.stage: {"key": r.key, "cache": r.stats.get("cache"), "seconds": r.seconds, "counters": r.counters,
+                       "stats": {k: v for k, v in r.stats.items() if k != "computed_files"}} for r in runs}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+
+
+def ingest_folder(in_dir, out_dir, cfg, store=None):
+    """Raw files in ``in_dir`` -> records in ``out_dir``; returns the ingest manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st, runs = _store(out_dir, store), []
+    m = _run(_mod("ingest"), [_source(Path(in_dir), cfg, st)], cfg, st, runs)
+    _publish(m, out_dir, runs)
+    return m
+
+
+def clean_folder(in_dir, out_dir, cfg, store=None):
+    """Raw files or record parts in ``in_dir`` -> cleaned records in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st, runs = _store(out_dir, store), []
+    m = _run(_mod("clean"), [_records(Path(in_dir), cfg, st, runs)], cfg, st, runs)
+    _publish(m, out_dir, runs)
+    return m
+
+
+def dedup_folder(in_dir, out_dir, cfg, store=None):
+    """Raw files or record parts in ``in_dir`` -> deduplicated records + removed.jsonl in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st, runs = _store(out_dir, store), []
+    up = _records(Path(in_dir), cfg, st, runs)
+    m = _run(_mod("dedup"), [up], cfg, st, runs)
+    _publish(m, out_dir, runs)
+    write_removed_jsonl(m, up, out_dir / "removed.jsonl")
+    return m
+
+
+def _id_stream(paths):
+    import pyarrow.parquet as pq
+
+    for p in paths:
+        pf = pq.ParquetFile(p)
+        for batch in pf.iter_batches(batch_size=8192, columns=["id", "metadata"]):
+            for rid, md in zip(batch.column("id").to_pylist(), batch.column("metadata").to_pylist()):
+                md = md or {}
+                yield rid, (rid, md.get("source_path"), md.get("source_line"), md.get("source_id"))
+
+
+def write_removed_jsonl(m, upstream, path: Path) -> int:
+    """removed.parquet -> JSONL named by the ids the input gave its records.
+
+    Record ids are content hashes (exact copies share one), so the input id of each removed
+    record is recovered by walking the input and the kept output side by side: dedup writes both
+    in input order and kept records unchanged, so an input record that is not the next kept one
+    is the next removed one."""
+    import pyarrow.parquet as pq
+
+    removed = [r for p in m.files_with("removed") for r in pq.read_table(p).to_pylist()]
+    kept = _id_stream(m.files_with("data"))
+    nxt = next(kept, None)
+    names: dict[str, str] = {}  # record id -> input id, for kept representatives
+    own: list[str] = []  # input id of each removed row, in order
+    wanted = {r["duplicate_of"] for r in removed}
+    for rid, ident in _id_stream(upstream.files_with("data")):
+        name = ident[3] if ident[3] is not None else rid
+        if nxt is not None and nxt[1] == ident:
+            if rid in wanted:
+                names.setdefault(rid, name)
+            nxt = next(kept, None)
+        else:
+            own.append(name)
+    if len(own) != len(removed):
+        from tasks.stage import StageError
+
+        raise StageError(f"dedup output {m.path}: {len(removed)} removed rows but {len(own)} input records are not kept; "
+                         f"the output does not match its input, rerun dedup")
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r, name in zip(removed, own):
+            row = {"id": name, "duplicate_of": names.get(r["duplicate_of"], r["duplicate_of"]), "kind": r["kind"],
+                   "source_path": r["source_path"], "record_id": r["id"]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(removed)
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse wiring (flows/cli.py: ``from flows.standalone import add_subcommands; add_subcommands(sub)``)
+# ---------------------------------------------------------------------------------------------
+def _config(args):
+    from schemas.config import ConfigError, load_config, parse_config
+
+    overrides = {}
+    for item in args.set or []:
+        import yaml
+
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    workers = args.workers or os.cpu_count() or 1
+    for stage in SUBCOMMANDS:
+        overrides.setdefault(f"{stage}.workers", workers)
+    try:
+        if args.config:
+            return load_config(args.config, overrides)
+        data: dict = {}
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return parse_config(data, source="--set")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_standalone(args) -> int:
+    import sys
+
+    from tasks.stage import StageError
+
+    cfg = _config(args)
+    fn = {"ingest": ingest_folder, "clean": clean_folder, "dedup": dedup_folder}[args.command]
+    try:
+        m = fn(args.in_dir, args.out_dir, cfg, store=args.store)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = m.counters
+    print(f"{args.command}: in {c.get('in')} out {c.get('out')} rejected {sum(c.get('rejected', {}).values())} "
+          f"duplicates {c.get('duplicates', 0)} ({m.stats.get('cache')}, {m.seconds:.1f} s) -> {args.out_dir}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    helps = {"ingest": "raw files in IN_DIR -> records in OUT_DIR",
+             "clean": "raw files or record parts -> cleaned, quality-filtered records",
+             "dedup": "raw files or record parts -> deduplicated records + removed.jsonl"}
+    for name in SUBCOMMANDS:
+        sp = subparsers.add_parser(name, help=helps[name])
+        sp.add_argument("in_dir", type=Path)
+        sp.add_argument("out_dir", type=Path)
+        sp.add_argument("--config", type=Path, help="YAML config whose sections are used (default: schema defaults)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. dedup.method=minhash")
+        sp.add_argument("--store", type=Path, help="cache store (default OUT_DIR/.store); reuse it for incremental runs")
+        sp.add_argument("--workers", type=int, default=0, help="processes per stage (default: all cores)")
+        sp.set_defaults(fn=cmd_standalone)
+
+
+def main(argv=None) -> int:
+    """``python -m flows.standalone dedup IN OUT`` works before cli.py has the hook."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="c2m-standalone")
+    add_subcommands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

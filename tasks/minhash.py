@@ -1,0 +1,254 @@
+"""Near-duplicate detection: word n-gram shingles, MinHash signatures, LSH banding, exact-Jaccard
+verification, union-find clusters. Pure numpy, vectorised over a batch of documents.
+
+Shingles follow the benchmark's ground truth (``re.findall(r"\\w+", text.lower())``, sets of word
+5-grams), so "Jaccard" here means the same number the corpus generator planted.
+
+* Words are hashed once per distinct word (xxh3_64, cached per process); an n-gram's hash is a
+  mixed linear combination of its word hashes, computed for a whole batch at once.
+* A signature is ``min over shingles of (a_p * x + b_p) mod 2**64`` for ``bands * rows``
+  multiply-add permutations (multiply-shift hashing: the order is set by the well-mixed high
+  bits), computed for a chunk of shingles x all permutations and reduced per document with
+  ``np.minimum.reduceat``.
+* LSH: each band's rows are folded into one uint64 key; documents sharing a key in any band are
+  candidates. Grouping is a sort per band, not a Python dict, so it scales to millions of docs.
+* Candidates are verified with the *exact* Jaccard of their shingle-hash sets (sorted uint32
+  arrays kept per unit on disk and memory-mapped), so LSH only decides what is compared and the
+  threshold is a real Jaccard threshold. Many narrow bands (default 18 x 5) push the miss
+  probability at J = 0.8 below 1e-3, and verification removes the extra candidates that buys.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+WORD_RE = re.compile(r"\w+")
+_M64 = (1 << 64) - 1
+
+class _WordCache(dict):
+    """word -> uint64 xxh3 hash, computed on first sight. Corpora reuse a small vocabulary, so
+    almost every lookup is a plain dict hit (a process keeps its cache across batches)."""
+
+    def __missing__(self, word: str) -> int:
+        import xxhash
+
+        if len(self) >= _WORD_CACHE_MAX:  # a huge vocabulary must not grow the cache forever
+            self.clear()
+        v = self[word] = xxhash.xxh3_64_intdigest(word.encode("utf-8"))
+        return v
+
+
+_WORD_CACHE_MAX = 2_000_000
+_WORD_CACHE = _WordCache()
+
+
+def _word_hashes(words: list[str]) -> np.ndarray:
+    return np.fromiter(map(_WORD_CACHE.__getitem__, words), dtype=np.uint64, count=len(words))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (in place on a fresh array): spreads every input bit over the output."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+# Odd constants for the n-gram combination (position matters: "a b" != "b a").
+_POS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x27D4EB2F165667C5, 0x85EBCA77C2B2AE63,
+                 0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3,
+                 0x1D8E4E27C47D124F], dtype=np.uint64)
+
+
+def doc_words(text: str) -> list[str]:
+    return WORD_RE.findall(text.lower())
+
+
+def shingle_hashes(texts: list[str], ngram: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(flat uint64 shingle hashes, offsets of length len(texts)+1) for a batch of texts.
+
+    A text with fewer than ``ngram`` words has one shingle (all its words), an empty text one
+    shingle of nothing, so every document has a signature and two empty texts match each other.
+    Duplicate shingles inside a document are kept: the min and the set Jaccard ignore them."""
+    if ngram > len(_POS):
+        raise ValueError(f"ngram must be <= {len(_POS)}")
+    words_per_doc = [doc_words(t) for t in texts]
+    lens = np.fromiter((len(w) for w in words_per_doc), dtype=np.int64, count=len(texts))
+    flat_words = [w for ws in words_per_doc for w in ws]
+    wh = _word_hashes(flat_words)
+    starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lens, out=starts[1:])
+    total = len(wh)
+    # combo[j] = sum_k POS[k] * w[j+k] over the concatenation (pad with zeros at the end)
+    padded = np.concatenate([wh, np.zeros(ngram, dtype=np.uint64)])
+    combo = np.zeros(total, dtype=np.uint64)
+    for k in range(ngram):
+        combo += padded[k:k + total] * _POS[k]
+    # A document of n >= ngram words owns the n-gram starts [start, start + n - ngram]; a shorter
+    # one owns exactly its first position, whose combo must only see its own words.
+    n_sh = np.where(lens >= ngram, lens - ngram + 1, 1)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(n_sh, out=offsets[1:])
+    idx = np.repeat(starts[:-1] - offsets[:-1], n_sh) + np.arange(offsets[-1], dtype=np.int64)
+    short = np.flatnonzero(lens < ngram)
+    out = combo[np.minimum(idx, max(total - 1, 0))] if total else np.zeros(offsets[-1], dtype=np.uint64)
+    for d in short:  # rare: a few per corpus
+        s, n = int(starts[d]), int(lens[d])
+        v = sum(int(wh[s + k]) * int(_POS[k]) for k in range(n)) + len(_POS) - 1 - n  # the length keeps "a" != "a a"
+        out[offsets[d]] = np.uint64(v & _M64)
+    return _mix64(out), offsets
+
+
+@dataclass(frozen=True)
+class Params:
+    ngram: int = 5
+    bands: int = 18
+    rows: int = 5
+    seed: int = 1
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+    def perms(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        a = rng.integers(1, 1 << 63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
+        return a, b
+
+
+def signatures(flat: np.ndarray, offsets: np.ndarray, params: Params, chunk: int = 1 << 14) -> np.ndarray:
+    """(n_docs, num_perm) uint64 MinHash signatures; every document has >= 1 shingle."""
+    a, b = params.perms()
+    n = len(offsets) - 1
+    sig = np.empty((n, params.num_perm), dtype=np.uint64)
+    if n == 0:
+        return sig
+    # Chunks end on document boundaries so reduceat never straddles a chunk.
+    d0 = 0
+    while d0 < n:
+        d1 = int(np.searchsorted(offsets, offsets[d0] + chunk, side="right")) - 1
+        d1 = min(max(d1, d0 + 1), n)
+        x = flat[offsets[d0]:offsets[d1]]
+        # (perms, shingles) layout: reduceat runs along contiguous rows, 5x faster than the
+        # (shingles, perms) layout; 16k shingles x 90 perms stays cache-sized.
+        h = np.multiply.outer(a, x)
+        h += b[:, None]
+        sig[d0:d1] = np.minimum.reduceat(h, offsets[d0:d1] - offsets[d0], axis=1).T
+        d0 = d1
+    return sig
+
+
+def band_keys(sig: np.ndarray, params: Params) -> np.ndarray:
+    """(n_docs, bands) uint64: the rows of each band folded into one mixed key (band index included)."""
+    n = sig.shape[0]
+    keys = np.empty((n, params.bands), dtype=np.uint64)
+    for bi in range(params.bands):
+        block = sig[:, bi * params.rows:(bi + 1) * params.rows]
+        acc = np.full(n, ((bi + 1) * 0x9E3779B97F4A7C15) & _M64, dtype=np.uint64)
+        for r in range(params.rows):
+            acc = _mix64(acc ^ block[:, r])
+        keys[:, bi] = acc
+    return keys
+
+
+def verification_hashes(flat: np.ndarray) -> np.ndarray:
+    """The low 32 bits of each shingle hash: what candidate pairs are verified against. Stored
+    unsorted (sorting every document costs more than the whole signature); only the few
+    candidates are made unique and compared (``jaccard_sets``)."""
+    return (flat & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def jaccard_sets(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard of the sets of two hash arrays (duplicates and order ignored)."""
+    a, b = np.unique(a), np.unique(b)
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (len(a) + len(b) - inter)
+
+
+def candidate_pairs(keys: np.ndarray) -> np.ndarray:
+    """(m, 2) int64 unique pairs (i < j) of rows sharing a key in some band: every member of a
+    bucket is paired with the bucket's first (smallest index) member (a star: the union-find
+    joins the bucket whatever the order)."""
+    n, bands = keys.shape
+    pairs = []
+    for bi in range(bands):
+        col = keys[:, bi]
+        order = np.argsort(col, kind="stable")
+        s = col[order]
+        same = np.flatnonzero(s[1:] == s[:-1]) + 1  # positions equal to their predecessor
+        if not len(same):
+            continue
+        # the head of each run: the first position of the run the element belongs to
+        is_head = np.ones(n, dtype=bool)
+        is_head[same] = False
+        head_pos = np.maximum.accumulate(np.where(is_head, np.arange(n), 0))
+        pairs.append(np.stack([order[head_pos[same]], order[same]], axis=1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    p = np.concatenate(pairs)
+    p = np.sort(p, axis=1)
+    return np.unique(p, axis=0)
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> np.ndarray:
+        return np.fromiter((self.find(i) for i in range(len(self.parent))), dtype=np.int64, count=len(self.parent))
+
+
+def sketch(texts: list[str], params: Params, batch_docs: int = 512) -> dict[str, np.ndarray]:
+    """Everything the index keeps per document, for a list of texts, in batches (bounded memory):
+    ``keys`` (n, bands) uint64, ``sets`` / ``set_offsets`` (verification shingles)."""
+    keys, sets, lens = [], [], []
+    for i in range(0, len(texts), batch_docs):
+        flat, off = shingle_hashes(texts[i:i + batch_docs], params.ngram)
+        keys.append(band_keys(signatures(flat, off, params), params))
+        sets.append(verification_hashes(flat))
+        lens.append(np.diff(off))
+    n_len = np.concatenate(lens) if lens else np.zeros(0, dtype=np.int64)
+    set_offsets = np.zeros(len(n_len) + 1, dtype=np.int64)
+    np.cumsum(n_len, out=set_offsets[1:])
+    return {
+        "keys": np.concatenate(keys) if keys else np.zeros((0, params.bands), dtype=np.uint64),
+        "sets": np.concatenate(sets) if sets else np.zeros(0, dtype=np.uint32),
+        "set_offsets": set_offsets,
+    }
+
+
+def near_duplicate_pairs(keys: np.ndarray, get_set, threshold: float, skip=None) -> tuple[list[tuple[int, int, float]], int]:
+    """Verified pairs (i, j, J) with exact shingle Jaccard >= threshold, and the candidate count.
+    ``get_set(i)`` returns document i's verification hashes; ``skip(i, j)`` drops a pair before
+    verification (e.g. already in one exact cluster)."""
+    cand = candidate_pairs(keys)
+    out = []
+    for i, j in cand.tolist():
+        if skip is not None and skip(i, j):
+            continue
+        jac = jaccard_sets(get_set(i), get_set(j))
+        if jac >= threshold:
+            out.append((i, j, jac))
+    return out, len(cand)
