@@ -1,34 +1,70 @@
-"""shard: validated records -> train/validation/test Parquet shards of a target size.
+"""shard: validated records -> train/validation/test Parquet shards of a target size (+ WebDataset tars).
 
-Two decisions live here:
+Three decisions live here:
 
 * **Which split a record belongs to** is a pure function of its id (``assign_split``): a
   sha256 bucket in [0, 1) against the cumulative split fractions. A record never moves when
   data is appended or reordered, so a held-out record stays held out across runs. Augmented
   records (``metadata.parent_id`` set) are bucketed by their parent's id: a paraphrase of a
   test record in train would leak the answer.
-* **How big a shard is**: ``RollingParquetWriter`` writes row groups of ``row_group_rows`` rows
-  and starts a new file once the file's byte position reaches ``target_bytes`` (pyarrow has no
-  bytes-per-file option; the sink's ``tell()`` is exact for what was written so far).
+* **How big a shard is**: ``RollingParquetWriter`` sizes row groups in bytes (about
+  ``target / row_groups_per_shard`` compressed, estimated from the compression seen so far in the
+  same file), sizes the last group of a file to land on the target, and closes the file once its
+  position plus the footer it will write reaches ``target_bytes``. pyarrow has no bytes-per-file
+  option; the sink's ``tell()`` is exact for what was written. Every file but the last of a split
+  ends within a few % of the target (+-10 % is what is promised and tested).
+* **Which shards an append rewrites.** A split is a stream: the records of that split in upstream
+  order (the validate parts in manifest order, rows in file order). Shards cut that stream into
+  consecutive pieces, and a shard is a pure function of where it starts and the rows that follow
+  (the writer starts fresh per file). Each shard is cached as a unit keyed by its start (upstream
+  part sha256 + row within the part's split rows + the hashed config) and records its span (which
+  parts and rows it holds). A rerun walks the stream from the start and reuses every shard whose
+  span is still exactly what the stream holds at that place (same files, same sha256), then writes
+  only from where the stream differs. New records usually arrive as new upstream parts at the end,
+  so the stream only grows.
 
-Shards keep the input order within a split, so the same input gives the same bytes.
-Training reads them through Hugging Face ``datasets`` (tasks/tokenize.py).
+  The last shard of a split is *open* (smaller than the target). Rewriting it on every append
+  would cost up to one target (1 GB) per append, so an append is a log: open shards are kept and
+  the new records go into a new shard after them, until the open shards plus the new records
+  would fill a whole shard; then the open shards are rewritten together with the new records into
+  full shards (compaction: each byte is rewritten about once more, amortised). So after appends a
+  split may end with a few undersized shards; a cold run writes every shard but the last at the
+  target. Record content, order and splits never depend on history; only where the files are cut
+  does (a fresh store writes the canonical cold layout).
+
+  What is not incremental: a part inserted *before* existing parts (or a changed part) moves every
+  later cut, so shards from that place on are rewritten. Reused shards are checked by size (as any
+  cache hit); their sha256 is verified by the reader (tokenize) before use.
+
+The per-part index (split of every row, a cached unit per upstream part sha256) is computed from
+the ``id`` and ``metadata`` columns only, so an append reads the text of new parts only (plus the
+records of shards it compacts).
+
+Readers: Hugging Face ``datasets`` (``load_dataset("parquet", data_files=...)``, also with
+``streaming=True``; tasks/tokenize.py) and ``webdataset`` for the tars (``read_webdataset``).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.records import RECORD_SCHEMA
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, link_or_copy
 
 STAGE = "shard"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("shard",)
 
 READ_BATCH_ROWS = 8192
@@ -36,10 +72,11 @@ READ_BATCH_ROWS = 8192
 # on free text and hash ids they are useless and each costs up to 8 kB of footer per row group.
 STATISTICS_COLUMNS = [f"metadata.{f.name}" for f in RECORD_SCHEMA.field("metadata").type]
 _BUCKETS = 16**15  # 15 hex digits: 60 bits, far finer than any split fraction
+COMPACT_AT = 1.0  # open shards + new records fill a whole shard: rewrite them as full shards
 
 
 # ---------------------------------------------------------------------------------------------
-# pure functions
+# pure functions: splits
 # ---------------------------------------------------------------------------------------------
 def split_bucket(key: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, key): the record's place on the split line."""
@@ -73,89 +110,229 @@ def split_key(record: dict) -> str:
     return md.get("parent_id") or record["id"]
 
 
+def split_codes(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed: int) -> np.ndarray:
+    """Index into ``list(splits)`` of every row's split (int8), in row order."""
+    names = list(splits)
+    ids = batch.column("id").to_pylist()
+    parents = pc.struct_field(batch.column("metadata"), "parent_id").to_pylist()
+    out = np.empty(len(ids), dtype=np.int8)
+    for i, (rid, parent) in enumerate(zip(ids, parents)):
+        if rid is None:
+            raise StageError(f"a record without an id reached shard (row {i} of a batch): ids are set by ingest/augment")
+        out[i] = names.index(assign_split(parent or rid, splits, seed))
+    return out
+
+
+def batch_splits(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed: int) -> dict[str, list[int]]:
+    """Row indices of a batch per split, in row order."""
+    codes = split_codes(batch, splits, seed)
+    return {name: np.flatnonzero(codes == c).tolist() for c, name in enumerate(splits)}
+
+
+def text_bytes(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    """UTF-8 bytes of id + input + target per row: what row groups are sized by before compression."""
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for name in ("id", "input", "target"):
+        total += pc.fill_null(pc.binary_length(batch.column(name)), 0).to_numpy(zero_copy_only=False)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# the rolling writer
+# ---------------------------------------------------------------------------------------------
+def _footer_model(schema: pa.Schema, row: pa.Table, compression, write_statistics) -> tuple[int, int]:
+    """(footer bytes with one row group, footer bytes added per further row group), measured by
+    writing ``row`` (this file's first row) as one and as two row groups into memory."""
+    sizes = []
+    for groups in (1, 2):
+        buf = io.BytesIO()
+        with pq.ParquetWriter(buf, schema, compression=compression, write_statistics=write_statistics) as w:
+            for _ in range(groups):
+                w.write_table(row)
+        md = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+        data = sum(md.row_group(g).column(c).total_compressed_size
+                   for g in range(md.num_row_groups) for c in range(md.num_columns))
+        sizes.append(len(buf.getvalue()) - 4 - data)  # minus the leading "PAR1" and the data pages
+    return sizes[0], max(0, sizes[1] - sizes[0])
+
+
+class TarSampleWriter:
+    """A reproducible WebDataset tar: samples ``NNNNNN.jsonl`` (records as JSON lines, batched up to
+    ``sample_bytes``), written in key order, every header with mtime 0, uid/gid 0, mode 0644."""
+
+    def __init__(self, path: Path, sample_bytes: int):
+        self.path = Path(path)
+        self.sample_bytes = sample_bytes
+        self._tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+        self._lines: list[bytes] = []
+        self._size = 0
+        self.samples = 0
+
+    def write_rows(self, rows: list[dict]) -> None:
+        for r in rows:
+            line = (json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+            self._lines.append(line)
+            self._size += len(line)
+            if self._size >= self.sample_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        info = tarfile.TarInfo(f"{self.samples:06d}.jsonl")
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+        self._lines, self._size = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self._tar.close()
+
+
 class RollingParquetWriter:
-    """Write record batches into ``folder/<prefix>-00000.parquet``, ``-00001``, ... of about
-    ``target_bytes`` each.
+    """Write record batches into ``folder/<prefix>-NNNNN.parquet`` files of about ``target_bytes``.
 
-    Rows are buffered and written as row groups of exactly ``row_group_rows`` rows (the last
-    group of a file may be shorter only at ``close``). After each row group the file's position
-    is checked; once it reaches ``target_bytes`` the file is finished (footer written) and the
-    next row starts a new file.
+    Row groups are cut by bytes, deterministically from the file's own rows: a group ends at the
+    first row where the group's text bytes (``text_bytes``) reach ``target / row_groups_per_file``
+    divided by the file's compression ratio so far (1.0 before its first group), capped by
+    ``max_row_group_bytes`` / ``max_row_group_rows`` and by what the file still needs to reach the
+    target (so the last group lands on it, never below ``target / (8 * row_groups_per_file)``).
+    After each group the file closes once ``tell()`` + the footer still to come reaches the target;
+    the footer is modelled from the file's first row written as one and two row groups in memory.
+    The last file holds what is left. The same rows give the same files whatever batches they
+    arrive in, which is what makes shards reusable units.
 
-    Guarantee, for every file but the last: the position before its last row group was below
-    ``target_bytes`` and the file's size is at least ``target_bytes``. So a file overshoots the
-    target by less than one row group plus the footer. The footer costs about 100 bytes per
-    column chunk (14 leaf columns per row group for records) plus the schema, which is noise for
-    GB shards but a large share of tiny test shards; choose ``row_group_rows`` so a row group is
-    small next to ``target_bytes``. The last file holds what is left and may be any size.
+    ``on_close(info)`` is called for every finished file with ``{"path", "records", "bytes",
+    "text_bytes", "closed_by": "size"|"end", "tar"}``; ``tar_sample_bytes`` adds a WebDataset tar
+    (``.tar`` beside each Parquet file, same rows).
     """
 
     def __init__(self, folder: Path, prefix: str, target_bytes: int, schema: pa.Schema = RECORD_SCHEMA,
-                 compression: str | None = "zstd", row_group_rows: int = 10_000,
-                 write_statistics: bool | list[str] = True):
-        if target_bytes <= 0 or row_group_rows <= 0:
-            raise ValueError("target_bytes and row_group_rows must be positive")
+                 compression: str | None = "zstd", row_groups_per_file: int = 32,
+                 max_row_group_bytes: int = 64_000_000, max_row_group_rows: int = 100_000,
+                 write_statistics: bool | list[str] = True, tar_sample_bytes: int | None = None,
+                 start_index: int = 0, on_close: Callable[[dict], None] | None = None):
+        if target_bytes <= 0 or row_groups_per_file <= 0 or max_row_group_rows <= 0 or max_row_group_bytes <= 0:
+            raise ValueError("target_bytes, row_groups_per_file and the row group caps must be positive")
         self.folder = Path(folder)
         self.prefix = prefix
         self.target_bytes = target_bytes
         self.schema = schema
         self.compression = None if compression in (None, "none") else compression
-        self.row_group_rows = row_group_rows
+        self.group_bytes = target_bytes / row_groups_per_file
+        self.max_group_bytes = max_row_group_bytes
+        self.max_group_rows = max_row_group_rows
         self.write_statistics = write_statistics
-        self.files: list[dict] = []  # {"path": Path, "records": n, "bytes": n}, finished files
+        self.tar_sample_bytes = tar_sample_bytes
+        self.on_close = on_close
+        self.index = start_index
+        self.files: list[dict] = []
         self._pending: list[pa.RecordBatch] = []
+        self._pending_sizes: list[np.ndarray] = []
         self._pending_rows = 0
-        self._sink = None
         self._writer = None
-        self._rows_in_file = 0
 
     # -- writing --------------------------------------------------------------------------
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         if data.schema != self.schema:
             data = data.cast(self.schema)
-        batches = data.to_batches() if isinstance(data, pa.Table) else [data]
-        for b in batches:
+        for b in (data.to_batches() if isinstance(data, pa.Table) else [data]):
             if b.num_rows:
                 self._pending.append(b)
+                self._pending_sizes.append(text_bytes(b))
                 self._pending_rows += b.num_rows
-        while self._pending_rows >= self.row_group_rows:
-            self._write_group(self.row_group_rows)
+        while self._pending_rows:
+            n = self._next_group_rows()
+            if n is None:
+                return
+            self._write_group(n)
+
+    def _next_group_rows(self, final: bool = False) -> int | None:
+        """Rows of the next row group, or None when the pending rows do not fill it yet."""
+        sizes = np.cumsum(np.concatenate(self._pending_sizes))
+        if self._writer is None:
+            ratio, need = 1.0, self.target_bytes
+        else:
+            ratio = self._written_data / max(1, self._file_text)
+            need = self.target_bytes - self._sink.tell() - self._footer_bytes()
+        want = min(self.group_bytes, max(need, self.group_bytes / 8)) / max(ratio, 1e-3)
+        want = min(want, self.max_group_bytes)
+        n = int(np.searchsorted(sizes, want, side="left")) + 1  # first row where the group reaches want
+        n = min(n, self.max_group_rows)
+        if n > self._pending_rows:
+            return self._pending_rows if final else None
+        return n
+
+    def _footer_bytes(self) -> int:
+        return self._footer_one + (self._groups - 1) * self._footer_per_group if self._groups else 0
 
     def _write_group(self, n: int) -> None:
         table = pa.Table.from_batches(self._pending, schema=self.schema)
+        sizes = np.concatenate(self._pending_sizes)
         group, rest = table.slice(0, n), table.slice(n)
-        self._pending = rest.to_batches()
+        # Keep the rest as its own copy: a slice would pin the whole input batch in memory.
+        self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
+        self._pending_sizes = [sizes[n:]] if rest.num_rows else []
         self._pending_rows = rest.num_rows
         if self._writer is None:
-            self._open()
+            self._open(group.slice(0, 1))
+        before = self._sink.tell()
         self._writer.write_table(group, row_group_size=n)
-        self._rows_in_file += group.num_rows
-        if self._sink.tell() >= self.target_bytes:
-            self._finish_file()
+        self._groups += 1
+        self._rows_in_file += n
+        self._file_text += int(sizes[:n].sum())
+        self._written_data += self._sink.tell() - before
+        if self._tar is not None:
+            self._tar.write_rows(group.to_pylist())
+        if self._sink.tell() + self._footer_bytes() >= self.target_bytes:
+            self._finish_file("size")
 
-    def _open(self) -> None:
+    def _open(self, first_row: pa.Table) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{self.prefix}-{len(self.files):05d}.parquet"
-        self._sink = pa.OSFile(str(path), "wb")
+        self._path = self.folder / f"{self.prefix}-{self.index:05d}.parquet"
+        self._footer_one, self._footer_per_group = _footer_model(self.schema, first_row, self.compression,
+                                                                 self.write_statistics)
+        self._sink = pa.OSFile(str(self._path), "wb")
         self._writer = pq.ParquetWriter(self._sink, self.schema, compression=self.compression,
                                         write_statistics=self.write_statistics)
-        self._path = path
-        self._rows_in_file = 0
+        self._tar = (TarSampleWriter(self._path.with_suffix(".tar"), self.tar_sample_bytes)
+                     if self.tar_sample_bytes else None)
+        self._rows_in_file = self._groups = self._file_text = self._written_data = 0
 
-    def _finish_file(self) -> None:
+    def _finish_file(self, closed_by: str) -> None:
         self._writer.close()  # writes the footer; does not close a sink it did not open
         self._sink.close()
-        self.files.append({"path": self._path, "records": self._rows_in_file, "bytes": self._path.stat().st_size})
-        self._writer = self._sink = None
+        tar = None
+        if self._tar is not None:
+            self._tar.close()
+            tar = self._tar.path
+        info = {"path": self._path, "records": self._rows_in_file, "bytes": self._path.stat().st_size,
+                "text_bytes": self._file_text, "closed_by": closed_by, "tar": tar}
+        self.files.append(info)
+        self._writer = self._sink = self._tar = None
+        self.index += 1
+        if self.on_close is not None:
+            self.on_close(info)
 
     def close(self) -> list[dict]:
         """Flush the remaining rows and finish the open file; returns the files written (none if no
         rows). Calling it again returns the same list."""
-        if self._pending_rows:
-            self._write_group(self._pending_rows)
+        while self._pending_rows:
+            self._write_group(self._next_group_rows(final=True))
         if self._writer is not None:
-            self._finish_file()
+            self._finish_file("end")
         return self.files
+
+    def abort(self) -> None:
+        """Release open handles after an error (the runner removes the temp folder)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            if self._tar is not None:
+                self._tar.close()
+            self._writer = None
 
     def __enter__(self) -> "RollingParquetWriter":
         return self
@@ -163,26 +340,25 @@ class RollingParquetWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
-        elif self._writer is not None:
-            # A failed run leaves its temp folder to the runner; just release the handle.
-            self._writer.close()
-            self._sink.close()
+        else:
+            self.abort()
 
 
-def batch_splits(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed: int) -> dict[str, list[int]]:
-    """Row indices of a batch per split, in row order."""
-    ids = batch.column("id").to_pylist()
-    parents = pc.struct_field(batch.column("metadata"), "parent_id").to_pylist()
-    out: dict[str, list[int]] = {name: [] for name in splits}
-    for i, (rid, parent) in enumerate(zip(ids, parents)):
-        if rid is None:
-            raise StageError(f"a record without an id reached shard (row {i} of a batch): ids are set by ingest/augment")
-        out[assign_split(parent or rid, splits, seed)].append(i)
+# ---------------------------------------------------------------------------------------------
+# readers (the ecosystem's, never our own format code)
+# ---------------------------------------------------------------------------------------------
+def read_webdataset(paths: list[Path]) -> list[dict]:
+    """Every record of WebDataset tars written here, in order, read through the ``webdataset`` package."""
+    import webdataset as wds
+
+    out = []
+    for sample in wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False):
+        out.extend(json.loads(line) for line in sample["jsonl"].decode("utf-8").splitlines())
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# the stage
+# the stage: per-part index, reusable shard chain, one pass writing what changed
 # ---------------------------------------------------------------------------------------------
 def _check_schema(path: Path, schema: pa.Schema) -> None:
     if not schema.equals(RECORD_SCHEMA):
@@ -193,56 +369,241 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
         )
 
 
+def _open_part(path: Path) -> pq.ParquetFile:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"{path}: not a readable Parquet file ({e}); the upstream output is damaged: "
+                         f"rerun `c2m run` to recompute it") from None
+    _check_schema(path, pf.schema_arrow)
+    return pf
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()[:24]
+
+
+def _part_index(path: Path, sha: str, splits: dict[str, float], seed: int, ctx: StageContext) -> dict:
+    """Per-split record counts of one upstream part and every row's split code, cached by its sha256."""
+    key = _key("index", VERSION, sha, splits, seed)
+    hit = ctx.store.unit_lookup(STAGE + "-index", key)
+    if hit is not None:
+        return hit
+
+    def write(tmp: Path) -> dict:
+        pf = _open_part(path)
+        codes = [split_codes(b, splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS * 8,
+                                                                         columns=["id", "metadata"])]
+        codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int8)
+        pq.write_table(pa.table({"split": codes}), tmp / "splits.parquet", compression="zstd")
+        counts = {name: int((codes == c).sum()) for c, name in enumerate(splits)}
+        return {"files": [FileEntry("splits.parquet", role="index", records=len(codes))], "counts": counts}
+
+    return ctx.store.unit_write(STAGE + "-index", key, write)
+
+
+class _Stream:
+    """One split's record stream over the upstream parts: global position <-> (part, row of split)."""
+
+    def __init__(self, split: str, parts: list[tuple[Path, str]], counts: list[int]):
+        self.split = split
+        self.parts = parts
+        self.counts = counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.total = int(self.starts[-1])
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(part index, row among that part's split rows) of global position g < total."""
+        i = int(np.searchsorted(self.starts, g, side="right")) - 1
+        while self.counts[i] == 0:
+            i += 1
+        return i, g - int(self.starts[i])
+
+    def span(self, g: int, n: int) -> list[list] | None:
+        """[[part sha256, first row, end row], ...] of rows [g, g+n); None if the stream is shorter."""
+        if g + n > self.total:
+            return None
+        out = []
+        i, k = self.locate(g)
+        while n > 0:
+            take = min(self.counts[i] - k, n)
+            if take > 0:
+                out.append([self.parts[i][1], k, k + take])
+                n -= take
+            i, k = i + 1, 0
+        return out
+
+
+def _shard_key(cfg_hash: dict, stream: _Stream, g: int) -> str:
+    i, k = stream.locate(g)
+    return _key("shard", VERSION, cfg_hash, stream.split, stream.parts[i][1], k)
+
+
+def _reusable_chain(stream: _Stream, cfg_hash: dict, target: int, ctx: StageContext) -> list[dict]:
+    """The cached shards that still hold exactly the stream's rows from its start, in order,
+    minus trailing open shards when the new records would fill them up (they get compacted)."""
+    chain: list[dict] = []
+    g = 0
+    while g < stream.total:
+        unit = ctx.store.unit_lookup(STAGE, _shard_key(cfg_hash, stream, g))
+        if unit is None or stream.span(g, unit["records"]) != unit["span"]:
+            break
+        chain.append({**unit, "start": g})
+        g += unit["records"]
+    new_records = stream.total - g
+    opens = []
+    for u in reversed(chain):
+        if u["closed_by"] != "end":
+            break
+        opens.append(u)
+    if new_records and opens:
+        per_record = sum(u["bytes"] for u in chain) / max(1, sum(u["records"] for u in chain))
+        if sum(u["bytes"] for u in opens) + new_records * per_record >= COMPACT_AT * target:
+            chain = chain[:len(chain) - len(opens)]
+    return chain
+
+
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     if len(inputs) != 1:
         raise StageError(f"shard takes one upstream manifest (validate), got {len(inputs)}")
     (upstream,) = inputs
     c = cfg.shard
     splits = dict(c.splits)
-    parts = upstream.files_with("data")
-    n_in = 0
-    with contextlib.ExitStack() as stack:  # on an error every open shard is released
-        writers = {
-            name: stack.enter_context(RollingParquetWriter(
-                out_dir / name, "part", c.target_bytes, RECORD_SCHEMA, c.compression, c.row_group_rows,
-                write_statistics=STATISTICS_COLUMNS))
-            for name in splits
-        }
-        for path in parts:
-            pf = pq.ParquetFile(path)
-            _check_schema(path, pf.schema_arrow)
-            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
-                n_in += batch.num_rows
-                for name, idx in batch_splits(batch, splits, c.seed).items():
-                    if idx:
-                        writers[name].write(batch.take(pa.array(idx, type=pa.int64())))
-        written = {name: w.close() for name, w in writers.items()}
+    names = list(splits)
+    cfg_hash = c.hashed()
+    tar_bytes = c.webdataset_sample_bytes if "webdataset" in c.formats else None
+    entries = upstream.entries("data")
+    parts = [(upstream.dir / e.path, e.sha256 or _sha_of(upstream.dir / e.path)) for e in entries]
 
+    # 1. per-part index (cached per part): how many records of each split every part holds.
+    index = [_part_index(p, sha, splits, c.seed, ctx) for p, sha in parts]
+    n_in = sum(sum(ix["counts"].values()) for ix in index)
+    streams = {s: _Stream(s, parts, [ix["counts"][s] for ix in index]) for s in names}
+
+    # 2. per split: the shards that can be reused as they are, and where writing starts.
+    chains = {s: _reusable_chain(streams[s], cfg_hash, c.target_bytes, ctx) for s in names}
+    write_from = {s: (chains[s][-1]["start"] + chains[s][-1]["records"]) if chains[s] else 0 for s in names}
+    shards: dict[str, list[dict]] = {s: [{**u, "reused": True} for u in chains[s]] for s in names}
+
+    # 3. one pass over the parts that hold rows still to be written, every split's writer fed at once.
+    tmp_root = ctx.store.root / "_tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="shard-work-", dir=tmp_root) as work, contextlib.ExitStack() as stack:
+        work = Path(work)
+        writers = {}
+        for s in names:
+            if write_from[s] >= streams[s].total:
+                continue
+            state = {"g": write_from[s]}
+
+            def on_close(info: dict, s=s, state=state) -> None:
+                shards[s].append(_store_shard(info, streams[s], state["g"], cfg_hash, ctx))
+                state["g"] += info["records"]
+
+            writers[s] = stack.enter_context(RollingParquetWriter(
+                work / s, "part", c.target_bytes, RECORD_SCHEMA, c.compression, c.row_groups_per_shard,
+                c.row_group_max_bytes, c.row_group_rows, write_statistics=STATISTICS_COLUMNS,
+                tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close))
+        if writers:
+            first = min(streams[s].locate(write_from[s])[0] for s in writers)
+            for i in range(first, len(parts)):
+                if not any(streams[s].starts[i + 1] > write_from[s] and streams[s].counts[i] for s in writers):
+                    continue
+                _feed_part(parts[i][0], index[i], streams, writers, write_from, i, names)
+        for w in writers.values():
+            w.close()
+
+    # 4. link every shard into the output, build the shard index.
     files: list[FileEntry] = []
+    hashed: dict[str, str] = {}
     shard_stats: dict[str, list[dict]] = {}
     split_stats: dict[str, dict] = {}
-    for name in splits:
-        shard_stats[name] = []
-        for f in written[name]:
-            rel = f["path"].relative_to(out_dir).as_posix()
-            files.append(FileEntry(rel, role="data", records=f["records"]))
-            shard_stats[name].append({"path": rel, "records": f["records"], "bytes": f["bytes"]})
-        split_stats[name] = {
-            "records": sum(s["records"] for s in shard_stats[name]),
-            "bytes": sum(s["bytes"] for s in shard_stats[name]),
-            "shards": len(shard_stats[name]),
+    for s in names:
+        shard_stats[s] = []
+        for n, u in enumerate(shards[s]):
+            rel = f"{s}/part-{n:05d}"
+            entry = {"path": f"{rel}.parquet", "records": u["records"], "bytes": 0, "sha256": "",
+                     "open": u["closed_by"] == "end", "reused": u["reused"]}
+            for f in u["files"]:
+                dst = f"{rel}.{f['path'].split('.', 1)[1]}"
+                link_or_copy(Path(u["dir"]) / f["path"], out_dir / dst)
+                files.append(FileEntry(dst, bytes=f["bytes"], sha256=f["sha256"], role=f["role"], records=f["records"]))
+                hashed[dst] = f["sha256"]
+                if f["role"] == "data":
+                    entry.update(bytes=f["bytes"], sha256=f["sha256"])
+                else:
+                    entry["webdataset"] = {"path": dst, "bytes": f["bytes"], "sha256": f["sha256"]}
+            shard_stats[s].append(entry)
+        split_stats[s] = {
+            "records": sum(e["records"] for e in shard_stats[s]),
+            "bytes": sum(e["bytes"] for e in shard_stats[s]),
+            "shards": len(shard_stats[s]),
         }
-    n_out = sum(s["records"] for s in split_stats.values())
-    ctx.info("shard: %d records -> %s", n_out, {k: v["records"] for k, v in split_stats.items()})
+    n_out = sum(v["records"] for v in split_stats.values())
+    if n_out != n_in:
+        raise StageError(f"shard wrote {n_out} records but the parts hold {n_in}: a shard file or the index "
+                         f"cache changed while running; rerun `c2m run`")
+    all_shards = [e for s in names for e in shard_stats[s]]
+    written = [e for e in all_shards if not e["reused"]]
+    ctx.info("shard: %d records -> %s (%d shards written, %d reused)", n_out,
+             {k: v["records"] for k, v in split_stats.items()}, len(written), len(all_shards) - len(written))
     stats = {
         "shards": shard_stats,
         "splits": split_stats,
         "target_bytes": c.target_bytes,
         "compression": c.compression,
+        "formats": list(c.formats),
+        "units": len(all_shards),
+        "units_computed": len(written),
+        "units_reused": len(all_shards) - len(written),
+        "computed_files": [e["path"] for e in written][:50],
+        "_hashed": hashed,
     }
     _publish(split_stats)
     return Manifest(stage=STAGE, files=files, counters={"in": n_in, "out": n_out, "rejected": {}, "duplicates": 0},
                     stats=stats)
+
+
+def _sha_of(path: Path) -> str:
+    from tasks.stage import sha256_file
+
+    return sha256_file(path)
+
+
+def _feed_part(path: Path, index: dict, streams: dict, writers: dict, write_from: dict, i: int, names: list) -> None:
+    """Send part i's rows of every split still being written to that split's writer."""
+    codes = pq.read_table(Path(index["dir"]) / "splits.parquet").column("split").to_numpy()
+    pf = _open_part(path)
+    pos = {s: int(streams[s].starts[i]) for s in writers}
+    offset = 0
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
+        bc = codes[offset:offset + batch.num_rows]
+        offset += batch.num_rows
+        for s, w in writers.items():
+            rows = np.flatnonzero(bc == names.index(s))
+            skip = max(0, write_from[s] - pos[s])
+            pos[s] += len(rows)
+            if skip < len(rows):
+                w.write(batch.take(pa.array(rows[skip:], type=pa.int64())))
+    if offset != len(codes):
+        raise StageError(f"{path}: {offset} rows but its cached split index has {len(codes)}; rerun `c2m run`")
+
+
+def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: StageContext) -> dict:
+    """Move a finished shard (and its tar) into its unit, keyed by where it starts in the stream."""
+    span = stream.span(g, info["records"])
+
+    def write(tmp: Path) -> dict:
+        files = [FileEntry("shard.parquet", role="data", records=info["records"])]
+        os.replace(info["path"], tmp / "shard.parquet")
+        if info["tar"] is not None:
+            os.replace(info["tar"], tmp / "shard.tar")
+            files.append(FileEntry("shard.tar", role="webdataset", records=info["records"]))
+        return {"files": files, "records": info["records"], "bytes": info["bytes"], "span": span,
+                "text_bytes": info["text_bytes"], "closed_by": info["closed_by"]}
+
+    unit = ctx.store.unit_write(STAGE, _shard_key(cfg_hash, stream, g), write)
+    return {**unit, "start": g, "reused": False}
 
 
 def _publish(split_stats: dict[str, dict]) -> None:

@@ -20,11 +20,24 @@ from token ``t``, so the first label of every document (and chunk) is set to -10
 previous document's last token would be trained to predict it. Nothing is lost by that: the first
 token of a sequence is never predicted unpacked either.
 
+Per shard, cached: every shard is read (through ``datasets`` streaming) only after its sha256
+matches the shard manifest, tokenized and packed on its own (documents never cross a shard, so
+each shard costs at most one padded block), and its Arrow blocks are cached as a unit keyed by the
+shard's sha256 + the tokenizer's sha256 + this section. An append that reuses shards re-tokenizes
+only the new or changed ones; ``packed/<split>.parquet`` (one file per split, what finetune reads)
+is then rebuilt by copying the cached blocks, without tokenizing again.
+
+The tokenizer is trained on the first train shards only, up to ``tokenizer_sample_bytes`` of their
+files (a demo-sized corpus whole). Those shards are full, reused shards after an append, so the
+tokenizer (itself a cached unit keyed by their sha256s) and with it every token id stays the same.
+
 Baseline parts (replaced by later issues): one tokenizer per run (no reuse of a pretrained
 model's tokenizer when ``model.pretrained`` is set), greedy first-fit packing in input order.
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,10 +45,10 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, sha256_file
 
 STAGE = "tokenize"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("tokenize",)
 
 PAD, EOS, UNK = "<|pad|>", "<|eos|>", "<|unk|>"
@@ -187,27 +200,104 @@ def shard_files(upstream: Manifest) -> dict[str, list[Path]]:
     return {split: [upstream.dir / s["path"] for s in entries] for split, entries in shards.items()}
 
 
-def _load_splits(files: dict[str, list[Path]], cache_dir: Path):
-    """The non-empty splits as ``datasets`` Datasets (memory-mapped Arrow, cached in cache_dir)."""
+def verified_shard(upstream: Manifest, path: Path) -> Path:
+    """``path`` if its bytes are the ones the shard manifest lists and it opens as Parquet; else a
+    StageError naming the shard and the fix. A damaged shard is never read as valid."""
+    rel = path.relative_to(upstream.dir).as_posix()
+    entry = next((f for f in upstream.files if f.path == rel), None)
+    fix = "rerun `c2m run`: it recomputes a stage output whose files were damaged"
+    if entry is None:
+        raise StageError(f"shard {path} is not listed in {upstream.dir}/manifest.json; {fix}")
+    if not path.is_file():
+        raise StageError(f"shard {path} is missing; {fix}")
+    size = path.stat().st_size
+    if size != entry.bytes or sha256_file(path) != entry.sha256:
+        raise StageError(f"shard {path} does not match its manifest ({size} bytes, manifest says {entry.bytes}; "
+                         f"sha256 differs): it was changed or truncated after it was written; {fix}")
+    try:
+        pq.ParquetFile(path).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"shard {path} is not readable Parquet ({e}); {fix}") from None
+    return path
+
+
+def iter_records(path: Path, batch_size: int = ENCODE_BATCH, cache_dir: Path | None = None) -> Iterator[dict[str, list]]:
+    """Column batches of one shard through Hugging Face ``datasets`` (streaming: no Arrow copy;
+    ``cache_dir`` takes the lock files datasets still writes, so nothing lands in ~/.cache)."""
     import datasets
 
-    data_files = {split: [str(p) for p in paths] for split, paths in files.items() if paths}
-    if not data_files:
-        return {}
-    return datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(cache_dir))
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("parquet", data_files={"shard": [str(path)]}, split="shard", streaming=True,
+                               cache_dir=str(cache_dir) if cache_dir else None)
+    try:
+        yield from ds.select_columns(["input", "target"]).iter(batch_size=batch_size)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"shard {path} could not be read ({e}); rerun `c2m run`") from None
 
 
-def _train_texts(train, template: str) -> Iterator[list[str]]:
-    for batch in train.iter(batch_size=ENCODE_BATCH):
-        yield ["".join(render({"input": i, "target": t}, template)) for i, t in zip(batch["input"], batch["target"])]
+def _unit_key(*parts) -> str:
+    return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()[:24]
 
 
-def _pack_split(ds, tokenizer, template: str, seq_len: int, path: Path) -> dict:
-    """Tokenize and pack one split into ``path``; returns its stats."""
+def tokenizer_sample(upstream: Manifest, sample_bytes: int) -> list[Path]:
+    """The first train shards, until their files reach ``sample_bytes`` (at least one)."""
+    out, total = [], 0
+    for p in shard_files(upstream).get("train", []):
+        if out and total >= sample_bytes:
+            break
+        out.append(p)
+        total += p.stat().st_size
+    return out
+
+
+def _train_texts(paths: list[Path], template: str, max_bytes: int, cache_dir: Path) -> Iterator[list[str]]:
+    seen = 0
+    for path in paths:
+        for batch in iter_records(path, cache_dir=cache_dir):
+            texts = ["".join(render({"input": i, "target": t}, template)) for i, t in zip(batch["input"], batch["target"])]
+            yield texts
+            seen += sum(len(t.encode("utf-8")) for t in texts)
+            if seen >= max_bytes:
+                return
+
+
+def _tokenizer_unit(upstream: Manifest, c, ctx: StageContext, cache_dir: Path) -> Path:
+    """The tokenizer folder, trained once per (sample shards, settings) and cached as a unit."""
+    sample = tokenizer_sample(upstream, c.tokenizer_sample_bytes)
+    shas = [_sha_listed(upstream, p) for p in sample]
+    key = _unit_key("tokenizer", VERSION, shas, c.vocab_size, c.min_frequency, c.prompt_template,
+                    c.tokenizer_sample_bytes)
+    hit = ctx.store.unit_lookup(STAGE + "-tokenizer", key)
+    if hit is None:
+        def write(tmp: Path) -> dict:
+            for p in sample:
+                verified_shard(upstream, p)
+            tok = train_tokenizer(_train_texts(sample, c.prompt_template, c.tokenizer_sample_bytes, cache_dir),
+                                  c.vocab_size, c.min_frequency)
+            tok.save_pretrained(str(tmp / "tokenizer"))
+            return {"files": [FileEntry(q.relative_to(tmp).as_posix(), role="tokenizer")
+                              for q in sorted((tmp / "tokenizer").rglob("*")) if q.is_file()],
+                    "sample_shards": [p.relative_to(upstream.dir).as_posix() for p in sample]}
+
+        hit = ctx.store.unit_write(STAGE + "-tokenizer", key, write)
+    return Path(hit["dir"]) / "tokenizer"
+
+
+def _sha_listed(upstream: Manifest, path: Path) -> str:
+    rel = path.relative_to(upstream.dir).as_posix()
+    for f in upstream.files:
+        if f.path == rel:
+            return f.sha256
+    raise StageError(f"shard {path} is not listed in {upstream.dir}/manifest.json; rerun `c2m run`")
+
+
+def pack_shard(path: Path, tokenizer, template: str, seq_len: int, out_path: Path,
+               cache_dir: Path | None = None) -> dict:
+    """Tokenize and pack one shard into an Arrow IPC file (zstd); returns its counts."""
     counts = {"records": 0, "tokens": 0, "long_documents": 0}
 
     def documents() -> Iterator[dict]:
-        for batch in ds.iter(batch_size=ENCODE_BATCH):
+        for batch in iter_records(path, cache_dir=cache_dir):
             for ex in encode_records(batch, tokenizer, template):
                 counts["records"] += 1
                 counts["tokens"] += len(ex["input_ids"])
@@ -215,24 +305,39 @@ def _pack_split(ds, tokenizer, template: str, seq_len: int, path: Path) -> dict:
                 yield ex
 
     blocks = real = target = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(str(path), PACKED_SCHEMA, compression="zstd") as writer:
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    # Blocks are Python int lists until written (~100 bytes a token): flush every ~256k tokens.
+    flush_every = max(1, min(WRITE_BATCH, 262_144 // seq_len))
+    with pa.OSFile(str(out_path), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA, options=options) as writer:
         buf: list[dict] = []
         for b in iter_pack(documents(), seq_len, tokenizer.pad_token_id):
             blocks += 1
             real += sum(b["attention_mask"])
             target += sum(1 for x in b["labels"] if x != IGNORE_INDEX)
             buf.append(b)
-            if len(buf) == WRITE_BATCH:
+            if len(buf) == flush_every:
                 writer.write_table(pa.Table.from_pylist(buf, schema=PACKED_SCHEMA))
                 buf.clear()
-        if buf or not blocks:
+        if buf:
             writer.write_table(pa.Table.from_pylist(buf, schema=PACKED_SCHEMA))
     if real != counts["tokens"]:
         raise StageError(f"packing {path.name} kept {real} of {counts['tokens']} tokens: a bug in iter_pack")
-    total = blocks * seq_len
-    return {**counts, "target_tokens": target, "blocks": blocks,
-            "padding": round((total - real) / total, 6) if total else 0.0}
+    return {**counts, "target_tokens": target, "blocks": blocks}
+
+
+def _concat_packed(units: list[dict], path: Path) -> None:
+    """One Parquet file per split from the shards' cached Arrow blocks, in shard order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(str(path), PACKED_SCHEMA, compression="zstd") as writer:
+        wrote = False
+        for u in units:
+            with pa.memory_map(str(Path(u["dir"]) / "packed.arrow")) as src:
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    writer.write_table(pa.Table.from_batches([reader.get_batch(i)]), row_group_size=WRITE_BATCH)
+                    wrote = True
+        if not wrote:
+            writer.write_table(PACKED_SCHEMA.empty_table())
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
@@ -245,35 +350,62 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         raise StageError(f"{upstream.path}: the train split has no shards, so there is no text to train a "
                          f"tokenizer on; add data or raise shard.splits['train']")
 
-    # datasets' Arrow cache lives next to out_dir (same store, nothing in ~/.cache) and goes away after.
-    with tempfile.TemporaryDirectory(prefix="hf-datasets-", dir=out_dir.parent) as cache_dir:
-        splits = _load_splits(files, Path(cache_dir))
-        train = splits["train"]
-        tokenizer = train_tokenizer(_train_texts(train, c.prompt_template), c.vocab_size, c.min_frequency,
-                                    length=train.num_rows)
-        tok_dir = out_dir / "tokenizer"
-        tokenizer.save_pretrained(str(tok_dir))
-        # Encode with the tokenizer as saved, so training here and loading downstream cannot differ.
-        tokenizer = load_tokenizer(tok_dir)
+    # datasets' lock files live next to out_dir (same store, nothing in ~/.cache) and go away after.
+    hf_cache = Path(tempfile.mkdtemp(prefix="hf-datasets-", dir=out_dir.parent))
+    try:
+        return _run(upstream, files, c, out_dir, ctx, hf_cache)
+    finally:
+        shutil.rmtree(hf_cache, ignore_errors=True)
 
-        out_files = [FileEntry(p.relative_to(out_dir).as_posix(), role="tokenizer")
-                     for p in sorted(tok_dir.rglob("*")) if p.is_file()]
-        split_stats: dict[str, dict] = {}
-        for split in files:
-            if split not in splits:
-                split_stats[split] = {"records": 0, "tokens": 0, "long_documents": 0, "target_tokens": 0,
-                                      "blocks": 0, "padding": 0.0}
-                continue
+
+def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext, hf_cache: Path) -> Manifest:
+    cached_tok = _tokenizer_unit(upstream, c, ctx, hf_cache)
+    tok_dir = out_dir / "tokenizer"
+    shutil.copytree(cached_tok, tok_dir)
+    # Encode with the tokenizer as saved, so training here and loading downstream cannot differ.
+    tokenizer = load_tokenizer(tok_dir)
+    tok_sha = sha256_file(tok_dir / "tokenizer.json")
+    out_files = [FileEntry(p.relative_to(out_dir).as_posix(), role="tokenizer")
+                 for p in sorted(tok_dir.rglob("*")) if p.is_file()]
+
+    section = {"seq_len": c.seq_len, "prompt_template": c.prompt_template}
+    n_units = n_computed = 0
+    computed: list[str] = []
+    split_stats: dict[str, dict] = {}
+    for split, paths in files.items():
+        units = []
+        for path in paths:
+            key = _unit_key("packed", VERSION, _sha_listed(upstream, path), tok_sha, section)
+            unit = ctx.store.unit_lookup(STAGE, key)
+            if unit is None:
+                verified_shard(upstream, path)
+
+                def write(tmp: Path, path=path) -> dict:
+                    counts = pack_shard(path, tokenizer, c.prompt_template, c.seq_len, tmp / "packed.arrow",
+                                        hf_cache)
+                    return {"files": [FileEntry("packed.arrow", role="packed", records=counts["blocks"])], **counts}
+
+                unit = ctx.store.unit_write(STAGE, key, write)
+                n_computed += 1
+                computed.append(path.relative_to(upstream.dir).as_posix())
+            n_units += 1
+            units.append(unit)
+        keys = ("records", "tokens", "long_documents", "target_tokens", "blocks")
+        st = {k: sum(u[k] for u in units) for k in keys}
+        total = st["blocks"] * c.seq_len
+        st["padding"] = round((total - st["tokens"]) / total, 6) if total else 0.0
+        split_stats[split] = st
+        if units:
             rel = f"packed/{split}.parquet"
-            split_stats[split] = _pack_split(splits[split], tokenizer, c.prompt_template, c.seq_len, out_dir / rel)
-            out_files.append(FileEntry(rel, role="packed", records=split_stats[split]["blocks"]))
-            ctx.info("tokenize %s: %s", split, split_stats[split])
+            _concat_packed(units, out_dir / rel)
+            out_files.append(FileEntry(rel, role="packed", records=st["blocks"]))
+        ctx.info("tokenize %s: %s", split, st)
 
     n_records = sum(s["records"] for s in split_stats.values())
     expected = sum(s.get("records", 0) for s in upstream.stats.get("splits", {}).values())
     if upstream.stats.get("splits") and n_records != expected:
         raise StageError(f"read {n_records} records from {upstream.path} but its manifest lists {expected}: "
-                         f"a shard file changed after it was written; rerun shard")
+                         f"a shard file changed after it was written; rerun `c2m run`")
     stats = {
         "splits": split_stats,
         "vocab_size": len(tokenizer),
@@ -282,6 +414,11 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         "eos_id": tokenizer.eos_token_id,
         "pad_id": tokenizer.pad_token_id,
         "unk_id": tokenizer.unk_token_id,
+        "tokenizer_sha256": tok_sha,
+        "units": n_units,
+        "units_computed": n_computed,
+        "units_reused": n_units - n_computed,
+        "computed_files": computed[:50],
     }
     _publish(split_stats)
     # Units are records in and records out (as packed documents); blocks are in stats.

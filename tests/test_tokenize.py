@@ -242,3 +242,49 @@ def test_stage_needs_a_train_split(make_cfg, ctx, records_manifest):
     sh = run_stage(shard, [records_manifest(synthetic_records(20), stage="validate")], cfg, ctx)
     with pytest.raises(StageError, match="train split has no shards"):
         run_stage(tokenize, [sh], cfg, ctx)
+
+
+def test_a_damaged_shard_is_never_read(make_cfg, ctx, records_manifest):
+    from tasks.stage import StageError
+
+    cfg = _stage_cfg(make_cfg)
+    sh = run_stage(shard, [records_manifest(synthetic_records(), stage="validate")], cfg, ctx)
+    victim = sh.dir / sh.stats["shards"]["train"][0]["path"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    victim.unlink()  # break the hard link so the cached unit stays intact
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StageError, match=r"train/part-00000\.parquet does not match its manifest.*c2m run"):
+        run_stage(tokenize, [sh], cfg, ctx)
+    victim.write_bytes(bytes(data[:-50]))  # truncated
+    with pytest.raises(StageError, match=r"part-00000\.parquet does not match its manifest \(\d+ bytes"):
+        run_stage(tokenize, [sh], cfg, ctx)
+
+
+def test_append_retokenizes_only_new_shards(make_cfg, ctx, records_manifest):
+    old = synthetic_records(300)
+    rng = random.Random(11)
+    new = [make_record("", f"Appended document {i}: " + " ".join(rng.choice(["data", "model", "words"]) for _ in range(30)),
+                       task_type="text") for i in range(100)]
+    # A small tokenizer sample: the first train shard only, which an append does not touch.
+    cfg = make_cfg({"shard": {"target_bytes": 6_000, "row_groups_per_shard": 4},
+                    "tokenize": {"vocab_size": 400, "seq_len": 64, "tokenizer_sample_bytes": 1}})
+    sh1 = run_stage(shard, [records_manifest(old, stage="validate", parts=3)], cfg, ctx)
+    m1 = run_stage(tokenize, [sh1], cfg, ctx)
+    assert m1.stats["units_computed"] == m1.stats["units"] == sum(len(v) for v in sh1.stats["shards"].values())
+
+    up2 = records_manifest(old + new, stage="validate", parts=4)  # the same three parts + one new part
+    sh2 = run_stage(shard, [up2], cfg, ctx)
+    m2 = run_stage(tokenize, [sh2], cfg, ctx)
+    assert m2.stats["tokenizer_sha256"] == m1.stats["tokenizer_sha256"]  # not retrained: token ids stable
+    assert m2.stats["units_computed"] == sh2.stats["units_computed"] >= 1
+    assert m2.stats["units_reused"] == sh2.stats["units_reused"] >= 2
+    assert m2.stats["splits"]["train"]["records"] == sh2.stats["splits"]["train"]["records"]
+    # The packed train file is the old blocks, then the new ones.
+    b1 = pq.read_table(m1.dir / "packed/train.parquet").to_pylist()
+    b2 = pq.read_table(m2.dir / "packed/train.parquet").to_pylist()
+    reused = [e for e in sh2.stats["shards"]["train"] if e["reused"]]
+    n_reused_blocks = sum(1 for _ in b1) if len(reused) == len(sh1.stats["shards"]["train"]) else None
+    if n_reused_blocks is not None:
+        assert b2[:n_reused_blocks] == b1
+    assert len(b2) > len(b1) or m2.stats["splits"]["train"]["records"] == m1.stats["splits"]["train"]["records"]
