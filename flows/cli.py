@@ -133,6 +133,19 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    cfg = _load(args)
+    _project_env(cfg)
+    from flows.deploy import DeployError, deploy
+
+    try:
+        deploy(args.config, args.cron, name=args.name, serve=not args.no_serve)
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_server(args) -> int:
     """Start the Prefect server + UI on 127.0.0.1 with this project's PREFECT_HOME."""
     _project_env()
@@ -164,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("version", nargs="?")
     sp.set_defaults(fn=cmd_models)
+    sp = with_config(sub.add_parser("deploy", help="schedule the DAG on the Prefect server (cron) and serve it"))
+    sp.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    sp.add_argument("--name", default=None, help="deployment name (default: the config's name)")
+    sp.add_argument("--no-serve", action="store_true", help="only register the deployment; do not run scheduled runs here")
+    sp.set_defaults(fn=cmd_deploy)
+    from flows.standalone import add_subcommands  # c2m ingest/clean/dedup IN OUT: one stage on a folder
+
+    add_subcommands(sub)
     sp = sub.add_parser("server", help="start the Prefect server and UI for this project")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=4200)

@@ -62,9 +62,23 @@ class CleanConfig(Section):
 
 
 class DedupConfig(Section):
-    method: Literal["exact"] = "exact"
+    # exact: normalised-text hash only. minhash: exact clusters plus near-duplicates (MinHash LSH
+    # candidates verified by exact word n-gram Jaccard >= threshold), with a per-part sketch
+    # index in the store so a rerun sketches only new parts.
+    method: Literal["exact", "minhash"] = "exact"
     # Which text the exact hash is computed on: casefolded, whitespace-collapsed NFKC.
     normalize: bool = True
+    ngram: int = Field(5, ge=1, le=13, description="words per shingle (near-duplicates)")
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="exact shingle Jaccard that makes a near-duplicate")
+    bands: int = Field(18, ge=1, le=64, description="LSH bands; more bands catch lower Jaccard (more candidates to verify)")
+    rows: int = Field(5, ge=1, le=32, description="MinHash rows per band")
+    seed: int = 1
+    # Contamination: evaluation sets (JSONL with input/target or text) whose word n-grams must not
+    # appear in training records. "report" counts them in stats; "remove" quarantines them.
+    eval_files: list[Path] = []
+    contamination_ngram: int = Field(13, ge=3, le=13)
+    contamination_action: Literal["report", "remove"] = "report"
+    workers: int = Field(1, ge=1, description="process pool size for per-part sketches", json_schema_extra=NOT_HASHED)
 
 
 class AugmentConfig(Section):
@@ -83,11 +97,34 @@ class ValidateConfig(Section):
 
 
 class ShardConfig(Section):
+    # Bytes per Parquet shard as written (compressed, footer included); every shard of a split but
+    # the last is within +-10 % of it (tasks/shard.py explains how).
     target_bytes: int = Field(1_000_000_000, gt=0)
     compression: Literal["zstd", "snappy", "none"] = "zstd"
-    row_group_rows: int = Field(10_000, gt=0)
+    # Row groups are sized in bytes: about target_bytes / row_groups_per_shard each, so a shard
+    # overshoots its target by a few % at most and a streaming reader holds one group at a time.
+    row_groups_per_shard: int = Field(32, ge=1, le=4096)
+    # Upper bound on the uncompressed text of one row group (and on its row count): what a writer
+    # and a streaming reader hold in memory per split, whatever target_bytes is.
+    row_group_max_bytes: int = Field(64_000_000, ge=1024)
+    row_group_rows: int = Field(100_000, gt=0, description="at most this many rows per row group")
     splits: dict[str, float] = {"train": 0.9, "validation": 0.05, "test": 0.05}
     seed: int = 0
+    # parquet is always written (the shard index and tokenize read it); webdataset adds one tar per
+    # Parquet shard holding the same records in the same order.
+    formats: list[Literal["parquet", "webdataset"]] = ["parquet"]
+    # WebDataset samples batch documents as JSON lines up to this many bytes, so the 512-byte tar
+    # header per sample stays under 1 % of the tar.
+    webdataset_sample_bytes: int = Field(65_536, ge=1)
+
+    @field_validator("formats")
+    @classmethod
+    def _parquet_always(cls, v: list[str]) -> list[str]:
+        if "parquet" not in v:
+            raise ValueError("formats must include 'parquet' (the shard index and tokenize read it)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats lists a format twice: {v}")
+        return v
 
     @field_validator("splits")
     @classmethod
@@ -111,6 +148,10 @@ class TokenizeConfig(Section):
     min_frequency: int = Field(2, ge=1)
     # How a record becomes text. Loss is computed on the target tokens only.
     prompt_template: str = "### Input:\n{input}\n### Response:\n"
+    # The tokenizer is trained on the first train shards, up to this many bytes of their files:
+    # records appended later (new shards) do not retrain it, so their token ids and every cached
+    # per-shard packing stay valid. A demo-sized corpus is covered whole.
+    tokenizer_sample_bytes: int = Field(256_000_000, gt=0)
 
     @field_validator("prompt_template")
     @classmethod
