@@ -151,9 +151,14 @@ def cmd_server(args) -> int:
     _project_env()
     import subprocess
 
+    api = f"http://{args.host}:{args.port}/api"
+    # The UI asks the server where its API is; without these it answers the default port 4200.
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": args.host, "PREFECT_SERVER_API_PORT": str(args.port),
+           "PREFECT_UI_API_URL": api}
+    env.pop("PREFECT_API_URL", None)  # the server itself must not point at another server
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
-    print(f"Prefect UI: http://{args.host}:{args.port}  (then: export PREFECT_API_URL=http://{args.host}:{args.port}/api)")
-    return subprocess.call(cmd)
+    print(f"Prefect UI: http://{args.host}:{args.port}  (then: export PREFECT_API_URL={api})")
+    return subprocess.call(cmd, env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:
