@@ -157,8 +157,6 @@ def child_arrow(args) -> dict:
 
 
 def child_tokenize(args) -> dict:
-    import pyarrow.parquet as pq
-
     from tasks.tokenize import load_tokenizer, pack_shard, render
 
     tok = load_tokenizer(args.tokenizer)
