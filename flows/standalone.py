@@ -191,14 +191,9 @@ def write_removed_jsonl(m, upstream, path: Path) -> int:
 def _config(args):
     from schemas.config import ConfigError, load_config, parse_config
 
-    overrides = {}
-    for item in args.set or []:
-        import yaml
+    from flows.cli import _parse_set
 
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
+    overrides = _parse_set(args.set)
     workers = args.workers or os.cpu_count() or 1
     for stage in SUBCOMMANDS:
         overrides.setdefault(f"{stage}.workers", workers)
@@ -235,6 +230,72 @@ def cmd_standalone(args) -> int:
     return 0
 
 
+def validate_path(path, out_dir, cfg, suite=None, store=None) -> dict:
+    """An expectation suite on any records file or folder, without the DAG.
+
+    PATH is a JSONL/JSON file (optionally .gz), a record Parquet file, or a folder (read like the
+    other one-stage commands). Lines that cannot even be read as records (invalid JSON or UTF-8, wrong
+    types, blank lines) are reported as unreadable with their reason; the rest is validated. OUT_DIR
+    gets data_docs/ (Great Expectations, reads offline), report.md, report.json, failing_rows.parquet
+    and unreadable.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.records import RECORD_SCHEMA, quarantine_table, records_table
+    from tasks.ingest import parse_file
+    from tasks.stage import StageError, sha256_file
+    from tasks.validate import failing_rows_table, resolve_suite_path, validate_table
+
+    path, out_dir = Path(path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unreadable: list[pa.Table] = []
+    if path.is_dir():
+        st = _store(out_dir, store)
+        up = _records(path, cfg, st, [])
+        table = pa.concat_tables([pq.read_table(p) for p in up.files_with("data")])
+        unreadable = [pq.read_table(p) for p in up.files_with("quarantine")]
+    elif path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if not table.schema.equals(RECORD_SCHEMA, check_metadata=False):
+            raise StageError(f"{path}: not a record Parquet file (schemas/records.py RECORD_SCHEMA); validate its JSONL instead")
+    elif path.is_file():
+        records, rejects, _ = parse_file(path.read_bytes(), path.name, sha256_file(path), cfg.ingest)
+        table = records_table(records)
+        unreadable = [quarantine_table(rejects)] if rejects else []
+    else:
+        raise StageError(f"{path} does not exist: give a records file (JSONL, JSON, Parquet) or a folder")
+    bad = pa.concat_tables(unreadable) if unreadable else quarantine_table([])
+    suite_path = resolve_suite_path(suite or cfg.validate_.suite)
+    report = validate_table(table, suite_path, out_dir / "data_docs", cfg.validate_.max_failing_rows)
+    pq.write_table(failing_rows_table(report, table), out_dir / "failing_rows.parquet")
+    pq.write_table(bad, out_dir / "unreadable.parquet")
+    reasons: dict[str, int] = {}
+    for r in bad.column("reason").to_pylist():
+        reasons[r] = reasons.get(r, 0) + 1
+    summary = {"path": str(path), "suite": str(suite_path), "records": table.num_rows, "unreadable": bad.num_rows,
+               "unreadable_reasons": reasons, "errors_failed": report.error_failed, "warns_failed": report.warn_failed,
+               "docs_index": str(out_dir / "data_docs" / "index.html")}
+    (out_dir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps({**summary, "report": report.to_dict()}, indent=1, default=str), encoding="utf-8")
+    return {**summary, "markdown": report.to_markdown()}
+
+
+def cmd_validate(args) -> int:
+    from tasks.stage import StageError
+
+    cfg = _config(args)
+    try:
+        s = validate_path(args.path, args.out, cfg, suite=args.suite, store=args.store)
+    except StageError as e:
+        print(f"error: {e}")
+        return 2
+    print(s["markdown"])
+    print(f"{s['records']} records validated against {s['suite']}: {s['errors_failed']} error and {s['warns_failed']} warn "
+          f"expectations failed; {s['unreadable']} unreadable lines {s['unreadable_reasons'] or ''}")
+    print(f"report: {s['docs_index']}")
+    return 1 if s["errors_failed"] or s["unreadable"] else 0
+
+
 def add_subcommands(subparsers) -> None:
     helps = {"ingest": "raw files in IN_DIR -> records in OUT_DIR",
              "clean": "raw files or record parts -> cleaned, quality-filtered records",
@@ -248,6 +309,15 @@ def add_subcommands(subparsers) -> None:
         sp.add_argument("--store", type=Path, help="cache store (default OUT_DIR/.store); reuse it for incremental runs")
         sp.add_argument("--workers", type=int, default=0, help="processes per stage (default: all cores)")
         sp.set_defaults(fn=cmd_standalone)
+    sp = subparsers.add_parser("validate", help="run an expectation suite on a records file or folder (exit 1 on errors)")
+    sp.add_argument("path", type=Path)
+    sp.add_argument("--out", type=Path, default=Path("validation-report"), help="report folder (default ./validation-report)")
+    sp.add_argument("--suite", type=Path, default=None, help="suite YAML (default: validate.suite of the config)")
+    sp.add_argument("--config", type=Path, help="YAML config whose sections are used (default: schema defaults)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--store", type=Path, help="cache store for folder input (default OUT/.store)")
+    sp.add_argument("--workers", type=int, default=0)
+    sp.set_defaults(fn=cmd_validate)
 
 
 def main(argv=None) -> int:

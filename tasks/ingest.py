@@ -36,7 +36,7 @@ from tasks.stage import (
 )
 
 STAGE = "ingest"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("ingest",)
 
 TEXT_EXT = {".txt", ".text", ".md"}
@@ -275,10 +275,12 @@ def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool) -> tupl
         lines = [(i + 1, item) for i, item in enumerate(items)]
     else:
         lines = []
-        for i, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                if raw:  # whitespace-only line: a defect worth counting, not silence
-                    rejects.append(quarantine_row(STAGE, "blank_line", source_path=rel, source_line=i))
+        physical = data.split(b"\n")
+        if physical and physical[-1] == b"":
+            physical.pop()  # the final newline ends the last line; it does not start an empty one
+        for i, raw in enumerate(physical, start=1):
+            if not raw.strip():  # an empty line is a defect worth counting, not silence
+                rejects.append(quarantine_row(STAGE, "blank_line", source_path=rel, source_line=i))
                 continue
             try:
                 lines.append((i, json.loads(raw.decode("utf-8"))))

@@ -94,3 +94,9 @@ def test_scan_raw_errors_are_actionable(make_cfg, ctx, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="ingest.include"):
         scan_raw(tmp_path / "empty", ["*.txt"], ctx.store)
+
+
+def test_empty_lines_are_counted_but_the_final_newline_is_not(make_cfg):
+    records, rejects, n_in = parse_file(b'{"text": "a b c"}\n\n{"text": "d e f"}\n', "e.jsonl", "sha", make_cfg().ingest)
+    assert len(records) == 2 and [r["reason"] for r in rejects] == ["blank_line"] and rejects[0]["source_line"] == 2
+    assert n_in == 3
