@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.plan import module
-from tasks.stage import Manifest, StageContext, Store, run_stage, sha256_bytes, stage_key
+from tasks.stage import Manifest, StageContext, StageError, Store, run_stage, sha256_bytes, stage_key
 
 
 def _stage_cache_key(context, parameters) -> str:
@@ -24,12 +24,29 @@ def _stage_cache_key(context, parameters) -> str:
     return f"c2m-{stage}-{key}-{store_id}"
 
 
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only what can pass by itself (an I/O hiccup on a network filesystem, a timeout); never a
+    StageError: bad data, a bad config or a full disk fail the same way every time."""
+    try:
+        state.result()
+    except StageError:
+        return False
+    except (OSError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
 @task(
     name="stage",
     cache_key_fn=_stage_cache_key,
     persist_result=True,
     result_serializer="pickle",
     task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
 )
 def stage_task(stage: str, inputs: list[Manifest], cfg) -> Manifest:
     from prefect import get_run_logger

@@ -147,3 +147,18 @@ def test_two_writers_one_key_compute_once(make_cfg, tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(calls) == 1 and {r.key for r in results} == {results[0].key}
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from tasks.prefect_tasks import retry_transient
+    from tasks.stage import StageError
+
+    def failed(exc):
+        return Failed(data=exc)
+
+    assert retry_transient(None, None, failed(OSError(5, "Input/output error")))
+    assert retry_transient(None, None, failed(TimeoutError()))
+    assert not retry_transient(None, None, failed(StageError("bad record")))
+    assert not retry_transient(None, None, failed(ValueError("bug")))
