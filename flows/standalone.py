@@ -104,35 +104,32 @@ def _publish(m, out_dir: Path, runs: list) -> None:
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
 
 
-def ingest_folder(in_dir, out_dir, cfg, store=None):
-    """Raw files in ``in_dir`` -> records in ``out_dir``; returns the ingest manifest."""
+def _stage_on_folder(stage: str, in_dir, out_dir, cfg, store):
+    """Run one stage on ``in_dir`` (raw files are ingested first, except by ingest itself) and
+    publish its output into ``out_dir``; returns (manifest, upstream manifest)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     st, runs = _store(out_dir, store), []
-    m = _run(_mod("ingest"), [_source(Path(in_dir), cfg, st)], cfg, st, runs)
+    up = _source(Path(in_dir), cfg, st) if stage == "ingest" else _records(Path(in_dir), cfg, st, runs)
+    m = _run(_mod(stage), [up], cfg, st, runs)
     _publish(m, out_dir, runs)
-    return m
+    return m, up
+
+
+def ingest_folder(in_dir, out_dir, cfg, store=None):
+    """Raw files in ``in_dir`` -> records in ``out_dir``; returns the ingest manifest."""
+    return _stage_on_folder("ingest", in_dir, out_dir, cfg, store)[0]
 
 
 def clean_folder(in_dir, out_dir, cfg, store=None):
     """Raw files or record parts in ``in_dir`` -> cleaned records in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    st, runs = _store(out_dir, store), []
-    m = _run(_mod("clean"), [_records(Path(in_dir), cfg, st, runs)], cfg, st, runs)
-    _publish(m, out_dir, runs)
-    return m
+    return _stage_on_folder("clean", in_dir, out_dir, cfg, store)[0]
 
 
 def dedup_folder(in_dir, out_dir, cfg, store=None):
     """Raw files or record parts in ``in_dir`` -> deduplicated records + removed.jsonl in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    st, runs = _store(out_dir, store), []
-    up = _records(Path(in_dir), cfg, st, runs)
-    m = _run(_mod("dedup"), [up], cfg, st, runs)
-    _publish(m, out_dir, runs)
-    write_removed_jsonl(m, up, out_dir / "removed.jsonl")
+    m, up = _stage_on_folder("dedup", in_dir, out_dir, cfg, store)
+    write_removed_jsonl(m, up, Path(out_dir) / "removed.jsonl")
     return m
 
 
