@@ -6,6 +6,7 @@ Unknown keys are errors (``extra="forbid"``): a typo must not silently fall back
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +59,25 @@ class CleanConfig(Section):
     # Off: every run of spaces/tabs becomes one space, leading ones too. On: a line's leading
     # indentation is left as it is (code in targets keeps its structure); inner runs still collapse.
     keep_indentation: bool = False
+    # Gopher quality/repetition rules, C4 lorem-ipsum and language ID (tasks/filters.py) run on
+    # records whose metadata.task_type is listed: documents, not short SFT pairs, which would all
+    # fail the 50-word minimum.
+    quality_filters: bool = True
+    quality_task_types: list[str] = ["text"]
+    # ISO 639-1 codes (py3langid); None keeps every language (language ID still fills metadata.lang).
+    allowed_languages: list[str] | None = None
+    # Project Gutenberg header/licence footer removal (a transform on every record; no-op without the markers).
+    strip_gutenberg: bool = True
     workers: int = Field(1, ge=1, description="process pool size for per-part work", json_schema_extra=NOT_HASHED)
+
+    @field_validator("allowed_languages")
+    @classmethod
+    def _lang_codes(cls, v):
+        if v is not None:
+            bad = [c for c in v if not re.fullmatch(r"[a-z]{2,3}", c)]
+            if bad:
+                raise ValueError(f"clean.allowed_languages: {bad} are not ISO 639-1 codes (e.g. en, de, zh)")
+        return v
 
 
 class DedupConfig(Section):

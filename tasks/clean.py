@@ -9,9 +9,12 @@ Work is cached per input part (ingest writes one part per raw file): the unit ke
 (clean config, part sha256), so adding or editing one raw file cleans only that file's part and
 links the others from ``<store>/_units/clean/``.
 
-Baseline, replaced by the quality-filter issue: the only drop reasons are length rules
-(``too_long``, ``empty_target``, ``too_short``); no language ID, repetition or Gopher-style
-quality filters run yet.
+Order per record: Project Gutenberg header/footer strip (a transform, counted as
+``gutenberg_stripped``), length rules (``too_long`` on the stripped raw fields, then ``clean_text``,
+then ``empty_target`` / ``too_short``), then, for records whose ``metadata.task_type`` is in
+``clean.quality_task_types``, language ID (``language:<code>`` when ``clean.allowed_languages`` is
+set; ``metadata.lang`` is filled on kept records) and the Gopher / C4 document filters of
+``tasks.filters`` (reasons ``gopher_*``, ``c4_lorem_ipsum``), each drop with its measured score.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tasks.filters import filter_document, strip_gutenberg
 from schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
 from tasks.stage import (
     FileEntry,
@@ -35,7 +39,7 @@ from tasks.stage import (
 )
 
 STAGE = "clean"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("clean",)
 
 BATCH_ROWS = 2048
@@ -98,23 +102,46 @@ def clean_text(text: str, cfg) -> str:
     return text.strip()
 
 
-def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
-    """Return (cleaned record, None, "") or (None, reason, detail).
+def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict | None, str | None, str, float | None]:
+    """Return (cleaned record, None, "", None) or (None, reason, detail, score).
 
-    Length limits are checked on the raw fields, before cleaning can shorten them: a 40,000-char
-    field is rejected as ``too_long``, never truncated into a different record. The id is kept
-    (ingest assigned it from the raw text; lineage must not change here).
+    ``stats`` (optional) collects transform counts (``gutenberg_stripped``) and languages seen.
+    Length limits are checked before ``clean_text`` can shorten a field: a 40,000-char field is
+    rejected as ``too_long``, never truncated into a different record. The Gutenberg strip comes
+    first because it removes boilerplate, not content: a book is judged by its own length. The id
+    is kept (ingest assigned it from the raw text; lineage must not change here).
     """
     inp, tgt = record.get("input") or "", record.get("target") or ""
+    if cfg.strip_gutenberg:
+        inp, s1 = strip_gutenberg(inp)
+        tgt, s2 = strip_gutenberg(tgt)
+        if (s1 or s2) and stats is not None:
+            stats["gutenberg_stripped"] = stats.get("gutenberg_stripped", 0) + 1
     for name, value in (("input", inp), ("target", tgt)):
         if len(value) > cfg.max_chars:
-            return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}"
+            return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}", float(len(value))
     inp, tgt = clean_text(inp, cfg), clean_text(tgt, cfg)
     if len(tgt) < cfg.min_target_chars:
-        return None, "empty_target", f"target has {len(tgt)} chars after cleaning < clean.min_target_chars {cfg.min_target_chars}"
+        return None, "empty_target", f"target has {len(tgt)} chars after cleaning < clean.min_target_chars {cfg.min_target_chars}", float(len(tgt))
     if len(inp) + len(tgt) < cfg.min_chars:
-        return None, "too_short", f"input+target have {len(inp) + len(tgt)} chars after cleaning < clean.min_chars {cfg.min_chars}"
-    return {**record, "input": inp, "target": tgt}, None, ""
+        return None, "too_short", f"input+target have {len(inp) + len(tgt)} chars after cleaning < clean.min_chars {cfg.min_chars}", float(len(inp) + len(tgt))
+    md = record.get("metadata") or {}
+    if cfg.quality_filters and md.get("task_type") in cfg.quality_task_types:
+        text = f"{inp}\n\n{tgt}" if inp else tgt
+        (keep, reason, score), lang = filter_document(text, cfg)
+        if stats is not None and lang:
+            langs = stats.setdefault("languages", {})
+            langs[lang] = langs.get(lang, 0) + 1
+        if not keep:
+            return None, reason, f"{reason} = {score} (tasks/filters.py thresholds; lang {lang})", score
+        if lang and not md.get("lang"):
+            md = {**md, "lang": lang}
+    return {**record, "input": inp, "target": tgt, "metadata": md}, None, "", None
+
+
+def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
+    """``clean_document`` without the score: (cleaned record, None, "") or (None, reason, detail)."""
+    return clean_document(record, cfg)[:3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +166,7 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
     """
     pf = _check_schema(src)
     counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
+    stats: dict = {}
     chars_in = chars_out = 0
     sources: set[str] = set()
     qwriter = None
@@ -151,9 +179,9 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
                 sp = (rec.get("metadata") or {}).get("source_path")
                 if sp:
                     sources.add(sp)
-                out, reason, detail = clean_record(rec, cfg)
+                out, reason, detail, score = clean_document(rec, cfg, stats)
                 if out is None:
-                    rejects.append(quarantine_row(STAGE, reason, detail=detail, record=rec))
+                    rejects.append(quarantine_row(STAGE, reason, detail=detail, score=score, record=rec))
                     counters["rejected"][reason] = counters["rejected"].get(reason, 0) + 1
                 else:
                     kept.append(out)
@@ -167,7 +195,8 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
                 qwriter.write_table(quarantine_table(rejects))
     if qwriter is not None:
         qwriter.close()
-    return {"counters": counters, "chars_in": chars_in, "chars_out": chars_out, "source_paths": sorted(sources)}
+    return {"counters": counters, "chars_in": chars_in, "chars_out": chars_out, "source_paths": sorted(sources),
+            "gutenberg_stripped": stats.get("gutenberg_stripped", 0), "languages": stats.get("languages", {})}
 
 
 def _clean_unit(args) -> dict:
@@ -187,6 +216,17 @@ def _clean_unit(args) -> dict:
     return store.unit_write(STAGE, unit_key, write)
 
 
+def _sum_languages(units: list[Unit], ctx: StageContext) -> dict[str, int]:
+    """Documents per detected language over all units (gather_units sums numbers only; every
+    unit is in the store by now, so its stored info is read back)."""
+    total: dict[str, int] = {}
+    for u in units:  # equal parts count once per part, as the counters do
+        info = ctx.store.unit_lookup(STAGE, u.key) or {}
+        for lang, n in (info.get("languages") or {}).items():
+            total[lang] = total.get(lang, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     (upstream,) = inputs
     section = cfg.clean.hashed()
@@ -201,7 +241,11 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             stem = f"{stem}-{len(units):06d}"
         stems.add(stem)
         units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean)))
-    files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers, ("chars_in", "chars_out"))
+    files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers,
+                                          ("chars_in", "chars_out", "gutenberg_stripped"))
     stats["rejected"] = dict(sorted(counters["rejected"].items()))
+    # Per-filter drop counts (reasons from tasks/filters.py) next to the length rules' counts.
+    stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:"))}
+    stats["languages"] = _sum_languages(units, ctx)
     ctx.info("clean: %d records in, %d out, %d units computed", counters["in"], counters["out"], stats["units_computed"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
