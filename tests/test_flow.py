@@ -71,7 +71,6 @@ def test_cold_run_builds_everything(project):
 def test_rerun_executes_no_stage(project):
     result, rows = run(project)
     assert [r["status"] for r in rows.values()] == ["cached"] * len(DAG)
-    assert sum(r["seconds"] for r in rows.values()) < 2.0
     assert result["registered"]["created"] is False and result["registered"]["version"] == "v1"
 
 
