@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, verify
+from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify
 
 # (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
 # tests/test_flow.py checks that every manifest's upstream matches this table.
@@ -126,13 +126,9 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
     for stage, ups in DAG:
         mod = module(stage)
         upstream = [f"{u}:{keys[u]}" for u in ups]
-        key, _ = stage_key(mod, cfg, upstream)
+        sections = stage_sections(mod, cfg)  # also what the next run diffs against
+        key, _ = stage_key(mod, cfg, upstream, sections)
         keys[stage] = key
-        sections = {s: cfg.section(s) for s in mod.SECTIONS}
-        if hasattr(mod, "key_extra"):
-            from tasks.stage import stage_config
-
-            sections["_extra"] = mod.key_extra(stage_config(mod, cfg))
         ok, verdict = verify(store.stage_dir(stage, key))
         prev = last_stages.get(stage)
         if ok:

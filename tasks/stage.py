@@ -313,11 +313,19 @@ def stage_config(module: types.ModuleType, cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{s: getattr(cfg, "validate_" if s == "validate" else s) for s in module.SECTIONS})
 
 
-def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str]) -> tuple[str, str]:
+def stage_sections(module: types.ModuleType, cfg) -> dict:
+    """What a stage's key is computed from besides its upstream keys: its hashed config sections,
+    plus ``key_extra`` (e.g. the expectation suite's file content: editing the suite reruns validation)."""
     sections = {s: cfg.section(s) for s in module.SECTIONS}
     if hasattr(module, "key_extra"):
-        # e.g. the expectation suite's file content: editing the suite must rerun validation.
         sections["_extra"] = module.key_extra(stage_config(module, cfg))
+    return sections
+
+
+def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str],
+              sections: dict | None = None) -> tuple[str, str]:
+    """(key, config hash); pass ``sections`` when the caller already has stage_sections()."""
+    sections = stage_sections(module, cfg) if sections is None else sections
     config_hash = hashlib.sha256(canonical_json(sections).encode()).hexdigest()[:16]
     keys = [u if isinstance(u, str) else f"{u.stage}:{u.key}" for u in upstream]
     return cache_key(module.STAGE, module.VERSION, sections, keys), config_hash
