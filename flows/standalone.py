@@ -186,7 +186,7 @@ def write_removed_jsonl(m, upstream, path: Path) -> int:
 # argparse wiring (flows/cli.py: ``from flows.standalone import add_subcommands; add_subcommands(sub)``)
 # ---------------------------------------------------------------------------------------------
 def _config(args):
-    from schemas.config import ConfigError, load_config, parse_config
+    from schemas.config import ConfigError, apply_overrides, load_config, parse_config
 
     from flows.cli import _parse_set
 
@@ -197,14 +197,7 @@ def _config(args):
     try:
         if args.config:
             return load_config(args.config, overrides)
-        data: dict = {}
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return parse_config(data, source="--set")
+        return parse_config(apply_overrides({}, overrides), source="--set")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 

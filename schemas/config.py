@@ -321,13 +321,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConf
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return parse_config(apply_overrides(data, overrides), source=str(path))
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Set dotted keys (``finetune.learning_rate``) in a raw config mapping, creating sections as needed."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return parse_config(data, source=str(path))
+    return data
 
 
 def parse_config(data: dict, source: str = "<config>") -> PipelineConfig:
