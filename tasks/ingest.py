@@ -33,6 +33,7 @@ from tasks.stage import (
     canonical_json,
     gather_units,
     sha256_file,
+    write_json_atomic,
 )
 
 STAGE = "ingest"
@@ -77,10 +78,7 @@ def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
         files.append(FileEntry(path=rel, bytes=st.st_size, sha256=sha, role="raw"))
     if not files:
         raise StageError(f"no input files in {raw_dir} matching {include}: add files or change ingest.include")
-    store.root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(new_cache), encoding="utf-8")
-    os.replace(tmp, cache_path)
+    write_json_atomic(cache_path, new_cache, indent=None)
     listing = canonical_json([[f.path, f.sha256] for f in files])
     key = cache_key("source", "1", {}, [listing])
     return Manifest(

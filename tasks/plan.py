@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
-from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify
+from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify, write_json_atomic
 
 # (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
 # tests/test_flow.py checks that every manifest's upstream matches this table.
@@ -100,10 +99,7 @@ class RunRecord:
             "stages": {s.stage: {"key": s.key, "sections": s.sections, "upstream": s.upstream} for s in steps},
             **(extra or {}),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, data)
 
 
 def _ingest_detail(source: Manifest, cfg, store: Store) -> str:

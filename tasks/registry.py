@@ -35,10 +35,10 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from tasks.artifacts import publish_markdown
-from tasks.stage import Manifest, StageError, canonical_json, link_or_copy
+from tasks.stage import Manifest, StageError, canonical_json, link_or_copy, write_json_atomic
 
 LAYOUT_VERSION = "1"  # bump when a version folder's layout changes (part of the lineage key)
 ALIASES = "aliases.json"
@@ -159,20 +159,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def read_aliases(root: Path) -> dict:
     path = root / ALIASES
     if not path.is_file():
@@ -189,7 +175,7 @@ def read_aliases(root: Path) -> dict:
 def _set_production(root: Path, aliases: dict, version: str, reason: str, action: str) -> dict:
     aliases = {**aliases, PRODUCTION: version,
                "history": [*aliases["history"], {"version": version, "at": _now(), "reason": reason, "action": action}]}
-    _write_json_atomic(root / ALIASES, aliases)
+    write_json_atomic(root / ALIASES, aliases)
     return aliases
 
 

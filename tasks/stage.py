@@ -273,6 +273,24 @@ class Store:
         return info
 
 
+def write_json_atomic(path: Path, data: Any, indent: int | None = 1) -> None:
+    """Replace ``path`` with ``data`` as JSON in one step: a reader (or a killed writer) never leaves
+    or sees half a file. fsync'd, because aliases and run records must survive a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, ensure_ascii=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
