@@ -70,8 +70,13 @@ _WS = re.compile(r"\s+")
 
 
 def normalize_for_hash(text: str) -> str:
-    """The text identity used for ids and exact dedup: NFKC, casefolded, whitespace collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """The text identity used for ids and exact dedup: NFKC, casefolded, whitespace collapsed.
+
+    ``" ".join(s.split())`` is ``re.sub(r"\s+", " ", s).strip()`` (both split on
+    ``str.isspace`` characters) at a third of the cost; ASCII text is already NFKC."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split())
 
 
 def record_id(input_text: str, target_text: str) -> str:

@@ -39,7 +39,7 @@ from schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, n
 from tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
-VERSION = "2"
+VERSION = "3"
 SECTIONS = ("dedup",)
 
 BATCH_ROWS = 4096
@@ -199,7 +199,7 @@ def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_R
 # ---------------------------------------------------------------------------------------------
 # near-duplicates: per-part sketches (the persisted index) + one global decision
 # ---------------------------------------------------------------------------------------------
-SKETCH_VERSION = "1"
+SKETCH_VERSION = "2"
 SKETCH_FILES = ("keys.npy", "sets.npy", "set_offsets.npy", "digests.npy", "meta.json")
 
 
