@@ -57,11 +57,18 @@ def _load(args):
 def cmd_run(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from flows.pipeline import pipeline
+    from flows.runners import flow_for, prefect_api
+    from schemas.config import ConfigError
+    from tasks.plan import check_runtime
     from tasks.stage import StageError
 
     try:
-        result = pipeline(config_path=str(args.config), overrides=_parse_set(args.set))
+        check_runtime(cfg.runtime)
+    except ConfigError as e:
+        raise SystemExit(f"error: {args.config}: {e}") from None
+    try:
+        with prefect_api(cfg):
+            result = flow_for(cfg)(config_path=str(args.config), overrides=_parse_set(args.set))
     except StageError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

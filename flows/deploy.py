@@ -16,12 +16,13 @@ class DeployError(RuntimeError):
 
 
 def deployment_for(config_path: str | Path, cron: str, name: str | None = None):
-    from flows.pipeline import pipeline
+    from flows.runners import flow_for
     from schemas.config import load_config
 
     cfg = load_config(config_path)  # refuse a bad config now, not at 3 a.m.
     path = str(Path(config_path).resolve())
-    return pipeline.to_deployment(
+    # The served flow carries the config's task runner (Dask or threads): scheduled runs execute alike.
+    return flow_for(cfg).to_deployment(
         name=name or cfg.name,
         cron=cron,
         parameters={"config_path": path},
@@ -45,6 +46,13 @@ def deploy(config_path: str | Path, cron: str, name: str | None = None, serve: b
         raise DeployError(f"--cron {cron!r} is not a valid cron expression (e.g. '0 3 * * *' for 03:00 daily)") from None
     deployment = deployment_for(config_path, cron, name)
     deployment_id = str(deployment.apply())
+    from schemas.config import load_config
+    from tasks.prefect_tasks import ensure_gpu_limit
+
+    runtime = load_config(config_path).runtime
+    limit = ensure_gpu_limit(runtime)
+    if limit is not None:
+        print(f"concurrency limit '{runtime.gpu_tag}': {limit} (stages {', '.join(runtime.gpu_stages)})")
     print(f"deployment {deployment.flow_name}/{deployment.name} ({deployment_id}) scheduled '{cron}' on {api}")
     if serve:
         from prefect import serve as prefect_serve

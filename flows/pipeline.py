@@ -10,8 +10,9 @@ from prefect import flow
 
 from schemas.config import load_config
 from tasks.artifacts import publish_link, publish_markdown, publish_table
-from tasks.plan import RunRecord, plan
-from tasks.prefect_tasks import register_task, scan_task
+from tasks.plan import RunRecord, check_runtime, plan
+from tasks.prefect_tasks import ensure_gpu_limit, register_task, scan_task
+from tasks.security import install_log_redaction
 from tasks.stage import Store
 from tasks.summary import RunLog, as_markdown, as_text, write_summary
 
@@ -19,6 +20,9 @@ from tasks.summary import RunLog, as_markdown, as_text, write_summary
 @flow(name="corpus2model", log_prints=True)
 def pipeline(config_path: str, overrides: dict | None = None) -> dict:
     cfg = load_config(config_path, overrides)
+    install_log_redaction()
+    check_runtime(cfg.runtime)
+    ensure_gpu_limit(cfg.runtime)
     store = Store(cfg.paths.store)
     source = scan_task(cfg)
     steps = plan(cfg, store, source)

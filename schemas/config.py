@@ -197,6 +197,11 @@ class ModelConfig(Section):
     seed: int = 0
     # A hub id or local path instead of building from the fields above.
     pretrained: str | None = None
+    # Security (issue 9): weights load as safetensors only; a folder holding only pickle checkpoints
+    # (.bin/.pt/.pth/.ckpt/.pkl) is refused unless this is set, because unpickling runs arbitrary code.
+    allow_pickle: bool = False
+    # Code shipped inside a model repo never runs unless the user says so.
+    trust_remote_code: bool = False
 
 
 class LoraConfig(Section):
@@ -211,9 +216,54 @@ class LoraConfig(Section):
     modules_to_save: list[str] = []
 
 
+class PrefixConfig(Section):
+    num_virtual_tokens: int = Field(16, ge=1, description="learned key/value prefix length per layer")
+
+
+class IA3Config(Section):
+    # IA3 rescales the keys, values and the MLP input of down_proj (the paper's choice for decoders).
+    target_modules: list[str] = ["k_proj", "v_proj", "down_proj"]
+    feedforward_modules: list[str] = ["down_proj"]
+
+
+class BottleneckConfig(Section):
+    """Houlsby-style bottleneck adapters (tasks/peft_methods.py), one after each decoder layer's MLP."""
+
+    size: int = Field(16, ge=1, description="bottleneck width")
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+
+
+class DpoConfig(Section):
+    """DPO on preference pairs (finetune.objective: dpo), tasks/dpo.py."""
+
+    # JSONL with prompt/chosen/rejected (../shared/datasets/preference_pairs format).
+    pairs_path: Path | None = None
+    beta: float = Field(0.1, gt=0)
+    max_pairs: int = Field(0, ge=0, description="0 = all pairs")
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_prompt_tokens: int = Field(96, ge=1)
+    max_response_tokens: int = Field(64, ge=1)
+
+
 class FinetuneConfig(Section):
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "full", "qlora", "prefix", "ia3", "bottleneck"] = "lora"
+    objective: Literal["sft", "dpo"] = "sft"
     lora: LoraConfig = LoraConfig()
+    prefix: PrefixConfig = PrefixConfig()
+    ia3: IA3Config = IA3Config()
+    bottleneck: BottleneckConfig = BottleneckConfig()
+    dpo: DpoConfig = DpoConfig()
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to this fraction of the peak")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    # Tokens per chunk of the output-head cross-entropy (tasks/losses.py); 0 = the model's own loss.
+    loss_chunk_tokens: int = Field(0, ge=0)
+    merge: bool = Field(True, description="also write merged/ (base + adapter folded in) for mergeable methods")
+    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none",
+                                  json_schema_extra=NOT_HASHED)
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=NOT_HASHED)
     learning_rate: float = Field(2e-3, gt=0)
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -226,11 +276,44 @@ class FinetuneConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
 
 
+# Variants quantize/export can make from the merged model (tasks/quantize.py, tasks/export.py).
+QUANT_VARIANTS = ("dynamic_int8", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "fp16", "bf16",
+                  "bnb_8bit", "bnb_4bit")
+GPU_ONLY_VARIANTS = ("bnb_8bit", "bnb_4bit")
+
+
 class QuantizeConfig(Section):
-    methods: list[Literal["dynamic_int8"]] = ["dynamic_int8"]
+    # Each listed variant is its own cached unit keyed by (finetune output, variant, the options it
+    # reads): adding one computes only that one. bnb_* need device: cuda (checked at config load).
+    methods: list[Literal["dynamic_int8", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "fp16", "bf16",
+                          "bnb_8bit", "bnb_4bit"]] = ["dynamic_int8"]
     # Linear layers kept in float (names or name suffixes), e.g. [lm_head] as many LLM quantizers
     # do. On the demo model it bought nothing (INT8 perplexity 127.36 with or without) for +39 % size.
     skip_modules: list[str] = []
+    device: Literal["cpu", "cuda"] = "cpu"
+    # onnx_int8_static: activation ranges calibrated on this many packed train blocks (tokenize's
+    # output), drawn with calibration_seed; fewer if the train split has fewer.
+    calibration_samples: int = Field(256, ge=1, le=1000)
+    calibration_seed: int = 0
+    calibration_len: int = Field(128, ge=8, description="tokens per calibration sequence (a block's first N)")
+    onnx_opset: int = Field(18, ge=17, le=21)
+    # An exported ONNX fp32 model must match PyTorch on the probe inputs within this max |logit diff|.
+    onnx_tolerance: float = Field(1e-3, gt=0.0)
+
+    @field_validator("methods")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"quantize.methods lists a variant twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_variants_need_cuda(self) -> "QuantizeConfig":
+        gpu = [m for m in self.methods if m in GPU_ONLY_VARIANTS]
+        if gpu and self.device != "cuda":
+            raise ValueError(f"quantize.methods {gpu} run on a GPU only (bitsandbytes): set quantize.device: cuda "
+                             f"on a CUDA machine, or remove them")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -273,6 +356,37 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
 
 
+class RuntimeConfig(Section):
+    """How the flow runs, never what it computes: no stage hashes this section, so switching the task
+    runner, a timeout or a retry policy recomputes nothing."""
+
+    # "default": Prefect's thread pool in the flow process. "dask": prefect-dask's DaskTaskRunner, on a
+    # local cluster (dask_workers processes) or on an existing scheduler (dask_address).
+    task_runner: Literal["default", "dask"] = "default"
+    dask_address: str | None = None
+    dask_workers: int = Field(2, ge=1)
+    dask_threads_per_worker: int = Field(1, ge=1)
+    # Transient failures only (OSError, TimeoutError): bad data fails the same way every time.
+    retries: int = Field(2, ge=0, le=10)
+    retry_delays_s: list[float] = [5.0, 30.0]
+    # Per-stage wall-clock limits in seconds; a stage not named gets default_timeout_s (None: no limit).
+    stage_timeout_s: dict[str, float] = {}
+    default_timeout_s: float | None = Field(None, gt=0)
+    # Stages that hold the accelerator carry this tag; the flow makes sure a Prefect tag concurrency
+    # limit of gpu_concurrency exists, so two runs (or two fan-out variants) never share one GPU.
+    gpu_stages: list[str] = ["finetune", "quantize", "evaluate"]
+    gpu_tag: str = "c2m-gpu"
+    gpu_concurrency: int = Field(1, ge=1)
+
+    @field_validator("stage_timeout_s")
+    @classmethod
+    def _positive_timeouts(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if t <= 0}
+        if bad:
+            raise ValueError(f"timeouts must be > 0 seconds, got {bad}")
+        return v
+
+
 class PipelineConfig(Section):
     name: str = "corpus2model"
     paths: Paths = Paths()
@@ -289,6 +403,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

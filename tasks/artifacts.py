@@ -1,5 +1,6 @@
 """Prefect artifacts from inside stages: no-ops outside a Prefect run, so pure tests and
-``c2m`` subcommands that run a stage directly need no server."""
+``c2m`` subcommands that run a stage directly need no server. Everything published goes through
+tasks/security.redact first: an exported token never reaches the Prefect database or UI."""
 from __future__ import annotations
 
 import logging
@@ -25,21 +26,27 @@ def publish_markdown(key: str, markdown: str, description: str = "") -> None:
     if _in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+        from tasks.security import redact
+
+        create_markdown_artifact(key=artifact_key(key), markdown=redact(markdown), description=redact(description))
 
 
 def publish_table(key: str, rows: list[dict], description: str = "") -> None:
     if _in_prefect_run():
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(key=artifact_key(key), table=rows, description=description)
+        from tasks.security import redact, redact_obj
+
+        create_table_artifact(key=artifact_key(key), table=redact_obj(rows), description=redact(description))
 
 
 def publish_link(key: str, link: str, text: str = "", description: str = "") -> None:
     if _in_prefect_run():
         from prefect.artifacts import create_link_artifact
 
-        create_link_artifact(key=artifact_key(key), link=link, link_text=text or link, description=description)
+        from tasks.security import redact
+
+        create_link_artifact(key=artifact_key(key), link=redact(link), link_text=redact(text or link), description=redact(description))
 
 
 def publish_image(key: str, png_path: str, description: str = "") -> None:

@@ -31,6 +31,18 @@ DAG: list[tuple[str, list[str]]] = [
 DATA_STAGES = ["ingest", "clean", "dedup", "augment", "validate", "shard"]
 
 
+def check_runtime(runtime) -> None:
+    """Stage names in the runtime section must name DAG stages: a typo would silently drop a timeout
+    or the GPU tag."""
+    from schemas.config import ConfigError
+
+    known = {name for name, _ in DAG}
+    for field_name, names in (("runtime.stage_timeout_s", runtime.stage_timeout_s), ("runtime.gpu_stages", runtime.gpu_stages)):
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ConfigError(f"{field_name}: unknown stage(s) {unknown}; stages are {[n for n, _ in DAG]}")
+
+
 def module(stage: str):
     return importlib.import_module(f"tasks.{stage}")
 

@@ -55,6 +55,38 @@ def stage_task(stage: str, inputs: list[Manifest], cfg) -> Manifest:
     return run_stage(module(stage), inputs, cfg, ctx)
 
 
+def stage_options(stage: str, runtime) -> dict:
+    """Prefect task options for one stage from the config's runtime section (not hashed: changing a
+    timeout or a retry policy never invalidates a cached output)."""
+    timeout = runtime.stage_timeout_s.get(stage, runtime.default_timeout_s)
+    opts = {
+        "retries": runtime.retries,
+        "retry_delay_seconds": list(runtime.retry_delays_s) or 0,
+        "timeout_seconds": timeout,
+        "tags": ["corpus2model", f"stage:{stage}"],
+    }
+    if stage in runtime.gpu_stages:
+        opts["tags"].append(runtime.gpu_tag)
+    return opts
+
+
+def ensure_gpu_limit(runtime, log=print) -> int | None:
+    """Make sure the tag concurrency limit for accelerator stages exists on the server the flow talks to
+    (idempotent: an existing limit is left as the operator set it). Returns the limit in force."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                return client.read_concurrency_limit_by_tag(runtime.gpu_tag).concurrency_limit
+            except Exception:  # ObjectNotFound: first run against this server
+                client.create_concurrency_limit(tag=runtime.gpu_tag, concurrency_limit=runtime.gpu_concurrency)
+                return runtime.gpu_concurrency
+    except Exception as e:  # the limit protects a shared GPU; a CPU run must not fail for it
+        log(f"could not set the '{runtime.gpu_tag}' concurrency limit: {e}")
+        return None
+
+
 @task(name="scan-raw", cache_policy=NO_CACHE, task_run_name="source")
 def scan_task(cfg) -> Manifest:
     """Always runs: it is how a run learns that a raw file was added or edited (cheap: stat cache)."""

@@ -100,14 +100,17 @@ class RunLog:
         self.echo = echo
 
     def stage(self, name: str, inputs: list[Manifest]) -> Manifest:
-        from tasks.prefect_tasks import stage_task
+        from tasks.prefect_tasks import stage_options, stage_task
 
         step = self.steps[name]
         t0 = time.perf_counter()
         try:
             # An output that failed verification must not come back from Prefect's cache.
-            task = stage_task.with_options(refresh_cache=not step.cached)
-            state = task(name, inputs, self.cfg, return_state=True)
+            task = stage_task.with_options(refresh_cache=not step.cached, **stage_options(name, self.cfg.runtime))
+            # Submitted, so the flow's task runner (threads, or Dask workers) executes it.
+            future = task.submit(name, inputs, self.cfg)
+            future.wait()
+            state = future.state
             m = state.result()
         except Exception:
             self.rows.append(row_for(step, None, "failed", time.perf_counter() - t0))
