@@ -1,157 +1,90 @@
-"""finetune: packed token blocks -> a LoRA adapter, the merged model and the base model beside it.
+"""finetune: packed token blocks (SFT) or preference pairs (DPO) -> a tuned model, the base beside it.
 
-A recipe that reads top to bottom (torchtune's single-device LoRA recipe, nanoGPT's loop):
+A recipe that reads top to bottom (torchtune's single-device recipes, nanoGPT's loop):
 build the base model from ``model`` (seeded random init, or ``model.pretrained``), save it as
-``base/`` so evaluation can compare against it, wrap it with a peft LoRA adapter, train with
-AdamW under linear warmup + cosine decay and gradient clipping for ``max_steps`` steps (the data
-loader is cycled), evaluate on the validation blocks every ``eval_every`` steps and at the end,
-then save the adapter and the merged model. Everything is safetensors.
+``base/`` so evaluation can compare against it, make the parameters of ``finetune.method`` trainable
+(tasks/peft_methods.py: full, LoRA, QLoRA, prefix, IA3, bottleneck adapters), train with the shared
+loop (tasks/trainer.py: warmup + cosine to a floor, clipping, mixed precision, accumulation,
+evaluation, early stopping, resumable checkpoints), then save the adapter and, for mergeable
+methods, the merged model. Everything is safetensors.
 
-Packed blocks hold several documents (tasks/tokenize.py). Training passes their restarted
-``position_ids`` and no 2D attention mask when a block's padding is only at its end: transformers
-then derives a block-diagonal causal mask from the position restarts, so a document never
-attends to the one before it in the block. Trailing padding needs no mask in a causal model (no
-real token can see it, and padding carries no loss). Measured on 2 cores (hidden 128, 2 layers,
-batch 8 x 256): 6.3 steps/s this way against 2.7 with the 2D mask, which also lets documents
-see each other. A block with padding anywhere else gets its 2D mask.
+SFT reads the tokenize stage's packed blocks through Hugging Face ``datasets``; labels are -100
+on prompt tokens (tasks/tokenize.py), so the loss is on target tokens only, and each block's
+restarted ``position_ids`` keep its documents from attending to each other (tasks/losses.py).
+DPO (``objective: dpo``) reads ``finetune.dpo.pairs_path`` and tokenizes the pairs with the
+tokenize stage's tokenizer (tasks/dpo.py explains the reference model).
 
-Baseline parts (replaced by later issues): LoRA only (no full/QLoRA/IA3/DPO), no resumable
-checkpoints (a killed run restarts; the demo takes about a minute), single process.
+Checkpoints go to ``<store>/_checkpoints/finetune/<key>/`` (outside the temp folder that a killed
+run loses): running the same config again resumes from the newest one, and they are removed once
+the stage output is complete.
 """
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from tasks.losses import forward_kwargs, target_tokens  # noqa: F401  (re-exported: tests and evaluate use them)
+from tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_file
+from tasks.trainer import lr_at  # noqa: F401
 
 STAGE = "finetune"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("finetune", "model")
 
 COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask")
-MIN_LR_RATIO = 0.1  # cosine decays to 10 % of the peak (nanoGPT's default), not to zero
-SMOOTH = 5  # initial/final train loss are means over this many steps
+
+
+def key_extra(cfg) -> dict:
+    """DPO trains on a file the config only points at: its content is part of the key."""
+    ft = cfg.finetune
+    if ft.objective == "dpo" and ft.dpo.pairs_path and Path(ft.dpo.pairs_path).is_file():
+        return {"dpo_pairs_sha256": sha256_file(Path(ft.dpo.pairs_path))}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
 # ---------------------------------------------------------------------------------------------
-def lr_at(step: int, max_steps: int, warmup_steps: int, peak: float, min_ratio: float = MIN_LR_RATIO) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    decay_steps = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+def sft_loss_fn(chunk_tokens: int = 0, prefix: bool = False):
+    """``loss_fn(model, batch)`` for packed SFT blocks (tasks/losses.causal_lm_loss).
+
+    Prefix tuning prepends learned keys/values, which transformers cannot fold into a mask derived
+    from position restarts; it gets the 2D padding mask (documents in a block then see each other)."""
+    from tasks.losses import causal_lm_loss
+
+    def loss_fn(model, batch):
+        extra = {"attention_mask": batch["attention_mask"].long()} if prefix else None
+        return causal_lm_loss(model, batch, chunk_tokens, extra)
+
+    return loss_fn
 
 
-def forward_kwargs(batch: dict) -> dict:
-    """Model inputs for one packed batch (int64), with the attention mask only where it is needed."""
-    ids = batch["input_ids"].long()
-    mask = batch["attention_mask"].long()
-    kwargs = {"input_ids": ids, "labels": batch["labels"].long(), "position_ids": batch["position_ids"].long(),
-              "use_cache": False}
-    # Non-increasing along each row = all padding is at the end (see the module docstring).
-    trailing_only = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
-    if not trailing_only:
-        kwargs["attention_mask"] = mask
-    return kwargs
-
-
-def target_tokens(labels) -> int:
-    """Tokens that carry loss: the model predicts labels[:, 1:] (transformers shifts inside)."""
-    return int((labels[:, 1:] != -100).sum())
-
-
-def evaluate_loss(model, loader) -> float:
+def evaluate_loss(model, loader, loss_fn=None) -> float:
     """Mean cross-entropy per target token over the whole loader (not a mean of batch means)."""
     import torch
 
+    loss_fn = loss_fn or sft_loss_fn()
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     with torch.inference_mode():
         for batch in loader:
-            kw = forward_kwargs(batch)
-            k = target_tokens(kw["labels"])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, k = loss_fn(model, batch)
             if k == 0:
                 continue
-            total += float(model(**kw).loss) * k
+            total += float(loss) * k
             n += k
     if was_training:
         model.train()
     return total / n if n else float("nan")
 
 
-def cycle(loader):
-    """Endless batches; each pass reshuffles (the loader's seeded generator keeps it reproducible)."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise StageError("the training data loader is empty")
-
-
-def train_lora(model, train_loader, eval_loader, ft, log=None) -> dict:
-    """The training loop. ``model`` is a peft model; returns the history and summary numbers."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_at(s, ft.max_steps, ft.warmup_steps, ft.learning_rate) / ft.learning_rate
-    )
-    history: list[dict] = []
-    initial_eval = evaluate_loss(model, eval_loader)
-    history.append({"step": 0, "train_loss": None, "lr": None, "eval_loss": initial_eval, "tokens_per_s": None})
-    model.train()
-    batches = cycle(train_loader)
-    tokens_seen, train_seconds = 0, 0.0
-    for step in range(1, ft.max_steps + 1):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        kw = forward_kwargs(batch)
-        lr = opt.param_groups[0]["lr"]
-        loss = model(**kw).loss
-        if not torch.isfinite(loss):
-            raise StageError(f"training loss became {float(loss)} at step {step}: lower finetune.learning_rate "
-                             f"(now {ft.learning_rate}) or raise finetune.warmup_steps")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, ft.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        n_tok = int(batch["attention_mask"].sum())
-        tokens_seen += n_tok
-        train_seconds += dt
-        row = {"step": step, "train_loss": loss.item(), "lr": lr, "eval_loss": None,
-               "tokens_per_s": round(n_tok / dt, 1) if dt > 0 else None}
-        if step % ft.eval_every == 0 or step == ft.max_steps:
-            row["eval_loss"] = evaluate_loss(model, eval_loader)
-            if log:
-                log(f"finetune step {step}/{ft.max_steps}: train {row['train_loss']:.4f} eval {row['eval_loss']:.4f}")
-        history.append(row)
-    train_losses = [r["train_loss"] for r in history[1:]]
-    return {
-        "history": history,
-        "initial_eval_loss": initial_eval,
-        "final_eval_loss": history[-1]["eval_loss"],
-        "initial_train_loss": sum(train_losses[:SMOOTH]) / len(train_losses[:SMOOTH]),
-        "final_train_loss": sum(train_losses[-SMOOTH:]) / len(train_losses[-SMOOTH:]),
-        "tokens_seen": tokens_seen,
-        "train_seconds": train_seconds,
-    }
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
+def plot_losses(history: list[dict], path: Path, ylabel: str = "cross-entropy per target token") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +98,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
         ax1.plot(*zip(*train), lw=1, label="train loss")
     if evals:
         ax1.plot(*zip(*evals), "o-", label="validation loss")
-    ax1.set_ylabel("cross-entropy per target token")
+    ax1.set_ylabel(ylabel)
     ax1.legend()
     ax1.grid(alpha=0.3)
     if lrs:
@@ -209,11 +142,9 @@ def packed_files(tok: Manifest) -> dict[str, Path]:
     return {p.stem: p for p in tok.files_with("packed")}
 
 
-def _loaders(files: dict[str, Path], cache_dir: Path, batch_size: int, seed: int, eval_blocks: int):
-    """Train/validation DataLoaders over ``datasets`` (memory-mapped Arrow, torch format)."""
+def _datasets(files: dict[str, Path], cache_dir: Path, eval_blocks: int):
+    """(train, validation) ``datasets`` over the packed Parquet files (memory-mapped Arrow, torch format)."""
     import datasets
-    import torch
-    from torch.utils.data import DataLoader
 
     datasets.disable_progress_bars()
     if "train" not in files:
@@ -232,19 +163,62 @@ def _loaders(files: dict[str, Path], cache_dir: Path, batch_size: int, seed: int
         notes.append("no validation blocks: eval_loss is measured on the train blocks")
     # A fixed prefix: every evaluation scores the same blocks, and its cost does not grow with the data.
     val = val.select(range(min(eval_blocks, len(val)))).with_format("torch", columns=list(COLUMNS))
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
-    eval_loader = DataLoader(val, batch_size=batch_size, shuffle=False)
-    return train_loader, eval_loader, len(train), len(val), notes
+    return train, val, notes
+
+
+def checkpoint_dir(ctx: StageContext) -> Path | None:
+    """``<store>/_checkpoints/finetune/<key>``: keyed like the output, so only the same run resumes."""
+    if ctx.final_dir is None:
+        return None
+    return ctx.store.root / "_checkpoints" / STAGE / Path(ctx.final_dir).name
+
+
+def _sft_setup(tok: Manifest, ft, model, cache_dir: Path):
+    from torch.utils.data import DataLoader
+
+    from tasks.trainer import Batches
+
+    train, val, notes = _datasets(packed_files(tok), cache_dir, ft.eval_blocks)
+    loss_fn = sft_loss_fn(ft.loss_chunk_tokens, prefix=ft.method == "prefix")
+    eval_loader = DataLoader(val, batch_size=ft.batch_size, shuffle=False)
+    batches = Batches(len(train), lambda idx: train[idx], ft.batch_size, ft.seed)
+    return batches, (lambda: evaluate_loss(model, eval_loader, loss_fn)), loss_fn, len(train), len(val), notes, {}
+
+
+def _dpo_setup(ft, model, tokenizer, out_dir: Path):
+    from tasks import dpo
+    from tasks.trainer import Batches
+
+    if ft.dpo.pairs_path is None:
+        raise StageError("finetune.objective dpo needs finetune.dpo.pairs_path (a preference-pairs JSONL file)")
+    pairs = dpo.load_pairs(Path(ft.dpo.pairs_path), out_dir / "pairs_validation")
+    if ft.dpo.max_pairs:
+        pairs = pairs[:ft.dpo.max_pairs]
+    train_pairs, held = dpo.split_pairs(pairs, ft.dpo.heldout_fraction, ft.seed)
+    enc = lambda ps: dpo.encode_pairs(ps, tokenizer, ft.dpo.max_prompt_tokens, ft.dpo.max_response_tokens)  # noqa: E731
+    device = next(model.parameters()).device
+    train_data = {k: v.to(device) for k, v in enc(train_pairs).items()}
+    held_data = {k: v.to(device) for k, v in enc(held).items()}
+    train_data.update(dpo.reference_logps(model, train_data, ft.batch_size))
+    held_data.update(dpo.reference_logps(model, held_data, ft.batch_size))
+    before = dpo.evaluate(model, held_data, ft.dpo.beta, ft.batch_size)
+    batches = Batches(len(train_pairs), lambda idx: {k: v[idx] for k, v in train_data.items()}, ft.batch_size, ft.seed)
+    evaluate = lambda: dpo.evaluate(model, held_data, ft.dpo.beta, ft.batch_size)["loss"]  # noqa: E731
+    extra = {"held_data": held_data, "before": before}
+    return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), [], extra
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    if cfg.model.task == "classification":  # encoder classifiers (model.task): tasks/classify.py
+        from tasks.classify import finetune_run
+
+        return finetune_run(inputs, cfg, out_dir, ctx)
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from tasks import peft_methods, trainer
     from tasks.artifacts import publish_image, publish_markdown
     from tasks.modeling import build_model, save_model
     from tasks.tokenize import load_tokenizer
@@ -256,54 +230,64 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     seq_len = int(tok.stats.get("seq_len") or 0)
     if seq_len <= 0:
         raise StageError(f"{tok.path}: the tokenize manifest has no stats.seq_len")
+    if ft.method == "qlora":
+        peft_methods.check_qlora_available()  # before any work: it can only fail on CPU
     tokenizer = load_tokenizer(tokenizer_dir(tok))
+    ckpt = checkpoint_dir(ctx)
 
     threads_before = torch.get_num_threads()
     if ft.threads > 0:
         torch.set_num_threads(ft.threads)
     t_start = time.perf_counter()
+    extra = {}
     try:
         model = build_model(mc, tokenizer, seq_len)
         save_model(model, tokenizer, out_dir / "base")
-        # LoRA A matrices and dropout draw from the global generator: seed them apart from the base init.
-        torch.manual_seed(ft.seed)
-        lora = LoraConfig(r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
-                          target_modules=list(ft.lora.target_modules), task_type="CAUSAL_LM", bias="none",
-                          modules_to_save=list(ft.lora.modules_to_save) or None)
-        try:
-            with warnings.catch_warnings():
-                # peft calls transformers' renamed is_gradient_checkpointing; nothing for us to change.
-                warnings.simplefilter("ignore", FutureWarning)
-                peft_model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise StageError(f"finetune.lora.target_modules {list(ft.lora.target_modules)} do not fit the model: "
-                             f"{e}") from None
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in peft_model.parameters())
+        if torch.cuda.is_available() and ft.method != "qlora":
+            model = model.to("cuda")
+        model = peft_methods.prepare(model, ft, out_dir / "base")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
 
         with tempfile.TemporaryDirectory(prefix="hf-datasets-", dir=out_dir.parent) as cache_dir:
-            train_loader, eval_loader, n_train, n_val, notes = _loaders(
-                packed_files(tok), Path(cache_dir), ft.batch_size, ft.seed, ft.eval_blocks)
-            result = train_lora(peft_model, train_loader, eval_loader, ft, log=ctx.info)
+            if ft.objective == "dpo":
+                batches, evaluate, loss_fn, n_train, n_val, notes, extra = _dpo_setup(ft, model, tokenizer, out_dir)
+            else:
+                batches, evaluate, loss_fn, n_train, n_val, notes, extra = _sft_setup(tok, ft, model, Path(cache_dir))
+            result = trainer.train(model, batches, evaluate, ft, loss_fn, ckpt_dir=ckpt, log=ctx.info)
+            if ft.objective == "dpo":
+                from tasks import dpo
 
-        peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)
-        canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        save_model(merged, tokenizer, out_dir / "merged")
+                extra["after"] = dpo.evaluate(model, extra["held_data"], ft.dpo.beta, ft.batch_size)
+
+        model = model.to("cpu") if ft.method != "qlora" else model
+        merged_dir = None
+        if ft.method == "full":
+            model.eval()
+            save_model(model, tokenizer, out_dir / "merged")
+            merged_dir = "merged"
+        adapter_dir = "adapter" if peft_methods.save_adapter(model, ft.method, out_dir / "adapter") else None
+        if adapter_dir and ft.merge and peft_methods.mergeable(ft.method):
+            merged, _ = peft_methods.merge_saved(out_dir / "base", out_dir / "adapter")
+            save_model(merged, tokenizer, out_dir / "merged")
+            merged_dir = "merged"
     finally:
         torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - t_start
 
     history = result["history"]
     (out_dir / "loss.json").write_text(json.dumps({"rows": history}, indent=1), encoding="utf-8")
-    plot_losses(history, out_dir / "loss.png")
+    plot_losses(history, out_dir / "loss.png",
+                "DPO loss per pair" if ft.objective == "dpo" else "cross-entropy per target token")
 
     files = []
     for folder in ("base", "adapter", "merged"):
         for p in sorted((out_dir / folder).rglob("*")):
             if p.is_file():
                 files.append(FileEntry(p.relative_to(out_dir).as_posix(), role="model"))
+    for p in sorted((out_dir / "pairs_validation").rglob("*")) if (out_dir / "pairs_validation").is_dir() else []:
+        if p.is_file():
+            files.append(FileEntry(p.relative_to(out_dir).as_posix(), role="report"))
     files += [FileEntry("loss.json", role="report"), FileEntry("loss.png", role="report")]
     bad = [f.path for f in files if f.path.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     if bad:
@@ -311,14 +295,19 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 
     tokens_per_s = result["tokens_seen"] / result["train_seconds"] if result["train_seconds"] > 0 else None
     stats = {
+        "method": ft.method,
+        "objective": ft.objective,
         "initial_train_loss": round(result["initial_train_loss"], 6),
         "final_train_loss": round(result["final_train_loss"], 6),
         "initial_eval_loss": round(result["initial_eval_loss"], 6),
         "final_eval_loss": round(result["final_eval_loss"], 6),
-        "steps": ft.max_steps,
+        "best_eval_loss": round(result["best_eval_loss"], 6),
+        "steps": result["steps"],
+        "stopped_early": result["stopped_early"],
+        "resumed_from_step": result["resumed_from"],
         "tokens_seen": result["tokens_seen"],
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-        "steps_per_s": round(ft.max_steps / result["train_seconds"], 3) if result["train_seconds"] > 0 else None,
+        "steps_per_s": round(result["steps"] / result["train_seconds"], 3) if result["train_seconds"] > 0 else None,
         "trainable_params": trainable,
         "total_params": total,
         "train_blocks": n_train,
@@ -328,19 +317,29 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         "threads": torch.get_num_threads() if ft.threads == 0 else ft.threads,
         "notes": notes,
         "base_dir": "base",
-        "adapter_dir": "adapter",
-        "merged_dir": "merged",
+        "adapter_dir": adapter_dir,
+        "merged_dir": merged_dir,
     }
+    if ft.objective == "dpo":
+        stats["dpo_heldout_before"] = {k: round(v, 6) for k, v in extra["before"].items()}
+        stats["dpo_heldout_after"] = {k: round(v, 6) for k, v in extra["after"].items()}
+    if merged_dir is None:
+        notes.append(f"method {ft.method} cannot be merged into the base: load base/ + adapter/ with "
+                     "tasks.peft_methods.load_tuned")
+    if ckpt is not None:
+        # The output is complete and cached: the checkpoints have nothing left to resume.
+        shutil.rmtree(ckpt, ignore_errors=True)
     publish_image("finetune-loss", str(final_path(out_dir, ctx, "loss.png")),
                   "train/validation loss and learning rate per step")
-    publish_markdown("finetune-summary", _summary_md(stats), "LoRA fine-tuning summary")
+    publish_markdown("finetune-summary", _summary_md(stats), f"{ft.method} {ft.objective} fine-tuning summary")
     return Manifest(stage=STAGE, files=files, counters={}, stats=stats)
 
 
 def _summary_md(s: dict) -> str:
-    lines = ["# Fine-tuning (LoRA)", "", "| metric | value |", "|---|---|"]
-    for k in ("initial_eval_loss", "final_eval_loss", "initial_train_loss", "final_train_loss", "steps",
-              "tokens_seen", "tokens_per_s", "steps_per_s", "trainable_params", "total_params", "seconds"):
+    lines = [f"# Fine-tuning ({s['method']}, {s['objective']})", "", "| metric | value |", "|---|---|"]
+    for k in ("initial_eval_loss", "final_eval_loss", "best_eval_loss", "initial_train_loss", "final_train_loss",
+              "steps", "stopped_early", "tokens_seen", "tokens_per_s", "steps_per_s", "trainable_params",
+              "total_params", "seconds"):
         lines.append(f"| {k} | {s[k]} |")
     for n in s.get("notes", []):
         lines.append(f"\n> {n}")

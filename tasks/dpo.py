@@ -1,0 +1,199 @@
+"""DPO (Rafailov et al. 2023) on preference pairs, through the same loop as SFT (tasks/trainer.py).
+
+Loss per pair: ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` where ``pi_*``/``ref_*``
+are the summed log-probabilities of the chosen/rejected response tokens given the prompt under
+the trained policy and the reference model. It is TRL's ``loss_type="sigmoid"`` DPO loss; the loop
+is ours so DPO gets the same checkpoints, resume, schedule and curves as SFT.
+
+Reference model. The reference is the model before training, which is fixed, so its log-probs
+are computed once for every pair before the first step (``reference_logps``) and stored beside the
+pairs: no second model in memory and no second forward per step (TRL's ``precompute_ref_log_probs``).
+For adapter methods they are computed with the adapter disabled (peft ``disable_adapter``), i.e. on
+the base model; for ``full`` on the untouched initial weights; bottleneck adapters start as the
+identity, so the model before training is the base.
+
+Pairs: JSONL with ``prompt``, ``chosen``, ``rejected`` (../shared/datasets/preference_pairs).
+Each side is ``prompt + response + eos``, the prompt cut from the left to ``max_prompt_tokens``
+(the end of a dialogue is what the answer responds to) and the response to
+``max_response_tokens``; loss is on response tokens only.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tasks.stage import StageError
+
+IGNORE_INDEX = -100
+
+
+def load_pairs(path: Path, out_dir: Path | None = None) -> list[dict]:
+    """Read preference pairs; when tasks.validate has ``validate_preference_pairs`` it checks them
+    first (error-severity defects raise ValidationFailed naming the record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"finetune.dpo.pairs_path {path} does not exist: point it at a preference-pairs JSONL file")
+    try:
+        from tasks.validate import validate_preference_pairs
+    except ImportError:
+        validate_preference_pairs = None
+    if validate_preference_pairs is not None:
+        validate_preference_pairs(path, out_dir)
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}:{n}: not JSON ({e})") from None
+            if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
+                raise StageError(f"{path}:{n}: a pair needs string fields prompt, chosen and rejected")
+            pairs.append({"id": rec.get("id", str(n)), "prompt": rec["prompt"], "chosen": rec["chosen"],
+                          "rejected": rec["rejected"]})
+    if not pairs:
+        raise StageError(f"{path} holds no preference pairs")
+    return pairs
+
+
+def split_pairs(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by a seeded shuffle; at least one pair on each side."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    k = min(len(pairs) - 1, max(1, round(len(pairs) * heldout_fraction)))
+    held = sorted(order[:k])
+    keep = sorted(order[k:])
+    return [pairs[i] for i in keep], [pairs[i] for i in held]
+
+
+def encode_side(prompt_ids: list[int], resp_ids: list[int], eos: int, max_prompt: int, max_resp: int):
+    p = list(prompt_ids)[-max_prompt:]
+    r = (list(resp_ids)[:max_resp - 1]) + [eos]
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def encode_pairs(pairs: list[dict], tokenizer, max_prompt: int, max_resp: int) -> dict:
+    """Padded tensors for both sides: ``{chosen,rejected}_{input_ids,labels,attention_mask}``."""
+    import torch
+
+    enc = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts, chosen, rejected = (enc([p[k] for p in pairs]) for k in ("prompt", "chosen", "rejected"))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {}
+    for side, resps in (("chosen", chosen), ("rejected", rejected)):
+        seqs = [encode_side(p, r, eos, max_prompt, max_resp) for p, r in zip(prompts, resps)]
+        width = max(len(s[0]) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (x, y) in enumerate(seqs):
+            ids[i, :len(x)] = torch.tensor(x)
+            labels[i, :len(y)] = torch.tensor(y)
+            mask[i, :len(x)] = 1
+        out[f"{side}_input_ids"], out[f"{side}_labels"], out[f"{side}_attention_mask"] = ids, labels, mask
+    return out
+
+
+def sequence_logps(model, input_ids, labels, attention_mask):
+    """Summed log-probability of the labelled tokens per row (labels shifted as in causal LM loss)."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    y = labels[:, 1:]
+    keep = y != IGNORE_INDEX
+    lp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * keep).sum(-1)
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """(mean loss, per-pair reward margin) of the sigmoid DPO objective."""
+    import torch.nn.functional as F
+
+    margin = beta * ((pi_c - ref_c) - (pi_r - ref_r))
+    return -F.logsigmoid(margin).mean(), margin
+
+
+def _policy_logps(model, batch: dict):
+    import torch
+
+    # Both sides in one forward: pad to the wider one, concatenate on the batch dimension.
+    w = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def padded(x, value):
+        return torch.nn.functional.pad(x, (0, w - x.shape[1]), value=value)
+
+    ids = torch.cat([padded(batch["chosen_input_ids"], 0), padded(batch["rejected_input_ids"], 0)])
+    labels = torch.cat([padded(batch["chosen_labels"], IGNORE_INDEX), padded(batch["rejected_labels"], IGNORE_INDEX)])
+    mask = torch.cat([padded(batch["chosen_attention_mask"], 0), padded(batch["rejected_attention_mask"], 0)])
+    lp = sequence_logps(model, ids, labels, mask)
+    n = batch["chosen_input_ids"].shape[0]
+    return lp[:n], lp[n:]
+
+
+def reference_logps(model, data: dict, batch_size: int = 16) -> dict:
+    """ref_chosen / ref_rejected for every pair, from the model as it is now with any adapter off."""
+    import contextlib
+
+    import torch
+
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was = model.training
+    model.eval()
+    n = data["chosen_input_ids"].shape[0]
+    rc, rr = [], []
+    with torch.inference_mode(), off:
+        for i in range(0, n, batch_size):
+            c, r = _policy_logps(model, {k: v[i:i + batch_size] for k, v in data.items()})
+            rc.append(c)
+            rr.append(r)
+    model.train(was)
+    return {"ref_chosen": torch.cat(rc), "ref_rejected": torch.cat(rr)}
+
+
+def make_loss_fn(beta: float):
+    """``loss_fn(model, batch) -> (loss, pairs)`` for tasks/trainer.train (pairs weight accumulation)."""
+
+    def loss_fn(model, batch):
+        pi_c, pi_r = _policy_logps(model, batch)
+        loss, _ = dpo_loss(pi_c, pi_r, batch["ref_chosen"], batch["ref_rejected"], beta)
+        return loss, int(pi_c.shape[0])
+
+    return loss_fn
+
+
+def evaluate(model, data: dict, beta: float, batch_size: int = 16) -> dict:
+    """Held-out DPO loss, mean reward margin and accuracy (share of pairs with chosen above rejected)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    n = data["chosen_input_ids"].shape[0]
+    margins = []
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            b = {k: v[i:i + batch_size] for k, v in data.items()}
+            pi_c, pi_r = _policy_logps(model, b)
+            margins.append(dpo_loss(pi_c, pi_r, b["ref_chosen"], b["ref_rejected"], beta)[1])
+    model.train(was)
+    m = torch.cat(margins)
+    loss = float(-torch.nn.functional.logsigmoid(m).mean())
+    # The policy's own preference (no reference): log p(chosen) - log p(rejected), what a user sees.
+    return {"loss": loss, "reward_margin": float(m.mean() / beta), "accuracy": float((m > 0).float().mean())}
+
+
+def policy_margin(model, data: dict, batch_size: int = 16) -> float:
+    """Mean log p(chosen) - log p(rejected) under ``model`` (reference-free)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    n = data["chosen_input_ids"].shape[0]
+    out = []
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            c, r = _policy_logps(model, {k: v[i:i + batch_size] for k, v in data.items()})
+            out.append(c - r)
+    model.train(was)
+    return float(torch.cat(out).mean())
