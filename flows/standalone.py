@@ -127,7 +127,20 @@ def clean_folder(in_dir, out_dir, cfg, store=None):
 
 
 def dedup_folder(in_dir, out_dir, cfg, store=None):
-    """Raw files or record parts in ``in_dir`` -> deduplicated records + removed.jsonl in ``out_dir``."""
+    """Raw files or record parts in ``in_dir`` -> deduplicated records + removed.jsonl in ``out_dir``.
+
+    A folder of JSONL files only (no record parts) takes the direct path (``tasks.dedup_jsonl``):
+    records and sketches in one pass per file, no ingest Parquet in between (and without
+    ``dedup.eval_files`` contamination checks, which need the stage: a folder with them set takes
+    the stage path)."""
+    in_dir = Path(in_dir)
+    if not cfg.dedup.eval_files and _parquet_manifest(in_dir) is None:
+        from tasks.dedup_jsonl import dedup_jsonl_folder, jsonl_only
+
+        st = _store(out_dir, store)
+        src = _source(in_dir, cfg, st)
+        if jsonl_only(src):
+            return dedup_jsonl_folder(src, Path(out_dir), cfg, st)
     m, up = _stage_on_folder("dedup", in_dir, out_dir, cfg, store)
     write_removed_jsonl(m, up, Path(out_dir) / "removed.jsonl")
     return m
@@ -234,10 +247,14 @@ def validate_path(path, out_dir, cfg, suite=None, store=None) -> dict:
     from schemas.records import RECORD_SCHEMA, quarantine_table, records_table
     from tasks.ingest import parse_file
     from tasks.stage import StageError, sha256_file
-    from tasks.validate import failing_rows_table, resolve_suite_path, validate_table
+    from tasks.validate import (failing_rows_table, file_reader, raw_columns, resolve_suite_path, suite_boundary,
+                                suite_kind, validate_pairs_path, validate_table)
 
     path, out_dir = Path(path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    suite_path = resolve_suite_path(suite or cfg.validate_.suite)
+    if suite_kind(suite_path) == "preference_pairs":
+        return validate_pairs_path(path, out_dir, suite_path, cfg.validate_)
     unreadable: list[pa.Table] = []
     if path.is_dir():
         st = _store(out_dir, store)
@@ -255,8 +272,11 @@ def validate_path(path, out_dir, cfg, suite=None, store=None) -> dict:
     else:
         raise StageError(f"{path} does not exist: give a records file (JSONL, JSON, Parquet) or a folder")
     bad = pa.concat_tables(unreadable) if unreadable else quarantine_table([])
-    suite_path = resolve_suite_path(suite or cfg.validate_.suite)
-    report = validate_table(table, suite_path, out_dir / "data_docs", cfg.validate_.max_failing_rows)
+    # Raw JSON lines say what ingest cannot keep (missing metadata, id types, extra keys).
+    raw = raw_columns(table, file_reader(path if path.is_dir() else path.parent))
+    report = validate_table(table, suite_path, out_dir / "data_docs", cfg.validate_.max_failing_rows, raw=raw,
+                            severity_overrides=cfg.validate_.severity_overrides,
+                            boundary=suite_boundary(suite_path))
     pq.write_table(failing_rows_table(report, table), out_dir / "failing_rows.parquet")
     pq.write_table(bad, out_dir / "unreadable.parquet")
     reasons: dict[str, int] = {}
@@ -302,7 +322,9 @@ def add_subcommands(subparsers) -> None:
     sp = subparsers.add_parser("validate", help="run an expectation suite on a records file or folder (exit 1 on errors)")
     sp.add_argument("path", type=Path)
     sp.add_argument("--out", type=Path, default=Path("validation-report"), help="report folder (default ./validation-report)")
-    sp.add_argument("--suite", type=Path, default=None, help="suite YAML (default: validate.suite of the config)")
+    sp.add_argument("--suite", type=Path, default=None,
+                    help="suite YAML, or a name in schemas/suites: raw_documents, cleaned_records, augmented_records, "
+                         "training_records, preference_pairs (default: validate.suite of the config)")
     sp.add_argument("--config", type=Path, help="YAML config whose sections are used (default: schema defaults)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE")
     sp.add_argument("--store", type=Path, help="cache store for folder input (default OUT/.store)")

@@ -199,7 +199,7 @@ def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_R
 # ---------------------------------------------------------------------------------------------
 # near-duplicates: per-part sketches (the persisted index) + one global decision
 # ---------------------------------------------------------------------------------------------
-SKETCH_VERSION = "2"
+SKETCH_VERSION = "3"
 SKETCH_FILES = ("keys.npy", "sets.npy", "set_offsets.npy", "digests.npy", "meta.json")
 
 

@@ -4,8 +4,8 @@ verification, union-find clusters. Pure numpy, vectorised over a batch of docume
 Shingles follow the benchmark's ground truth (``re.findall(r"\\w+", text.lower())``, sets of word
 5-grams), so "Jaccard" here means the same number the corpus generator planted.
 
-* Words are hashed once per distinct word (xxh3_64, cached per process); an n-gram's hash is a
-  mixed linear combination of its word hashes, computed for a whole batch at once.
+* Words are hashed from the bytes of the whole batch with numpy (``word_hashes``); an n-gram's
+  hash is a mixed linear combination of its word hashes, computed for a whole batch at once.
 * A signature has ``bands * rows`` bins filled by one-permutation hashing: each shingle hash is
   mixed once, its high bits pick a bin, the bin keeps the minimum of the low bits, empty bins are
   densified (``signatures``). One hash per shingle instead of one per shingle and permutation.
@@ -25,27 +25,6 @@ import numpy as np
 
 WORD_RE = re.compile(r"\w+")
 _M64 = (1 << 64) - 1
-
-class _WordCache(dict):
-    """word -> uint64 xxh3 hash, computed on first sight. Corpora reuse a small vocabulary, so
-    almost every lookup is a plain dict hit (a process keeps its cache across batches)."""
-
-    def __missing__(self, word: str) -> int:
-        import xxhash
-
-        if len(self) >= _WORD_CACHE_MAX:  # a huge vocabulary must not grow the cache forever
-            self.clear()
-        v = self[word] = xxhash.xxh3_64_intdigest(word if isinstance(word, bytes) else word.encode("utf-8"))
-        return v
-
-
-_WORD_CACHE_MAX = 2_000_000
-_WORD_CACHE = _WordCache()
-
-
-def _word_hashes(words: list[str]) -> np.ndarray:
-    return np.fromiter(map(_WORD_CACHE.__getitem__, words), dtype=np.uint64, count=len(words))
-
 
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (in place on a fresh array): spreads every input bit over the output."""
@@ -69,19 +48,54 @@ def doc_words(text: str) -> list[str]:
 
 
 # ASCII fast path of doc_words: ``\w`` on ASCII is [A-Za-z0-9_], so lower-casing A-Z and turning
-# every other byte into a space, then bytes.split(), gives the same words as the regex at ~2.5x
-# the speed. bytes.split() splits on ASCII whitespace only, which is fine: every non-word byte
-# (whitespace included) is a space after the translation.
+# every other byte into a space gives the regex's words, space-separated, at C speed.
 _WORD_BYTES = bytes((c + 32 if 65 <= c <= 90 else c) if (chr(c).isalnum() or c == 95) and c < 128 else 32
                     for c in range(256))
+# Words hash as a polynomial in an odd P modulo 2**64 over their bytes, read off prefix sums of the
+# whole batch: S[i] = sum_{j<i} b_j P^j, so word [s, e) is (S[e] - S[s]) * P^-s (P is invertible).
+_P = 0x9E3779B97F4A7C15
+_PINV = pow(_P, -1, 1 << 64)
+_POWERS: dict[str, np.ndarray] = {}
 
 
-def _doc_tokens(text: str) -> list:
-    """The words of ``doc_words`` as bytes (ASCII text) or str (anything else); both hash the same
-    (the cache hashes a str's UTF-8 bytes)."""
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^j and P^-j for j < n (grown by doubling and kept per process)."""
+    if len(_POWERS.get("p", ())) < n:
+        m = max(n, 2 * len(_POWERS.get("p", ())), 1 << 16)
+        for name, base in (("p", _P), ("i", _PINV)):
+            a = np.full(m, base, dtype=np.uint64)
+            a[0] = 1
+            _POWERS[name] = np.cumprod(a, out=a)
+    return _POWERS["p"], _POWERS["i"]
+
+
+def _doc_bytes(text: str) -> bytes:
+    """The words of ``doc_words`` as UTF-8, separated by spaces (runs of spaces allowed)."""
     if text.isascii():
-        return text.encode("ascii").translate(_WORD_BYTES).split()
-    return WORD_RE.findall(text.lower())
+        return text.encode("ascii").translate(_WORD_BYTES)
+    return " ".join(WORD_RE.findall(text.lower())).encode("utf-8")
+
+
+def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 hash of every word of every text, in order; words per text), vectorised over the
+    bytes of the whole batch (a few numpy passes, no Python object per word): the polynomial
+    hash of the word's UTF-8 bytes plus its length, mixed."""
+    docs = [_doc_bytes(t) for t in texts]
+    buf = np.frombuffer(b" ".join(docs) + b" ", dtype=np.uint8)
+    edge = np.diff((buf != 32).view(np.int8), prepend=np.int8(0))
+    ws, we = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    if not len(ws):
+        return np.zeros(0, np.uint64), np.zeros(len(texts), np.int64)
+    pw, pinv = _powers(len(buf))
+    prefix = np.empty(len(buf) + 1, dtype=np.uint64)
+    prefix[0] = 0
+    np.cumsum(buf.astype(np.uint64) * pw[:len(buf)], out=prefix[1:])
+    wh = (prefix[we] - prefix[ws]) * pinv[ws]
+    wh += (we - ws).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+    doc_start = np.zeros(len(docs), dtype=np.int64)
+    np.cumsum([len(d) + 1 for d in docs[:-1]], out=doc_start[1:])
+    doc_of_word = np.searchsorted(doc_start, ws, side="right") - 1
+    return _mix64(wh), np.bincount(doc_of_word, minlength=len(texts)).astype(np.int64)
 
 
 def shingle_hashes(texts: list[str], ngram: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -92,10 +106,7 @@ def shingle_hashes(texts: list[str], ngram: int = 5) -> tuple[np.ndarray, np.nda
     Duplicate shingles inside a document are kept: the min and the set Jaccard ignore them."""
     if ngram > len(_POS):
         raise ValueError(f"ngram must be <= {len(_POS)}")
-    words_per_doc = [_doc_tokens(t) for t in texts]
-    lens = np.fromiter((len(w) for w in words_per_doc), dtype=np.int64, count=len(texts))
-    flat_words = [w for ws in words_per_doc for w in ws]
-    wh = _word_hashes(flat_words)
+    wh, lens = word_hashes(texts)
     starts = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(lens, out=starts[1:])
     total = len(wh)

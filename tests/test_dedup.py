@@ -1,6 +1,7 @@
 """dedup: exact keys, an order-independent representative, removed rows, and the stage."""
 from __future__ import annotations
 
+import json
 import random
 
 import pyarrow.parquet as pq
@@ -279,8 +280,63 @@ def test_standalone_dedup_folder_names_input_ids(make_cfg, tmp_path):
     rows = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["duplicate_of"], r["kind"]) for r in rows) == [("d3", "d1", "exact"), ("d4", "d1", "near"), ("d5", "d1", "exact")]
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["ingest"]["counters"]["out"] == 5 and stats["dedup"]["counters"]["duplicates"] == 3
+    assert stats["dedup"]["counters"] == {"in": 5, "out": 2, "rejected": {}, "duplicates": 3}
     assert sum(e.records for e in m.entries("data")) == 2 and (out / "parts").is_dir()
+    assert m.stats["path"] == "jsonl-direct" and m.stats["files_computed"] == 2
     # a rerun on the same store is a cache hit and writes the same removed.jsonl
     m2 = dedup_folder(ind, out, make_cfg(MINHASH))
     assert m2.stats["cache"] == "hit" and len((out / "removed.jsonl").read_text().splitlines()) == 3
+    # a grown folder parses and sketches only the new file, and compares it with the stored ones
+    (ind / "shard_2.jsonl").write_text(json.dumps({"id": "d6", "text": _near(base, 1, 63)}) + "\n")
+    m3 = dedup_folder(ind, out, make_cfg(MINHASH))
+    assert m3.stats["files_computed"] == 1 and m3.stats["files_reused"] == 2
+    rows = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+    assert ("d6", "d1", "near") in {(r["id"], r["duplicate_of"], r["kind"]) for r in rows}
+
+
+def _jsonl_folder(tmp_path):
+    import json
+
+    base = _text(70)
+    lines_a = [json.dumps({"id": "a1", "text": base}), "", "{not json",
+               json.dumps({"id": "a2", "text": _near(base, 3, 71)}), json.dumps([1, 2]),
+               json.dumps({"input": "Q?", "target": _text(72), "metadata": {"domain": "math"}}),
+               json.dumps({"id": 7, "text": _text(73)}), json.dumps({"text": 5})]
+    lines_b = [json.dumps({"id": "b1", "text": base.upper() + "  "}), json.dumps({"id": "b2", "text": "short text"}),
+               json.dumps({"input": "Q?", "target": _text(72), "metadata": {"domain": "math"}, "id": "b3"})]
+    ind = tmp_path / "in"
+    ind.mkdir()
+    (ind / "a.jsonl").write_text("\n".join(lines_a) + "\n")
+    (ind / "b.jsonl").write_text("\n".join(lines_b) + "\n")
+    return ind
+
+
+def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
+    """The standalone JSONL path builds the records ingest builds, rejects the same lines with
+    the same reasons, and makes the dedup stage's decisions."""
+    from flows.standalone import _stage_on_folder, dedup_folder, write_removed_jsonl
+    from schemas.records import record_id
+
+    ind = _jsonl_folder(tmp_path)
+    for method in ("minhash", "exact"):
+        cfg = make_cfg({"dedup": {"method": method}})
+        fast = dedup_folder(ind, tmp_path / f"fast-{method}", cfg)
+        assert fast.stats["path"] == "jsonl-direct"
+        slow, up = _stage_on_folder("dedup", ind, tmp_path / f"slow-{method}", cfg, None)
+        write_removed_jsonl(slow, up, tmp_path / f"slow-{method}" / "removed.jsonl")
+        # the direct path's counters are ingest's (in, rejected) and dedup's (out, duplicates)
+        assert fast.counters == {"in": up.counters["in"], "out": slow.counters["out"], "rejected": up.counters["rejected"],
+                                 "duplicates": slow.counters["duplicates"]}
+        assert fast.counters["rejected"] == {"blank_line": 1, "invalid_json": 1, "wrong_type": 2}
+        # rows identical, field by field, in the same order
+        assert _read(fast.files_with("data")) == _read(slow.files_with("data"))
+        rm = lambda d: sorted((r["id"], r["duplicate_of"], r["kind"]) for r in  # noqa: E731
+                              map(json.loads, (d / "removed.jsonl").read_text().splitlines()))
+        assert rm(tmp_path / f"fast-{method}") == rm(tmp_path / f"slow-{method}")
+        # b3 repeats line 6 of a.jsonl, which has no id of its own: it is named by its record id
+        expected = [("b1", "a1", "exact"), ("b3", record_id("Q?", _text(72)), "exact")]
+        expected += [("a2", "a1", "near")] if method == "minhash" else []
+        assert rm(tmp_path / f"fast-{method}") == sorted(expected)
+        q = _read(fast.files_with("quarantine"))
+        assert sorted((r["source_path"], r["source_line"], r["reason"]) for r in q) == [
+            ("a.jsonl", 2, "blank_line"), ("a.jsonl", 3, "invalid_json"), ("a.jsonl", 5, "wrong_type"), ("a.jsonl", 8, "wrong_type")]
