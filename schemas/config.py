@@ -111,8 +111,23 @@ class AugmentConfig(Section):
 
 
 class ValidateConfig(Section):
+    # One suite per boundary (tasks/validate.py BOUNDARIES); `suite` is the final one, before shard.
     suite: Path = Path("schemas/suites/training_records.yaml")
+    raw_suite: Path = Path("schemas/suites/raw_documents.yaml")
+    clean_suite: Path = Path("schemas/suites/cleaned_records.yaml")
+    augment_suite: Path = Path("schemas/suites/augmented_records.yaml")
     max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
+    # "<expectation>:<column>" or "<boundary>:<expectation>:<column>" -> error|warn: relax (or tighten)
+    # one expectation for this config without editing the reviewed suite.
+    severity_overrides: dict[str, Literal["error", "warn"]] = {}
+    # Distribution checks against the last successful run of the same config name; computed by the
+    # flow after each boundary, never part of a stage's output, so not hashed.
+    drift_severity: Literal["error", "warn"] = Field("warn", json_schema_extra=NOT_HASHED)
+    max_row_change: float = Field(0.5, ge=0.0, description="|rows - previous| / previous", json_schema_extra=NOT_HASHED)
+    max_length_ks: float = Field(0.2, ge=0.0, le=1.0, description="KS statistic of the length distribution",
+                                 json_schema_extra=NOT_HASHED)
+    max_task_type_tvd: float = Field(0.2, ge=0.0, le=1.0, description="total variation distance of the task_type mix",
+                                     json_schema_extra=NOT_HASHED)
 
 
 class ShardConfig(Section):

@@ -34,6 +34,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ from tasks.stage import (
 )
 
 STAGE = "validate"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("validate",)
 
 SEVERITIES = ("error", "warn")
@@ -69,7 +71,22 @@ _MAX_HTML_TEXT = 300
 
 
 class ValidationFailed(StageError):
-    """At least one error-severity expectation failed; the message names the surviving report."""
+    """At least one error-severity expectation failed; the message names the surviving report.
+    ``report`` is the ValidationReport (None for a drift failure), ``folder`` where it was written."""
+
+    def __init__(self, message: str, report: "ValidationReport | None" = None, folder: Path | None = None):
+        super().__init__(message)
+        self.report = report
+        self.folder = folder
+
+    def failing_ids(self, severity: str = "error") -> list[str]:
+        """Ids of the records/pairs that failed an expectation of this severity (to drop or fix them)."""
+        if self.report is None:
+            return []
+        return sorted({i for r in self.report.failed(severity) for i in r.failing_ids if i is not None})
+
+    def __reduce__(self):  # Prefect pickles task exceptions; keep the message, drop the report
+        return (type(self), (str(self),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +113,8 @@ def resolve_suite_path(suite: str | Path) -> Path:
         candidates = [p]
     else:
         candidates = [Path.cwd() / p, PROJECT_ROOT / p]
+        if p.suffix == "" and len(p.parts) == 1:  # a bare name: one of ours, `--suite preference_pairs`
+            candidates.append(PROJECT_ROOT / "schemas" / "suites" / f"{p.name}.yaml")
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -122,6 +141,7 @@ def load_suite(path: Path) -> list[SuiteEntry]:
         raise StageError(f"expectation suite {path}: cannot read it ({e})") from None
     except yaml.YAMLError as e:
         raise StageError(f"expectation suite {path}: not valid YAML: {e}") from None
+    data = _suite_body(path, data)[1]
     if not isinstance(data, list) or not data:
         raise StageError(f"expectation suite {path}: the top level must be a non-empty list of expectations")
     entries = []
@@ -153,6 +173,53 @@ def load_suite(path: Path) -> list[SuiteEntry]:
             raise StageError(f"{where} ({name}): 'why' must be a one-line reason for reviewers")
         entries.append(SuiteEntry(i, name, dict(kwargs), severity, why.strip()))
     return entries
+
+
+TABLE_KINDS = ("records", "preference_pairs")
+
+
+def _suite_body(path, data) -> tuple[str, Any]:
+    """A suite is a list of expectations (records), or ``{table: <kind>, expectations: [...]}``."""
+    if isinstance(data, dict):
+        unknown = set(data) - {"table", "expectations"}
+        kind = data.get("table", "records")
+        if unknown or kind not in TABLE_KINDS:
+            raise StageError(f"expectation suite {path}: a mapping suite has keys 'table' (one of {list(TABLE_KINDS)}) "
+                             f"and 'expectations' (the list); got keys {sorted(data)} and table {kind!r}")
+        return kind, data.get("expectations")
+    return "records", data
+
+
+def suite_kind(path: str | Path) -> str:
+    """Which table a suite checks: "records" (RECORD_SCHEMA rows) or "preference_pairs"."""
+    try:
+        return _suite_body(path, yaml.safe_load(Path(path).read_text(encoding="utf-8")))[0]
+    except (OSError, yaml.YAMLError):
+        return "records"  # load_suite reports the real problem
+
+
+def apply_severity(entries: list[SuiteEntry], overrides: dict | None, boundary: str) -> list[SuiteEntry]:
+    """Config can relax (or tighten) one expectation without editing the reviewed suite: keys are
+    ``<expectation>:<column>`` (every boundary) or ``<boundary>:<expectation>:<column>``; ``table``
+    names a table-level expectation's column. Raises ValueError for a key that matches nothing."""
+    if not overrides:
+        return entries
+    out, used = [], set()
+    for e in entries:
+        sev = e.severity
+        for key in (f"{e.expectation}:{e.column or 'table'}", f"{boundary}:{e.expectation}:{e.column or 'table'}"):
+            if key in overrides:
+                sev = overrides[key]
+                used.add(key)
+        out.append(dataclasses.replace(e, severity=sev) if sev != e.severity else e)
+    # A boundary-prefixed key must match its suite (a typo would otherwise relax nothing, silently);
+    # an unprefixed key may belong to another boundary's suite.
+    stale = [k for k in overrides if k not in used and k.count(":") == 2 and k.split(":", 1)[0] == boundary]
+    if stale:
+        names = sorted({f"{e.expectation}:{e.column or 'table'}" for e in entries})
+        raise ValueError(f"validate.severity_overrides {stale} match no expectation of the {boundary} suite; "
+                         f"keys look like one of {names} (optionally prefixed by the boundary, e.g. raw:)")
+    return out
 
 
 def _gx_expectation(entry: SuiteEntry, path: Path):
@@ -197,7 +264,182 @@ def records_frame(data) -> "pd.DataFrame":  # noqa: F821
     for name, _ in METADATA_FIELDS:
         if f"metadata_{name}" not in df.columns:
             df[f"metadata_{name}"] = None
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    _derive_record_columns(df)
+    return df
+
+
+RAW_COLUMNS = ("raw_id_type", "raw_metadata_absent", "raw_metadata_missing_fields", "raw_extra_keys")
+REQUIRED_SFT_METADATA = ("task_type", "domain", "source")
+_SFT_KEYS = {"id", "input", "target", "metadata", "lang"}
+_TEXT_KEYS = {"id", "text", "metadata", "lang"}
+
+
+def _derive_record_columns(df) -> None:
+    """Columns no stage stores but suites check: ``source_record`` (one original record per source id
+    and file; record ids are content hashes and cannot show it), ``aug_parent_missing`` (an augmented
+    record whose original is not in the table) and the raw_* columns (null unless filled from raw files)."""
+    original = df["metadata_parent_id"].isna() & df["metadata_aug_method"].isna()
+    has_sid = df["metadata_source_id"].notna() & original
+    df["source_record"] = None
+    if has_sid.any():
+        df.loc[has_sid, "source_record"] = (
+            df.loc[has_sid, "metadata_source_path"].fillna("?").astype(str) + "#" + df.loc[has_sid, "metadata_source_id"].astype(str)
+        )
+    ids = set(df["id"].dropna())
+    augmented = df["metadata_aug_method"].notna()
+    parents = df["metadata_parent_id"]
+    missing = augmented & (parents.isna() | ~parents.isin(ids))
+    df["aug_parent_missing"] = None
+    if missing.any():
+        df.loc[missing, "aug_parent_missing"] = parents[missing].fillna("(null)")
+    for name in RAW_COLUMNS:
+        if name not in df.columns:
+            df[name] = None
+
+
+def raw_shape(obj) -> dict:
+    """What a raw JSON record says that ingest does not keep: the id's JSON type, a missing metadata
+    object or required field (ingest fills defaults), and keys it does not map (ingest drops them)."""
+    if not isinstance(obj, dict):
+        return {}
+    sft = "input" in obj or "target" in obj
+    out: dict[str, Any] = {"raw_id_type": _json_type(obj["id"]) if "id" in obj else None}
+    md = obj.get("metadata")
+    if sft and "metadata" not in obj:
+        out["raw_metadata_absent"] = "metadata"
+    elif sft and isinstance(md, dict):
+        gone = [f for f in REQUIRED_SFT_METADATA if f not in md]
+        out["raw_metadata_missing_fields"] = ",".join(gone) or None
+    extra = sorted(set(obj) - (_SFT_KEYS if sft else _TEXT_KEYS))
+    out["raw_extra_keys"] = ",".join(extra) or None
+    return out
+
+
+def _json_type(v) -> str:
+    return {str: "str", bool: "bool", int: "int", float: "float", list: "list", dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def raw_shapes(data: bytes, rel: str) -> dict[int, dict]:
+    """source_line -> raw_shape for one raw JSON/JSONL file (optionally .gz), numbered the way ingest
+    numbers them (physical 1-based lines; items of a .json array). Unreadable lines are skipped:
+    ingest already quarantined them with their reason. Non-JSON files give {}."""
+    import gzip
+
+    from tasks.ingest import JSON_EXT
+
+    name = rel.lower()
+    if name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            return {}
+        name = name[:-3]
+    ext = os.path.splitext(name)[1]
+    if ext not in JSON_EXT:
+        return {}
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    out: dict[int, dict] = {}
+    if ext == ".json":
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        for i, item in enumerate(obj if isinstance(obj, list) else [obj], start=1):
+            out[i] = raw_shape(item)
+        return out
+    for i, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            out[i] = raw_shape(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def raw_columns(table: pa.Table, read_raw) -> dict[str, list]:
+    """The raw_* columns for records, row-aligned: ``read_raw(source_path) -> bytes | None`` reads
+    each raw file once (None: not available, e.g. a record Parquet validated on its own)."""
+    if "metadata" not in table.column_names or table.num_rows == 0:
+        return {}
+    md = table.column("metadata").combine_chunks()
+    paths = md.field("source_path").to_pylist()
+    lines = md.field("source_line").to_pylist()
+    shapes: dict[str, dict[int, dict]] = {}
+    for rel in sorted({p for p in paths if p}):
+        data = read_raw(rel)
+        shapes[rel] = raw_shapes(data, rel) if data is not None else {}
+    cols: dict[str, list] = {name: [] for name in RAW_COLUMNS}
+    for rel, line in zip(paths, lines):
+        shape = shapes.get(rel, {}).get(line, {}) if rel and line is not None else {}
+        for name in RAW_COLUMNS:
+            cols[name].append(shape.get(name))
+    return cols
+
+
+def file_reader(root: Path):
+    """``read_raw`` for raw_columns: files below ``root`` by their source_path, None when absent."""
+    root = Path(root)
+
+    def read(rel: str) -> bytes | None:
+        p = root / rel
+        return p.read_bytes() if p.is_file() else None
+
+    return read
+
+
+PAIR_TEXT = ("prompt", "chosen", "rejected")
+
+
+def pairs_frame(data) -> "pd.DataFrame":  # noqa: F821
+    """Preference pairs (a pyarrow Table, DataFrame, list of dicts or a JSONL path) -> the frame the
+    preference_pairs suite sees: id, prompt, chosen, rejected, metadata_<key>, chosen_equals_rejected."""
+    import pandas as pd
+
+    if isinstance(data, (str, Path)):
+        data = read_pairs(data)
+    if isinstance(data, pa.Table):
+        data = data.to_pylist()
+    if isinstance(data, pd.DataFrame):
+        data = data.to_dict("records")
+    if not isinstance(data, list):
+        raise TypeError(f"preference pairs must be a path, pyarrow Table, DataFrame or list of dicts, got {type(data).__name__}")
+    rows = []
+    for obj in data:
+        row = {k: obj.get(k) for k in ("id", *PAIR_TEXT)}
+        for k, v in (obj.get("metadata") or {}).items():
+            row[f"metadata_{k}"] = v
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else ["id", *PAIR_TEXT])
+    for k in ("id", *PAIR_TEXT):
+        if k not in df.columns:
+            df[k] = None
+    df["chosen_equals_rejected"] = [c is not None and c == r for c, r in zip(df["chosen"], df["rejected"])]
+    return df
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """A preference-pairs JSONL (optionally .gz); a line that is not a JSON object is a clear error."""
+    import gzip
+
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    out = []
+    for i, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}:{i}: not valid JSON ({e}); preference pairs are one JSON object a line") from None
+        if not isinstance(obj, dict):
+            raise StageError(f"{path}:{i}: a preference pair must be a JSON object with prompt/chosen/rejected")
+        out.append(obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +474,10 @@ class ValidationReport:
     results: list[ExpectationResult]
     docs_index: Path | None = None
     docs_pages: dict[str, str] = field(default_factory=dict)  # "validation"/"suite" -> path relative to docs
+    boundary: str = "final"
+    kind: str = "records"
+    profile: dict = field(default_factory=dict)  # distribution statistics (profile()), compared run to run
+    drift: list = field(default_factory=list)  # DriftResult, filled by the flow (compare_profiles)
 
     def failed(self, severity: str) -> list[ExpectationResult]:
         return [r for r in self.results if not r.success and r.severity == severity]
@@ -267,7 +513,8 @@ class ValidationReport:
     def to_markdown(self) -> str:
         status = "passed" if self.success else "FAILED"
         lines = [
-            f"## Validation {status}: suite `{Path(self.suite).name}` on {self.rows} records",
+            f"## Validation {status}: {BOUNDARY_TITLES.get(self.boundary, self.boundary)}, suite `{Path(self.suite).name}` "
+            f"on {self.rows} {'pairs' if self.kind == 'preference_pairs' else 'records'}",
             "",
             f"{len(self.results)} expectations; {self.error_failed} error-severity and "
             f"{self.warn_failed} warn-severity failed.",
@@ -288,6 +535,140 @@ class ValidationReport:
                 more = f" (first ids: {ids})" if ids else ""
                 lines.append(f"- **{r.severity}** `{r.expectation}` on `{r.column or 'table'}`: {_md(r.why)}{more}")
         return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# distribution checks against the last successful run
+# ---------------------------------------------------------------------------------------------
+def profile(df) -> dict:
+    """What a boundary's data looks like, small enough to keep per run: row count, task_type mix and
+    the length distribution (characters of input+target, or prompt+chosen for pairs) as a histogram
+    over power-of-two bins plus quantiles. Bins make a KS statistic possible without the rows."""
+    import numpy as np
+
+    if "target" in df.columns:
+        lengths = df["input"].fillna("").str.len() + df["target"].fillna("").str.len()
+    elif "prompt" in df.columns:
+        lengths = df["prompt"].fillna("").str.len() + df["chosen"].fillna("").str.len()
+    else:
+        lengths = df.iloc[:0, 0]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bins = np.floor(np.log2(lengths + 1)).astype(int) if len(lengths) else np.array([], dtype=int)
+    hist = {str(b): int(n) for b, n in zip(*np.unique(bins, return_counts=True))}
+    q = {f"p{int(p * 100)}": float(np.quantile(lengths, p)) for p in (0.1, 0.5, 0.9)} if len(lengths) else {}
+    tt = df["metadata_task_type"].fillna("(none)").value_counts() if "metadata_task_type" in df.columns else {}
+    return {"rows": int(len(df)), "task_types": {str(k): int(v) for k, v in dict(tt).items()},
+            "length_hist": hist, "length_quantiles": q}
+
+
+@dataclass
+class DriftResult:
+    check: str  # rows | length | task_type
+    value: float
+    threshold: float
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.value <= self.threshold
+
+
+def _ks(a: dict, b: dict) -> float:
+    """Two-sample KS statistic on the binned length distributions (max CDF gap over the bins)."""
+    na, nb = sum(a.values()), sum(b.values())
+    if not na or not nb:
+        return 0.0 if na == nb else 1.0
+    ca = cb = 0.0
+    worst = 0.0
+    for k in sorted({int(x) for x in (*a, *b)}):
+        ca += a.get(str(k), 0) / na
+        cb += b.get(str(k), 0) / nb
+        worst = max(worst, abs(ca - cb))
+    return worst
+
+
+def _tvd(a: dict, b: dict) -> float:
+    na, nb = sum(a.values()), sum(b.values())
+    if not na or not nb:
+        return 0.0 if na == nb else 1.0
+    return 0.5 * sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in set(a) | set(b))
+
+
+def compare_profiles(prev: dict, cur: dict, vcfg) -> list[DriftResult]:
+    """Row count change (fraction of the previous count), length-distribution KS statistic and
+    task_type total variation distance, each against its validate.max_* threshold."""
+    n0, n1 = prev.get("rows", 0), cur.get("rows", 0)
+    change = abs(n1 - n0) / max(n0, 1)
+    q0, q1 = prev.get("length_quantiles", {}), cur.get("length_quantiles", {})
+    medians = f"median {q0.get('p50', 0):.0f} → {q1.get('p50', 0):.0f} chars, p90 {q0.get('p90', 0):.0f} → {q1.get('p90', 0):.0f}"
+    t0, t1 = prev.get("task_types", {}), cur.get("task_types", {})
+    shift = sorted(set(t0) | set(t1), key=lambda k: -abs(t1.get(k, 0) / max(n1, 1) - t0.get(k, 0) / max(n0, 1)))[:3]
+    mix = ", ".join(f"{k} {t0.get(k, 0) / max(n0, 1):.0%} → {t1.get(k, 0) / max(n1, 1):.0%}" for k in shift)
+    return [
+        DriftResult("rows", round(change, 4), vcfg.max_row_change, f"{n0} → {n1} rows ({(n1 - n0) / max(n0, 1):+.1%})"),
+        DriftResult("length", round(_ks(prev.get("length_hist", {}), cur.get("length_hist", {})), 4), vcfg.max_length_ks,
+                    f"KS statistic over log2 length bins; {medians}"),
+        DriftResult("task_type", round(_tvd(t0, t1), 4), vcfg.max_task_type_tvd, f"total variation distance; {mix}"),
+    ]
+
+
+def stats_path(store_root: Path, name: str, boundary: str) -> Path:
+    return Path(store_root) / "_stats" / name / f"{boundary}.json"
+
+
+def drift_markdown(boundary: str, results: list[DriftResult], prev_at: str | None, severity: str) -> str:
+    if prev_at is None:
+        return f"### Distribution checks ({boundary})\n\nno previous run: these statistics become the baseline once this run succeeds.\n"
+    lines = [f"### Distribution checks ({boundary}) against the last successful run ({prev_at})", "",
+             f"Severity `{severity}`.", "", "| check | value | threshold | result | detail |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.check} | {r.value:.3f} | {r.threshold:.3f} | {'pass' if r.ok else 'DRIFT'} | {_md(r.detail)} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_drift(store_root: Path, name: str, boundary: str, manifest, vcfg) -> tuple[list[DriftResult], str]:
+    """Compare a boundary's profile with the last successful run of config ``name``; publish the
+    result as a markdown artifact; raise ValidationFailed when validate.drift_severity is error and a
+    threshold is exceeded. Returns (results, a one-line note for the run summary)."""
+    cur = (manifest.stats or {}).get("profile")
+    if not cur:
+        return [], ""
+    path = stats_path(store_root, name, boundary)
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        prev = None
+    results = compare_profiles(prev["profile"], cur, vcfg) if prev else []
+    md = drift_markdown(boundary, results, prev.get("at") if prev else None, vcfg.drift_severity)
+    drifted = [r for r in results if not r.ok]
+    publish_markdown(f"drift-{boundary}", md, description=f"{len(drifted)} distribution check(s) exceeded" if drifted else "")
+    if prev is None:
+        note = "drift: no previous run"
+    else:
+        note = "drift: " + ", ".join(f"{r.check} {r.value:.2f}{'!' if not r.ok else ''}" for r in results)
+    if drifted and vcfg.drift_severity == "error":
+        raise ValidationFailed(
+            f"distribution drift at the {boundary} boundary against the last successful run of {name!r}: "
+            + "; ".join(f"{r.check} {r.value:.3f} > {r.threshold} ({r.detail})" for r in drifted)
+            + ". If the change is intended, run once with validate.drift_severity=warn to make this the new baseline."
+        )
+    return results, note
+
+
+def save_stats(store_root: Path, name: str, manifests: dict) -> list[Path]:
+    """After a successful run: each boundary's profile becomes the baseline the next run compares with."""
+    from tasks.stage import write_json_atomic
+
+    written = []
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for stage, m in manifests.items():
+        prof = (getattr(m, "stats", None) or {}).get("profile")
+        boundary = (m.stats or {}).get("boundary")
+        if prof and boundary:
+            path = stats_path(store_root, name, boundary)
+            write_json_atomic(path, {"at": at, "stage": stage, "key": m.key, "profile": prof})
+            written.append(path)
+    return written
 
 
 def _first_ids(r: ExpectationResult, n: int = 5) -> list:
@@ -350,30 +731,38 @@ def _quiet():
 
 
 def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
-                   max_failing_rows: int = 1000) -> ValidationReport:
-    """Validate records (pyarrow Table or DataFrame) against a suite file; write Data Docs to
-    ``docs_dir`` (``index.html`` there) when given. Pure: reads nothing else, writes only docs_dir."""
+                   max_failing_rows: int = 1000, *, raw: dict[str, list] | None = None,
+                   severity_overrides: dict | None = None, boundary: str = "final") -> ValidationReport:
+    """Validate records (pyarrow Table or DataFrame) or, for a ``table: preference_pairs`` suite,
+    preference pairs against a suite file; write Data Docs to ``docs_dir`` (``index.html`` there)
+    when given. ``raw`` holds row-aligned raw_* columns (raw_columns). Pure: reads nothing else,
+    writes only docs_dir."""
     gx = _import_gx()
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     suite_path = Path(suite_path)
-    entries = load_suite(suite_path)
-    df = records_frame(data)
+    entries = apply_severity(load_suite(suite_path), severity_overrides, boundary)
+    kind = suite_kind(suite_path)
+    df = pairs_frame(data) if kind == "preference_pairs" else records_frame(data)
+    for name, values in (raw or {}).items():
+        if len(values) != len(df):
+            raise ValueError(f"raw column {name} has {len(values)} values for {len(df)} rows")
+        df[name] = values
     for e in entries:
         for col in [e.kwargs.get("column"), *(e.kwargs.get("column_list") or [])]:
             if col is not None and col not in df.columns:
                 raise StageError(
                     f"expectation suite {suite_path}, entry {e.index} ({e.expectation}): column {col!r} is not in "
-                    f"the records table; columns: {', '.join(df.columns)}"
+                    f"the {kind} table; columns: {', '.join(df.columns)}"
                 )
 
     with tempfile.TemporaryDirectory(prefix="c2m-gx-") as tmp, _quiet():
         # A throwaway file context: nothing of GE's state outlives the call or leaks between runs.
         context = gx.get_context(mode="file", project_root_dir=tmp)
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        suite = gx.ExpectationSuite(name=SUITE_NAME, meta={"source_file": str(suite_path)})
+        suite = gx.ExpectationSuite(name=suite_path.stem, meta={"source_file": str(suite_path), "boundary": boundary})
         for e in entries:
             suite.add_expectation(_gx_expectation(e, suite_path))
         suite = context.suites.add_or_update(suite)
@@ -405,6 +794,9 @@ def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
             suite_sha256=sha256_bytes(suite_path.read_bytes()),
             rows=len(df),
             results=results,
+            boundary=boundary,
+            kind=kind,
+            profile=profile(df),
         )
         if docs_dir is not None:
             site = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -500,6 +892,7 @@ code,pre,.code-snippet{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,mo
 .c2m-truncated{color:#6e7781;font-style:italic}
 .c2m-fail{color:#cf222e;font-weight:600}.c2m-pass{color:#1a7f37}
 .c2m-sev-error{font-weight:600}.c2m-sev-warn{color:#9a6700}
+.c2m-bar{display:inline-block;height:10px;background:#0b5cad;border-radius:2px}
 """
 
 _REMOTE_LINK = re.compile(r"<link\b[^>]*>", re.I)
@@ -558,6 +951,7 @@ def _publish_docs(site: Path, docs_dir: Path, report: ValidationReport) -> dict[
 def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
     e = html.escape
     status = "passed" if report.success else "FAILED"
+    noun = "pairs" if report.kind == "preference_pairs" else "records"
     rows = []
     for r in report.results:
         word = _result_word(r)
@@ -581,8 +975,8 @@ def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
 <style>{_STYLE}</style></head>
 <body><nav class="navbar"><span class="c2m-brand">corpus2model · validate · Data Docs</span></nav>
 <div class="container-fluid">
-<h2>Validation <span class="{'c2m-pass' if report.success else 'c2m-fail'}">{status}</span></h2>
-<p>Suite <code>{e(report.suite)}</code> (sha256 <code>{report.suite_sha256[:16]}</code>) on {report.rows} records:
+<h2>Validation <span class="{'c2m-pass' if report.success else 'c2m-fail'}">{status}</span>: {e(BOUNDARY_TITLES.get(report.boundary, report.boundary))}</h2>
+<p>Suite <code>{e(report.suite)}</code> (sha256 <code>{report.suite_sha256[:16]}</code>) on {report.rows} {noun}:
 {len(report.results)} expectations, <span class="c2m-sev-error">{report.error_failed} error-severity</span> and
 <span class="c2m-sev-warn">{report.warn_failed} warn-severity</span> failed.
 Error failures stop the flow; warn failures are recorded and the run continues.</p>
@@ -591,28 +985,50 @@ Error failures stop the flow; warn failures are recorded and the run continues.<
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
+{_profile_html(report.profile)}
 </div></body></html>
 """
+
+
+def _profile_html(prof: dict) -> str:
+    """The statistics the next run's distribution checks compare against, as a person reads them."""
+    if not prof:
+        return ""
+    e = html.escape
+    q = prof.get("length_quantiles") or {}
+    tt = prof.get("task_types") or {}
+    n = max(prof.get("rows", 0), 1)
+    mix = "".join(f"<tr><td>{e(k)}</td><td>{v}</td><td>{v / n:.1%}</td></tr>" for k, v in sorted(tt.items(), key=lambda kv: -kv[1]))
+    hist = prof.get("length_hist") or {}
+    peak = max(hist.values(), default=1)
+    bars = "".join(
+        f"<tr><td>{2 ** int(b) - 1}–{2 ** (int(b) + 1) - 2}</td><td>{c}</td>"
+        f"<td><span class=\"c2m-bar\" style=\"width:{max(1, round(200 * c / peak))}px\"></span></td></tr>"
+        for b, c in sorted(hist.items(), key=lambda kv: int(kv[0])))
+    quant = ", ".join(f"{k} {v:.0f}" for k, v in q.items())
+    mix_table = (f"<table><thead><tr><th>task_type</th><th>rows</th><th>share</th></tr></thead><tbody>{mix}</tbody></table>"
+                 if mix else "")
+    return (f"<h3>Statistics</h3><p>Compared with the last successful run of the same config by the flow's distribution "
+            f"checks (row count, length distribution, task_type mix). Length in characters: {e(quant)}.</p>"
+            f"<div class=\"row\"><div class=\"col-4\">{mix_table}</div><div class=\"col-6\"><table><thead><tr><th>length</th>"
+            f"<th>rows</th><th></th></tr></thead><tbody>{bars}</tbody></table></div></div>")
 
 
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
-def failing_rows_table(report: ValidationReport, table: pa.Table) -> pa.Table:
+def failing_rows_table(report: ValidationReport, table: pa.Table, stage: str = STAGE) -> pa.Table:
     """One quarantine row per (failing record, expectation), in suite order; the records are copies."""
     rows = []
     for r in report.results:
         if not r.failing_rows:
             continue
         for rec in table.take(pa.array(r.failing_rows, type=pa.int64())).to_pylist():
-            rows.append(quarantine_row(STAGE, r.reason, detail=r.severity, record=rec))
+            rows.append(quarantine_row(stage, r.reason, detail=r.severity, record=rec))
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _read_parts(inputs: list[Manifest]) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
-    if len(inputs) != 1:
-        raise StageError(f"validate takes one upstream manifest (augment), got {len(inputs)}")
-    (up,) = inputs
+def _read_records(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
     paths = up.files_with("data")
     names = [p.name for p in paths]
     unique = len(set(names)) == len(names)
@@ -621,10 +1037,10 @@ def _read_parts(inputs: list[Manifest]) -> tuple[pa.Table, list[tuple[Path, str,
         try:
             t = pq.read_table(p)
         except (OSError, pa.ArrowInvalid) as e:
-            raise StageError(f"validate: cannot read upstream part {p} ({e}); rerun the {up.stage} stage") from None
+            raise StageError(f"{stage}: cannot read upstream part {p} ({e}); rerun the {up.stage} stage") from None
         missing = set(RECORD_SCHEMA.names) - set(t.column_names)
         if missing:
-            raise StageError(f"validate: upstream part {p} lacks record columns {sorted(missing)}")
+            raise StageError(f"{stage}: upstream part {p} lacks record columns {sorted(missing)}")
         t = t.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
         tables.append(t)
         parts.append((p, f"parts/{p.name if unique else f'{i:06d}-{p.name}'}", t.num_rows))
@@ -632,54 +1048,82 @@ def _read_parts(inputs: list[Manifest]) -> tuple[pa.Table, list[tuple[Path, str,
     return table, parts
 
 
-def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+# The boundaries: node name, suite config field, upstream stages (the last one holds the records).
+BOUNDARIES = {
+    "raw": ("check_raw", "raw_suite", ("source", "ingest")),
+    "clean": ("check_clean", "clean_suite", ("dedup",)),
+    "augment": ("check_augment", "augment_suite", ("augment",)),
+    "final": ("validate", "suite", ("augment",)),
+}
+BOUNDARY_TITLES = {"raw": "raw documents (ingest)", "clean": "cleaned records (clean + dedup)",
+                   "augment": "augmented records", "final": "final training records", "pairs": "preference pairs"}
+
+
+def _suite_for(vcfg, boundary: str) -> Path:
+    return resolve_suite_path(getattr(vcfg, BOUNDARIES[boundary][1]))
+
+
+def _run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    """Validate one boundary. ``final`` passes the records through (shard reads them); the check_*
+    nodes write reports only. Error-severity failures raise ValidationFailed, report kept."""
+    stage, _, ups = BOUNDARIES[boundary]
+    if len(inputs) != len(ups):
+        raise StageError(f"{stage} takes upstream manifests {list(ups)}, got {[u.stage for u in inputs]}")
     vcfg = cfg.validate
-    suite_path = resolve_suite_path(vcfg.suite)
-    table, parts = _read_parts(inputs)
+    suite_path = _suite_for(vcfg, boundary)
+    table, parts = _read_records(inputs[-1], stage)
+    raw = raw_columns(table, file_reader(Path(inputs[0].path))) if boundary == "raw" else None
     docs_dir = out_dir / "data_docs"
-    report = validate_table(table, suite_path, docs_dir, max_failing_rows=vcfg.max_failing_rows)
+    try:
+        report = validate_table(table, suite_path, docs_dir, max_failing_rows=vcfg.max_failing_rows, raw=raw,
+                                severity_overrides=vcfg.severity_overrides, boundary=boundary)
+    except ValueError as e:
+        raise StageError(f"{stage}: {e}") from None
 
     files: list[FileEntry] = []
-    for src, rel, n in parts:
-        link_or_copy(src, out_dir / rel)
-        files.append(FileEntry(rel, role="data", records=n))
-
-    failing = failing_rows_table(report, table)
+    n = table.num_rows
+    if boundary == "final":
+        for src, rel, k in parts:
+            link_or_copy(src, out_dir / rel)
+            files.append(FileEntry(rel, role="data", records=k))
+    # The rows that failed, copies with the expectation that failed (validation never drops a record).
+    failing = failing_rows_table(report, table, stage)
     pq.write_table(failing, out_dir / "failing_rows.parquet")
     files.append(FileEntry("failing_rows.parquet", role="quarantine", records=failing.num_rows))
+    upstream_rejected = {}
+    if boundary == "raw":
+        upstream_rejected = dict(inputs[-1].counters.get("rejected") or {})
     summary = report.to_dict()
-    summary["docs_index"] = "data_docs/index.html"
+    summary.update(docs_index="data_docs/index.html", boundary=boundary, upstream_rejected=upstream_rejected)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     markdown = report.to_markdown()
+    if upstream_rejected:
+        markdown += ("\nRecords ingest could not read (quarantined by ingest with these reasons): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(upstream_rejected.items(), key=lambda kv: -kv[1])) + "\n")
     (out_dir / "report.md").write_text(markdown, encoding="utf-8")
     files += [FileEntry("report.json", role="report"), FileEntry("report.md", role="report")]
     files += [FileEntry(p.relative_to(out_dir).as_posix(), role="report")
               for p in sorted(docs_dir.rglob("*")) if p.is_file()]
 
     if not report.success:
-        folder = _keep_failed_report(out_dir, inputs, report, ctx)
-        publish_markdown("validate-summary", markdown, description="validation FAILED")
-        publish_link("validate-data-docs", "file://" + str(folder / "data_docs" / "index.html"),
-                     text="Data Docs (failed validation)")
-        failures = "; ".join(f"{r.expectation}({r.column or 'table'}): {r.unexpected_count} unexpected"
-                             + (f" [{r.exception}]" if r.exception else "") for r in report.failed("error"))
-        raise ValidationFailed(
-            f"validation failed: {report.error_failed} error-severity expectation(s) of suite {suite_path} failed: "
-            f"{failures}. Report: {folder} (data_docs/index.html, report.md, failing_rows.parquet). Fix the data "
-            "upstream or, if the expectation is wrong, edit the suite."
-        )
+        folder = _keep_failed_report(out_dir, inputs, report, ctx, stage)
+        publish_markdown(f"{stage}-summary", markdown, description=f"{BOUNDARY_TITLES[boundary]}: validation FAILED")
+        publish_link(f"{stage}-data-docs", "file://" + str(folder / "data_docs" / "index.html"),
+                     text=f"Data Docs: {BOUNDARY_TITLES[boundary]} (failed)")
+        raise ValidationFailed(_failure_message(report, suite_path, stage, folder), report=report, folder=folder)
 
     final = ctx.final_dir or out_dir  # links in artifacts must name the folder that outlives this run
-    publish_markdown("validate-summary", markdown,
+    publish_markdown(f"{stage}-summary", markdown,
                      description=f"{report.warn_failed} warn-severity expectation(s) failed" if report.warn_failed else "")
-    publish_link("validate-data-docs", "file://" + str(final / "data_docs" / "index.html"), text="Data Docs")
-    ctx.info("validate: %d rows, %d expectations, %d warnings failed", report.rows, len(report.results), report.warn_failed)
-    n = table.num_rows
+    publish_link(f"{stage}-data-docs", "file://" + str(final / "data_docs" / "index.html"),
+                 text=f"Data Docs: {BOUNDARY_TITLES[boundary]}")
+    ctx.info("%s: %d rows, %d expectations, %d warnings failed", stage, report.rows, len(report.results), report.warn_failed)
     return Manifest(
-        stage=STAGE,
+        stage=stage,
         files=files,
         counters={"in": n, "out": n, "rejected": {}, "duplicates": 0},
         stats={
+            "boundary": boundary,
             "rows": n,
             "expectations": len(report.results),
             "errors_failed": report.error_failed,
@@ -688,18 +1132,34 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             "failing_rows": failing.num_rows,
             "suite": str(suite_path),
             "suite_sha256": report.suite_sha256,
+            "profile": report.profile,
             # Relative: out_dir is renamed into the store after run returns.
             "docs_index": "data_docs/index.html",
         },
     )
 
 
-def _keep_failed_report(out_dir: Path, inputs: list[Manifest], report: ValidationReport, ctx: StageContext) -> Path:
+def _failure_message(report: ValidationReport, suite_path: Path, stage: str, folder: Path) -> str:
+    failures = "; ".join(f"{r.expectation}({r.column or 'table'}): {r.unexpected_count} unexpected"
+                         + (f" [{r.exception}]" if r.exception else "") for r in report.failed("error"))
+    return (f"{stage}: validation failed: {report.error_failed} error-severity expectation(s) of suite {suite_path} "
+            f"failed: {failures}. Report: {folder} (data_docs/index.html, report.md, failing_rows.parquet). Fix the data "
+            "upstream or, if the expectation is wrong, edit the suite (or relax it for this config with "
+            "validate.severity_overrides).")
+
+
+def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    """The final boundary (training records, before shard): records pass through as hard links."""
+    return _run_boundary("final", inputs, cfg, out_dir, ctx)
+
+
+def _keep_failed_report(out_dir: Path, inputs: list[Manifest], report: ValidationReport, ctx: StageContext,
+                        stage: str = STAGE) -> Path:
     """out_dir is deleted when the stage raises: copy the evidence where a person can open it."""
     digest = hashlib.sha256(
         canonical_json({"upstream": [f"{u.stage}:{u.key}" for u in inputs], "suite": report.suite_sha256}).encode()
     ).hexdigest()[:12]
-    folder = ctx.store.root / "reports" / f"validate-failed-{digest}"
+    folder = ctx.store.root / "reports" / f"{stage}-failed-{digest}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -707,3 +1167,96 @@ def _keep_failed_report(out_dir: Path, inputs: list[Manifest], report: Validatio
         shutil.copy2(out_dir / name, folder / name)
     shutil.copytree(out_dir / "data_docs", folder / "data_docs")
     return folder
+
+
+_BOUNDARY_MODULES: dict[str, types.ModuleType] = {}
+
+
+def boundary_module(boundary: str) -> types.ModuleType:
+    """The check_<boundary> DAG node as a stage module (STAGE, VERSION, SECTIONS, run, key_extra):
+    one implementation, one cached node per boundary, each keyed by its upstream and its suite file."""
+    if boundary not in BOUNDARIES or boundary == "final":
+        raise KeyError(f"unknown validation boundary {boundary!r}; one of {[b for b in BOUNDARIES if b != 'final']}")
+    if boundary not in _BOUNDARY_MODULES:
+        stage = BOUNDARIES[boundary][0]
+        mod = types.ModuleType(f"tasks.validate[{stage}]", f"{stage}: the {BOUNDARY_TITLES[boundary]} boundary check")
+        mod.STAGE, mod.VERSION, mod.SECTIONS = stage, VERSION, SECTIONS
+        mod.run = lambda inputs, cfg, out_dir, ctx, _b=boundary: _run_boundary(_b, inputs, cfg, out_dir, ctx)
+        mod.key_extra = lambda cfg, _b=boundary: {"suite_sha256": sha256_bytes(_suite_for(cfg.validate, _b).read_bytes())}
+        _BOUNDARY_MODULES[boundary] = mod
+    return _BOUNDARY_MODULES[boundary]
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs (the DPO loader calls this)
+# ---------------------------------------------------------------------------------------------
+def validate_preference_pairs(table_or_path, out_dir: str | Path, suite: str | Path = "preference_pairs",
+                              severity_overrides: dict | None = None, max_failing_rows: int = 1000) -> ValidationReport:
+    """Validate DPO preference pairs (a JSONL path, pyarrow Table, DataFrame or list of dicts) with the
+    preference_pairs suite. Writes ``out_dir``: data_docs/index.html, report.md, report.json and
+    failing_rows.parquet (quarantine schema, one row per failing pair and expectation). Raises
+    ValidationFailed (``.report`` holds the results, ``.failing_ids()`` the pairs to drop) when an
+    error-severity expectation fails; warn failures are only reported."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite_path = resolve_suite_path(suite)
+    if suite_kind(suite_path) != "preference_pairs":
+        raise StageError(f"{suite_path} is not a preference-pairs suite (it needs 'table: preference_pairs')")
+    rows = read_pairs(table_or_path) if isinstance(table_or_path, (str, Path)) else table_or_path
+    report = validate_table(rows, suite_path, out_dir / "data_docs", max_failing_rows,
+                            severity_overrides=severity_overrides, boundary="pairs")
+    records = _rows_as_dicts(rows)
+    q = []
+    for r in report.results:
+        for i in r.failing_rows:
+            q.append(quarantine_row("validate_pairs", r.reason, detail=r.severity, record=records[i]))
+    pq.write_table(pa.Table.from_pylist(q, schema=QUARANTINE_SCHEMA), out_dir / "failing_rows.parquet")
+    summary = {**report.to_dict(), "docs_index": "data_docs/index.html", "source": str(table_or_path) if isinstance(table_or_path, (str, Path)) else None}
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    markdown = report.to_markdown()
+    (out_dir / "report.md").write_text(markdown, encoding="utf-8")
+    publish_markdown("validate-pairs-summary", markdown, description="" if report.success else "validation FAILED")
+    publish_link("validate-pairs-data-docs", "file://" + str((out_dir / "data_docs" / "index.html").resolve()),
+                 text="Data Docs: preference pairs")
+    if not report.success:
+        raise ValidationFailed(_failure_message(report, suite_path, "validate_preference_pairs", out_dir),
+                               report=report, folder=out_dir)
+    return report
+
+
+def _rows_as_dicts(rows) -> list[dict]:
+    import pandas as pd
+
+    if isinstance(rows, pa.Table):
+        return rows.to_pylist()
+    if isinstance(rows, pd.DataFrame):
+        return rows.to_dict("records")
+    return list(rows)
+
+
+def validate_pairs_path(path: Path, out_dir: Path, suite_path: Path, vcfg) -> dict:
+    """``c2m validate PATH --suite preference_pairs``: the validate_path summary for a pairs file."""
+    try:
+        report = validate_preference_pairs(path, out_dir, suite_path, vcfg.severity_overrides, vcfg.max_failing_rows)
+    except ValidationFailed as e:
+        if e.report is None:
+            raise
+        report = e.report
+    # Pairs have no ingest step: nothing is "unreadable" here (a non-JSON line is a StageError).
+    pq.write_table(QUARANTINE_SCHEMA.empty_table(), out_dir / "unreadable.parquet")
+    summary = {"path": str(path), "suite": str(suite_path), "records": report.rows, "unreadable": 0,
+               "unreadable_reasons": {}, "errors_failed": report.error_failed, "warns_failed": report.warn_failed,
+               "docs_index": str(out_dir / "data_docs" / "index.html")}
+    # The same report.json shape as validate_path writes for records.
+    (out_dir / "report.json").write_text(json.dumps({**summary, "report": report.to_dict()}, indent=1, default=str),
+                                         encoding="utf-8")
+    return {**summary, "markdown": report.to_markdown()}
+
+
+_SUITE_BOUNDARY = {"raw_documents": "raw", "cleaned_records": "clean", "augmented_records": "augment",
+                   "preference_pairs": "pairs"}
+
+
+def suite_boundary(suite_path: str | Path) -> str:
+    """The boundary a suite file belongs to (for severity_overrides prefixes and report titles)."""
+    return _SUITE_BOUNDARY.get(Path(suite_path).stem, "final")
