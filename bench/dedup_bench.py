@@ -1,6 +1,7 @@
 """Dedup benchmark: this project's ``c2m dedup`` against the anchor peers, side by side, one corpus.
 
     python bench/dedup_bench.py --mb 200 --workers 2                 # full run (lead, quiet machine)
+    python bench/dedup_bench.py --mb 200 --workers 2 --rss-mb 2000   # + peak RSS on a 2 GB corpus
     python bench/dedup_bench.py --mb 5 --workers 2 --no-peers        # smoke test
 
 Corpus: /work/shared/bench/anchors/gen_corpus.py (seeded, planted duplicates, ground truth), scored
@@ -9,7 +10,9 @@ with its evaluate.py through project_dedup.py, which times any command that writ
 
 Rows (one per system): ``near-dup MB/s``, ``recall@J>=0.8``, ``precision``, ``peak RSS MB`` for
 near-dup systems; ``exact MB/s`` (+ recall of the whitespace-only copies, band "1.0") for exact
-ones; ``incremental rerun % of cold`` for ingest+clean+dedup after adding ~5% new documents.
+ones; ``incremental rerun % of cold`` after adding ~5% new documents, for the pipeline's
+ingest+clean+dedup stages and for ``c2m dedup --store`` (rows "corpus2model pipeline" and
+"corpus2model c2m dedup"); ``--rss-mb 2000`` adds the peak RSS of ``c2m dedup`` on a 2 GB corpus.
 Peers (rensa, datatrove MinHash with the split tokenizer, datatrove exact, xxh64 baseline) run
 with the anchor kit's venv (``--venv``, created by shared/bench/anchors/run_anchor.sh); without it
 they are skipped and the notes say so.
@@ -52,6 +55,34 @@ def project(c: Path, method: str, workers: int, name: str) -> dict:
     cmd = (f"{shlex.quote(sys.executable)} -m flows.standalone dedup {{in}} {{out}} --workers {workers} "
            f"--set dedup.method={method}")
     return _json_run([sys.executable, str(KIT / "project_dedup.py"), "--in", str(c), "--name", name, "--cmd", cmd])
+
+
+def standalone_incremental(c: Path, workers: int, new_fraction: float) -> dict:
+    """``c2m dedup`` (minhash) cold on all shards but the last ~new_fraction, then the same
+    command on the grown folder with the same --store (only the new files are parsed and
+    sketched), against a cold run of the grown folder."""
+    shards = sorted((c / "docs").glob("*.jsonl*"))
+    n_new = max(1, round(len(shards) * new_fraction))
+    work = Path(tempfile.mkdtemp(prefix="c2m_sincr_"))
+    raw = work / "raw"
+    raw.mkdir()
+    for s in shards[:-n_new]:
+        os.symlink(s, raw / s.name)
+
+    def run(store: Path) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.standalone", "dedup", str(raw), str(work / "out"), "--store", str(store),
+                        "--workers", str(workers), "--set", "dedup.method=minhash"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+    run(work / "store")
+    for s in shards[-n_new:]:
+        os.symlink(s, raw / s.name)
+    rerun = run(work / "store")
+    cold_all = run(work / "store-cold")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"cold_s": round(cold_all, 3), "rerun_s": round(rerun, 3), "percent_of_cold": round(100 * rerun / cold_all, 1),
+            "new_shards": n_new, "shards": len(shards)}
 
 
 def peer(py: str, script: str, c: Path, workers: int, extra=()) -> dict:
@@ -109,6 +140,9 @@ def main() -> int:
     ap.add_argument("--venv", type=Path, default=Path("/tmp/anchorkit-venv"))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--new-fraction", type=float, default=0.05)
+    ap.add_argument("--no-incremental", action="store_true", help="skip the two incremental measurements")
+    ap.add_argument("--rss-mb", type=float, default=0, help="also run c2m dedup (minhash) on a corpus this large "
+                    "(e.g. 2000) and report its peak RSS; the corpus is generated under --data first")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dedup_bench.json")
     a = ap.parse_args()
     c = corpus(a.mb, a.seed, a.data, a.workers)
@@ -131,16 +165,31 @@ def main() -> int:
         rows.extend([
             {"system": system, "metric": "exact MB/s", "value": r["mb_per_s"], "unit": "MB/s", "config": cfg},
             {"system": system, "metric": "recall J=1.0 (exact + whitespace copies)", "value": ws, "unit": "", "config": cfg},
+            {"system": system, "metric": "precision", "value": ev.get("precision"), "unit": "", "config": cfg},
             {"system": system, "metric": "peak RSS MB", "value": r.get("peak_tree_rss_mb"), "unit": "MB", "config": cfg},
         ])
 
     raw["corpus2model-minhash"] = r = project(c, "minhash", a.workers, "corpus2model-minhash")
-    near_rows("corpus2model", r, f"{config}; ingest+dedup, word 5-grams, 18x5 LSH, exact Jaccard >= 0.8")
+    near_rows("corpus2model", r, f"{config}; c2m dedup (JSONL direct: records + sketch in one pass), word 5-grams, "
+                                 f"one-permutation MinHash 18x5 LSH, exact Jaccard >= 0.8")
     raw["corpus2model-exact"] = r = project(c, "exact", a.workers, "corpus2model-exact")
-    exact_rows("corpus2model", r, f"{config}; ingest+dedup, sha256 of NFKC-casefolded whitespace-collapsed text")
-    raw["incremental"] = inc = incremental(c, a.workers, a.new_fraction)
-    rows.append({"system": "corpus2model", "metric": "incremental rerun % of cold", "value": inc["percent_of_cold"], "unit": "%",
-                 "config": f"{config}; ingest+clean+dedup(minhash), +{inc['new_shards']}/{inc['shards']} shards"})
+    exact_rows("corpus2model exact", r, f"{config}; c2m dedup, sha256 of NFKC-casefolded whitespace-collapsed text")
+    if not a.no_incremental:
+        raw["incremental"] = inc = incremental(c, a.workers, a.new_fraction)
+        rows.append({"system": "corpus2model pipeline", "metric": "incremental rerun % of cold", "value": inc["percent_of_cold"],
+                     "unit": "%", "config": f"{config}; ingest+clean+dedup(minhash) stages, +{inc['new_shards']}/{inc['shards']} shards"})
+        raw["incremental-standalone"] = inc = standalone_incremental(c, a.workers, a.new_fraction)
+        rows.append({"system": "corpus2model c2m dedup", "metric": "incremental rerun % of cold", "value": inc["percent_of_cold"],
+                     "unit": "%", "config": f"{config}; c2m dedup --store, +{inc['new_shards']}/{inc['shards']} shards"})
+    if a.rss_mb:
+        big = corpus(a.rss_mb, a.seed, a.data, a.workers)
+        bm = json.loads((big / "manifest.json").read_text())
+        raw["corpus2model-minhash-big"] = r = project(big, "minhash", a.workers, "corpus2model-minhash-big")
+        rows.append({"system": f"corpus2model ({bm['mb']:.0f} MB corpus)", "metric": "peak RSS MB",
+                     "value": r.get("peak_tree_rss_mb"), "unit": "MB",
+                     "config": f"{bm['mb']} MB, {bm['docs']} docs, c2m dedup minhash, {a.workers} workers"})
+        rows.append({"system": f"corpus2model ({bm['mb']:.0f} MB corpus)", "metric": "near-dup MB/s", "value": r["mb_per_s"],
+                     "unit": "MB/s", "config": f"{bm['mb']} MB"})
 
     py = str(a.venv / "bin" / "python")
     if a.no_peers or not os.access(py, os.X_OK):

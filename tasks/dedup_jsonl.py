@@ -25,10 +25,6 @@ from pathlib import Path
 UNIT_STAGE = "dedup-jsonl"
 UNIT_VERSION = "1"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-# Text columns compress well but never repeat: a dictionary page for them is pure cost (it was
-# half of the write and read time); the short metadata strings keep theirs.
-_DICT_COLUMNS = ["metadata.task_type", "metadata.domain", "metadata.source", "metadata.source_path",
-                 "metadata.source_sha256", "metadata.encoding", "metadata.lang"]
 
 
 def jsonl_only(source) -> bool:
@@ -41,7 +37,7 @@ def exact_digest(input_text: str, target_text: str) -> bytes:
     first 16 hex digits, ``tasks.dedup`` compares its first 16 bytes."""
     from schemas.records import normalize_for_hash
 
-    h = hashlib.sha256(normalize_for_hash(input_text).encode("utf-8"))
+    h = hashlib.sha256(normalize_for_hash(input_text).encode("utf-8") if input_text else b"")
     h.update(b"\x1f")
     h.update(normalize_for_hash(target_text).encode("utf-8"))
     return h.digest()
@@ -71,6 +67,9 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
     default_type, default_domain = ingest_cfg.default_task_type, ingest_cfg.default_domain
     simple = {"text"}, {"id", "text"}
     loads = orjson.loads
+    add_digest, add_id, add_input, add_target, add_type, add_domain, add_source, add_source_id, add_line, add_lang = (
+        digests.append, *(cols[k].append for k in ("id", "input", "target", "task_type", "domain", "source", "source_id",
+                                                   "source_line", "lang")))
     for i, raw in enumerate(physical, start=1):
         try:
             obj = loads(raw)
@@ -100,10 +99,16 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
             inp, tgt, task_type, domain, source, src_id, lang = (rec["input"], rec["target"], md["task_type"], md["domain"],
                                                                  md["source"], md["source_id"], md["lang"])
         d = exact_digest(inp, tgt)
-        digests.append(d[:16])
-        for k, v in (("id", d.hex()[:16]), ("input", inp), ("target", tgt), ("task_type", task_type), ("domain", domain),
-                     ("source", source), ("source_id", src_id), ("source_line", i), ("lang", lang)):
-            cols[k].append(v)
+        add_digest(d[:16])
+        add_id(d.hex()[:16])
+        add_input(inp)
+        add_target(tgt)
+        add_type(task_type)
+        add_domain(domain)
+        add_source(source)
+        add_source_id(src_id)
+        add_line(i)
+        add_lang(lang)
     return cols, digests, rejects, encoding
 
 
@@ -135,8 +140,8 @@ def _file_unit(args) -> dict:
         import numpy as np
         import pyarrow.parquet as pq
 
-        from schemas.records import quarantine_row, quarantine_table
-        from tasks.dedup import sketch_params
+        from schemas.records import RECORD_SCHEMA, quarantine_row, quarantine_table
+        from tasks.dedup import dictionary_columns, sketch_params
         from tasks.minhash import sketch
 
         data = Path(path).read_bytes()
@@ -158,7 +163,7 @@ def _file_unit(args) -> dict:
             cols = {k: [] for k in ("id", "input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang")}
         n = len(cols["id"])
         pq.write_table(records_from_columns(cols, rel, sha, encoding), tmp / "records.parquet", compression="none",
-                       use_dictionary=_DICT_COLUMNS)
+                       use_dictionary=dictionary_columns(RECORD_SCHEMA))
         files = [FileEntry("records.parquet", role="data", records=n)]
         if rejects:
             pq.write_table(quarantine_table(rejects), tmp / "quarantine.parquet")
@@ -196,6 +201,8 @@ def _write_part(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from schemas.records import RECORD_SCHEMA
+    from tasks.dedup import dictionary_columns
     from tasks.stage import link_or_copy
 
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -203,13 +210,23 @@ def _write_part(args) -> int:
         link_or_copy(Path(src), Path(dst))
         return int(len(keep))
     table = pq.read_table(src).filter(pa.array(keep))
-    pq.write_table(table, dst, compression="zstd", use_dictionary=_DICT_COLUMNS)
+    pq.write_table(table, dst, compression="zstd", use_dictionary=dictionary_columns(RECORD_SCHEMA))
     return table.num_rows
 
 
 def _pool_map(fn, items: list, workers: int) -> list:
     if workers > 1 and len(items) > 1:
         from concurrent.futures import ProcessPoolExecutor
+
+        # Import what the workers need before they fork: each would pay ~0.5 s CPU for it.
+        import orjson  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+
+        import tasks.ingest  # noqa: F401
+        import tasks.minhash  # noqa: F401
+
+        # pyarrow imports pandas on the first pa.array() of a process: do it once, before the fork.
+        pyarrow.array([], pyarrow.bool_())
 
         with ProcessPoolExecutor(min(workers, len(items))) as pool:
             return list(pool.map(fn, items))

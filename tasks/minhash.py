@@ -280,7 +280,13 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
     def roots(self) -> np.ndarray:
-        return np.fromiter((self.find(i) for i in range(len(self.parent))), dtype=np.int64, count=len(self.parent))
+        """Every element's root, by pointer jumping over the whole array (no Python loop)."""
+        r = self.parent.copy()
+        while True:
+            nxt = r[r]
+            if np.array_equal(nxt, r):
+                return r
+            r = nxt
 
 
 def sketch(texts: list[str], params: Params, batch_docs: int = 512) -> dict[str, np.ndarray]:
