@@ -195,23 +195,36 @@ def _file_unit(args) -> dict:
     return Store(store_root).unit_write(UNIT_STAGE, key, write)
 
 
-def _write_part(args) -> int:
-    """Pass two for one file: its kept records (``keep`` mask) into ``dst``, linked when all are kept."""
-    src, dst, keep = args
+OUT_STAGE = "dedup-jsonl-out"
+
+
+def _out_key(unit_dir: Path, keep) -> str:
+    """A file's kept part depends on its records (the unit key) and on which of them are kept."""
+    import numpy as np
+
+    from tasks.stage import cache_key
+
+    return cache_key(OUT_STAGE, UNIT_VERSION, {}, [Path(unit_dir).name, hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(),
+                                                   str(len(keep))])
+
+
+def _write_part(args) -> dict:
+    """Pass two for one file: its kept records (``keep`` mask) as a zstd part, stored as a unit so
+    that a rerun in which this file's decisions did not change links it instead of rewriting."""
+    store_root, unit_dir, keep = args
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from schemas.records import RECORD_SCHEMA
     from tasks.dedup import dictionary_columns
-    from tasks.stage import link_or_copy
+    from tasks.stage import FileEntry, Store
 
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    if keep.all():
-        link_or_copy(Path(src), Path(dst))
-        return int(len(keep))
-    table = pq.read_table(src).filter(pa.array(keep))
-    pq.write_table(table, dst, compression="zstd", use_dictionary=dictionary_columns(RECORD_SCHEMA))
-    return table.num_rows
+    def write(tmp: Path) -> dict:
+        table = pq.read_table(Path(unit_dir) / "records.parquet").filter(pa.array(keep))
+        pq.write_table(table, tmp / "part.parquet", compression="zstd", use_dictionary=dictionary_columns(RECORD_SCHEMA))
+        return {"files": [FileEntry("part.parquet", role="data", records=table.num_rows)], "records": table.num_rows}
+
+    return Store(store_root).unit_write(OUT_STAGE, _out_key(unit_dir, keep), write)
 
 
 def _pool_map(fn, items: list, workers: int) -> list:
@@ -267,11 +280,17 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store) -> dict:
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_all = np.fromiter((d is None for d in decisions), dtype=bool, count=index.n)
-    jobs = [(str(d / "records.parquet"), str(out_dir / "parts" / f"part-{u:05d}.parquet"),
-             keep_all[index.starts[u]:index.starts[u + 1]]) for u, d in enumerate(unit_dirs)]
-    part_rows = _pool_map(_write_part, jobs, c.workers)
-    n_out = sum(part_rows)
-    files = [FileEntry(f"parts/part-{u:05d}.parquet", role="data", records=k) for u, k in enumerate(part_rows)]
+    masks = [keep_all[index.starts[u]:index.starts[u + 1]] for u in range(len(unit_dirs))]
+    parts = [store.unit_lookup(OUT_STAGE, _out_key(d, k)) for d, k in zip(unit_dirs, masks)]
+    missing = [u for u, p in enumerate(parts) if p is None]
+    for u, info in zip(missing, _pool_map(_write_part, [(str(store.root), str(unit_dirs[u]), masks[u]) for u in missing], c.workers)):
+        parts[u] = info
+    files = []
+    for u, info in enumerate(parts):
+        rel = f"parts/part-{u:05d}.parquet"
+        link_or_copy(Path(info["dir"]) / "part.parquet", out_dir / rel)
+        files.append(FileEntry(rel, role="data", records=info["records"]))
+    n_out = sum(f.records for f in files)
     rejected: dict[str, int] = {}
     n_rej = 0
     for u, d in enumerate(unit_dirs):
@@ -302,7 +321,8 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store) -> dict:
         raise CounterMismatch(f"dedup {out_dir}: in {counters['in']} != out {n_out} + rejected {n_rej} + removed {n_removed}")
     stats = {"method": c.method, "path": "jsonl-direct", "threshold": c.threshold, "ngram": c.ngram, "bands": c.bands,
              "rows": c.rows, **dstats, "files": len(unit_dirs), "files_computed": len(todo),
-             "files_reused": len(unit_dirs) - len(todo), "seconds_parse_sketch": round(t1 - t0, 3),
+             "files_reused": len(unit_dirs) - len(todo), "parts_written": len(missing),
+             "parts_reused": len(unit_dirs) - len(missing), "seconds_parse_sketch": round(t1 - t0, 3),
              "seconds_decide": round(t2 - t1, 3), "seconds_write": round(t3 - t2, 3)}
     stats["cache"] = "computed" if todo else "hit"
     m = Manifest(stage="dedup", stage_version=UNIT_VERSION, files=files, counters=counters, stats=stats,

@@ -290,6 +290,8 @@ def test_standalone_dedup_folder_names_input_ids(make_cfg, tmp_path):
     (ind / "shard_2.jsonl").write_text(json.dumps({"id": "d6", "text": _near(base, 1, 63)}) + "\n")
     m3 = dedup_folder(ind, out, make_cfg(MINHASH))
     assert m3.stats["files_computed"] == 1 and m3.stats["files_reused"] == 2
+    # the old files keep their decisions, so their kept parts are linked, not rewritten
+    assert m3.stats["parts_written"] == 1 and m3.stats["parts_reused"] == 2
     rows = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
     assert ("d6", "d1", "near") in {(r["id"], r["duplicate_of"], r["kind"]) for r in rows}
 
