@@ -100,10 +100,58 @@ class DedupConfig(Section):
     workers: int = Field(1, ge=1, description="process pool size for per-part sketches", json_schema_extra=NOT_HASHED)
 
 
+class BacktranslateConfig(Section):
+    """augment's back-translation: source -> pivot -> source with Hugging Face seq2seq models."""
+
+    # One model per direction, "src-tgt": hub id or local folder, e.g. {"en-de": "Helsinki-NLP/opus-mt-en-de",
+    # "de-en": "Helsinki-NLP/opus-mt-de-en"}; a multilingual model (NLLB, M2M100) may serve several keys.
+    models: dict[str, str] = {}
+    # Model-specific language codes for multilingual models ({"en": "eng_Latn", "de": "deu_Latn"}); empty for Marian.
+    lang_codes: dict[str, str] = {}
+    source_lang: str = "en"
+    pivots: list[str] = Field(["de"], min_length=1)
+    # Passed to model.generate ("seed" seeds sampling); part of the translation cache key.
+    decoding: dict[str, int | float | bool] = {"num_beams": 4, "max_new_tokens": 256}
+    max_input_tokens: int = Field(512, ge=8, description="longer sentences are truncated")
+    batch_size: int = Field(32, ge=1, description="sentences per generate call", json_schema_extra=NOT_HASHED)
+    device: str = Field("auto", description="auto = cuda when available, else cpu", json_schema_extra=NOT_HASHED)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
+    # Filters on each candidate (tasks/backtranslate.py); a rejected candidate is reported, never a record.
+    min_length_ratio: float = Field(0.5, gt=0.0)
+    max_length_ratio: float = Field(2.0, gt=0.0)
+    check_language: bool = True
+    language_min_chars: int = Field(20, ge=0, description="shorter texts skip the language check")
+    too_close_chrf: float = Field(90.0, ge=0.0, le=100.0, description="round-trip chrF at or above: adds nothing")
+    # 35: shuffled English sentence pairs pass 0.2 % (same-document neighbours 4 %), see tests/test_backtranslate.py.
+    too_far_chrf: float = Field(35.0, ge=0.0, le=100.0, description="round-trip chrF below: meaning changed")
+
+    @model_validator(mode="after")
+    def _bands(self):
+        if self.min_length_ratio >= self.max_length_ratio:
+            raise ValueError("augment.backtranslate: min_length_ratio must be below max_length_ratio")
+        if self.too_far_chrf >= self.too_close_chrf:
+            raise ValueError("augment.backtranslate: too_far_chrf must be below too_close_chrf (the accepted band)")
+        if self.source_lang in self.pivots:
+            raise ValueError(f"augment.backtranslate: a pivot must differ from source_lang {self.source_lang!r}")
+        return self
+
+
 class AugmentConfig(Section):
-    methods: list[Literal["word_dropout", "word_swap"]] = ["word_swap"]
+    # word_swap / word_dropout: EDA noise; synonym: WordNet thesaurus (data/thesaurus); backtranslate:
+    # needs augment.backtranslate.models. Methods take turns over the parents (round robin).
+    methods: list[Literal["word_dropout", "word_swap", "synonym", "backtranslate"]] = ["word_swap"]
     # At most this many augmented records per original record of a task type (1:3 by default).
     max_ratio: float = Field(1 / 3, ge=0.0, le=10.0)
+    max_ratio_by_task: dict[str, float] = Field({}, description="per task_type override of max_ratio")
+
+    @field_validator("max_ratio_by_task")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: r for k, r in v.items() if not 0.0 <= r <= 10.0}
+        if bad:
+            raise ValueError(f"augment.max_ratio_by_task values must be in [0, 10], got {bad}")
+        return v
+    backtranslate: BacktranslateConfig = BacktranslateConfig()
     task_types: list[str] = ["instruction", "math_qa"]
     probability: float = Field(0.1, gt=0.0, lt=1.0, description="per-word edit probability")
     min_words: int = Field(8, ge=2, description="inputs with fewer words are not augmented")

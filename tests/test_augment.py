@@ -192,3 +192,82 @@ def test_stage_with_nothing_to_augment(make_cfg, ctx, records_manifest):
 @pytest.mark.parametrize("ratio", [0.0, 0.1])
 def test_small_ratio_adds_nothing_below_one_record(ratio):
     assert augment_records([_rec(i, "math_qa") for i in range(9)], _cfg(max_ratio=ratio)) == []
+
+
+# --------------------------------------------------------------------------------------------
+# synonym replacement (WordNet thesaurus bundled in data/thesaurus)
+# --------------------------------------------------------------------------------------------
+from tasks.thesaurus import TABLE, load_table, replaceable, synonym_replace  # noqa: E402
+
+SYN_TEXT = "The big dog will begin to run. BIG cars are quick, said Big Bill."
+
+
+def test_thesaurus_table_is_bundled_small_and_licensed():
+    table = load_table()
+    assert 1000 < len(table) < 20000
+    assert TABLE.stat().st_size < 2_000_000
+    assert "large" in table["big"] and "start" in table["begin"]
+    assert all(w.isalpha() and w.islower() for syns in table.values() for w in syns)
+    lic = (TABLE.parent / "LICENSE").read_text(encoding="utf-8")
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in lic
+
+
+def test_synonym_replace_keeps_case_layout_and_other_words():
+    table = load_table()
+    words = [m.group(0) for m in replaceable(SYN_TEXT, table)]
+    assert words[:2] == ["big", "begin"] and "BIG" in words
+    assert "Big" not in words and "Bill" not in words  # capitalised mid-sentence: probably a name
+    for seed in range(20):
+        out = synonym_replace(SYN_TEXT, 0.5, random.Random(seed), table)
+        assert out != SYN_TEXT
+        assert re.split(r"[A-Za-z]+", out) == re.split(r"[A-Za-z]+", SYN_TEXT)  # punctuation/space kept
+        for a, b in zip(re.findall(r"[A-Za-z]+", SYN_TEXT), re.findall(r"[A-Za-z]+", out)):
+            if a != b:
+                assert b.lower() in table[a.lower()]
+                assert (a.isupper(), a[0].isupper()) == (b.isupper(), b[0].isupper())
+    assert synonym_replace(SYN_TEXT, 0.5, random.Random(3), table) == synonym_replace(SYN_TEXT, 0.5, random.Random(3), table)
+    assert synonym_replace("Zxq wvv 42.", 0.9, random.Random(0), table) == "Zxq wvv 42."
+
+
+def test_synonym_method_changes_input_only_and_split_follows_parent():
+    import pyarrow as pa
+
+    from schemas.records import records_table
+    from tasks.shard import split_codes
+
+    recs = [make_record(f"Question {i}: the big dog began to run quickly, how far did it go?", f"{i} km",
+                        task_type="math_qa") for i in range(60)]
+    added = augment_records(recs, _cfg(methods=["synonym", "word_swap"], max_ratio=1.0))
+    assert len(added) == 60
+    assert Counter(a["metadata"]["aug_method"] for a in added) == {"synonym": 30, "word_swap": 30}
+    parents = {r["id"]: r for r in recs}
+    for a in added:
+        assert a["target"] == parents[a["metadata"]["parent_id"]]["target"]
+    # shard buckets an augmented record by its parent: no copy of an evaluation record in train.
+    table = records_table(recs + added)
+    splits = {"train": 0.6, "validation": 0.2, "test": 0.2}
+    codes = split_codes(table, splits, seed=0)
+    by_id = dict(zip(table.column("id").to_pylist(), codes))
+    assert len(set(codes[:60])) == 3  # the parents really are spread over the splits
+    assert all(by_id[a["id"]] == by_id[a["metadata"]["parent_id"]] for a in added)
+    assert isinstance(table, pa.Table)
+
+
+def test_ratio_per_task_type_override():
+    recs = _corpus()
+    added = augment_records(recs, _cfg(max_ratio_by_task={"math_qa": 0.1, "instruction": 0.5}))
+    by_type = Counter(r["metadata"]["task_type"] for r in added)
+    assert by_type == {"math_qa": 3, "instruction": 6}  # floor(0.1 * 30), floor(0.5 * 12)
+
+
+def test_backtranslate_without_translator_is_an_error():
+    with pytest.raises(ValueError, match="no translator"):
+        augment_records(_corpus(), _cfg(methods=["backtranslate"]))
+
+
+def test_demo_config_augments_without_a_translation_model():
+    from schemas.config import load_config
+
+    cfg = load_config(augment.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert "backtranslate" not in cfg.augment.methods and "synonym" in cfg.augment.methods
+    assert augment.key_extra(type("C", (), {"augment": cfg.augment})()) == {}
