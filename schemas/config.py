@@ -384,6 +384,9 @@ class EvaluateConfig(Section):
     generate_records: int = Field(16, ge=0, description="held-out records answered by greedy generation")
     max_new_tokens: int = Field(32, ge=1)
     latency_runs: int = Field(20, ge=1)
+    # Throughput (requests/s, tokens/s) is measured on forward passes over this many sequences at once.
+    batch_size: int = Field(8, ge=1, description="batch size of the throughput measurement")
+    throughput_runs: int = Field(5, ge=1)
     split: str = "test"
     threads: int = Field(0, ge=0, description="torch CPU threads for scoring and latency; 0 = torch default",
                          json_schema_extra=NOT_HASHED)
@@ -392,7 +395,12 @@ class EvaluateConfig(Section):
 class Gate(Section):
     """Deploy gate: `production` moves only when every condition holds."""
 
-    metric: Literal["perplexity"] = "perplexity"
+    # perplexity (causal LMs) is lower-is-better and the two bounds below are relative fractions;
+    # accuracy / macro_f1 (classifiers) are higher-is-better and the bounds are absolute (0.01 = 1 point);
+    # so are the other [0, 1] task metrics of the evaluation table (exact_match: math, rouge_l: open
+    # generation, preference_accuracy: DPO, token_accuracy).
+    metric: Literal["perplexity", "accuracy", "macro_f1", "exact_match", "rouge_l", "preference_accuracy",
+                    "token_accuracy"] = "perplexity"
     # tuned must improve the base perplexity by at least this fraction (0.1 = 10 % lower)
     min_improvement_over_base: float = Field(0.1, ge=0.0)
     # the served variant may be at most this fraction worse than tuned

@@ -1,9 +1,12 @@
 """evaluate: every model variant on the same held-out records, in one table.
 
-Variants: ``base`` (finetune's base/, the model before training), ``tuned`` (finetune's merged/)
-and one per quantize method (``dynamic_int8``). Each is loaded through
-``tasks.modeling.load_causal_lm``, the loader the registry and the server use, so the numbers
-describe the files that ship.
+Rows: ``base`` (finetune's base/, the model before training), ``tuned`` (base + the LoRA adapter,
+unmerged, through peft), ``merged`` (finetune's merged/, what quantization starts from) and one per
+quantize variant (``dynamic_int8``, ``onnx_fp32``, ``onnx_int8_static``, ``fp16``...). Each is loaded
+through ``tasks.export.load_variant``, the loader the registry and the server use, so the numbers
+describe the files that ship. An ONNX variant runs in ONNX Runtime: perplexity and top-1 come from
+its logits, and generation is a greedy loop over its logits (no KV cache in the exported graph, so
+each new token recomputes the sequence: correct, slower than the PyTorch ``generate``).
 
 Metrics per variant, on the first ``max_records`` held-out records in id order (ids are content
 hashes, so this is a fixed, order-free sample):
@@ -11,13 +14,24 @@ hashes, so this is a fixed, order-free sample):
 * perplexity = exp(mean NLL per target token) and top-1 token accuracy on the same tokens. Each
   record is rendered with the tokenize stage's prompt template and tokenized exactly as training
   tokenized it (prompt, target, eos; loss on target + eos), and scored on its own (no packing).
-* exact_match on up to ``generate_records`` ``math_qa`` records: greedy generation, final answer
-  = the number after "####", else the last number (GSM8K's convention), compared numerically.
-* latency p50/p95 of one batch-1 forward pass over a fixed held-out record, after warm-up.
-* size on disk and parameter count.
+* top-1 agreement: the share of those scored positions whose argmax equals the merged fp32 model's.
+* task metrics by ``metadata.task_type`` (up to ``generate_records`` records each):
+  ``math_qa``: exact match of the final number (greedy generation; the number after "####", else
+  the last number: GSM8K's convention); ``classification``: accuracy and macro-F1, the predicted label
+  being the candidate label (the distinct held-out targets) with the highest log-probability; other
+  records with an input (instruction, sft, ...): ROUGE-L F1 of the greedy generation against the
+  target (rouge-score, stemmed); preference pairs (records with ``chosen``/``rejected``): preference
+  accuracy = share of pairs where log p(chosen) > log p(rejected), and the mean margin.
+* latency p50/p95 of one batch-1 forward pass over a fixed held-out record, after warm-up;
+  throughput (requests/s and tokens/s) of the same forward at ``batch_size`` copies of it (scoring
+  throughput; generation adds per-token decode work on top).
+* size on disk (tuned: base + adapter), parameter count (n/a for ONNX), peak memory (growth of the
+  process's resident set while the variant is loaded and scored, sampled every 5 ms; on CUDA the
+  allocator's peak) and the training CPU-hours (GPU-hours on CUDA) behind every trained variant.
 
-Baseline parts (replaced by later issues): no task-specific metrics besides math exact match,
-no confidence intervals.
+The deploy gate is not applied here (it belongs to the registry's config, and changing it must not
+re-evaluate): ``tasks.registry`` checks it on these rows and renders the same table and chart with
+pass/fail marks (``eval_markdown``/``plot_eval`` with ``gate``).
 """
 from __future__ import annotations
 
@@ -30,11 +44,13 @@ from pathlib import Path
 from tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 STAGE = "evaluate"
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("evaluate",)
 
 WARMUP_RUNS = 3
 MATH_TASK = "math_qa"
+CLASSIFICATION_TASK = "classification"
+RSS_SAMPLE_S = 0.005  # peak-memory sampling interval
 LATENCY_MAX_TOKENS = 128  # the latency probe: the first held-out record, capped at this length
 
 # A number: optional sign, digits with optional thousands commas ("1,234"), optional decimals; or ".5".
@@ -83,30 +99,50 @@ def encode_for_scoring(record: dict, tokenizer, template: str, max_len: int | No
     return ids, labels
 
 
-def perplexity(model, tokenizer, records: list[dict], template: str) -> tuple[float, float]:
-    """(exp(mean NLL), top-1 accuracy) over the target tokens of ``records``, each scored on its own."""
+def _device(model):
+    return getattr(model, "device", "cpu")
+
+
+def score_tokens(model, tokenizer, records: list[dict], template: str) -> tuple[float, float, list[int]]:
+    """(exp(mean NLL), top-1 accuracy, the argmax at every scored position) over the target tokens of
+    ``records``, each scored on its own. The argmax list is what top-1 agreement compares."""
     import torch
     import torch.nn.functional as F
 
     max_len = getattr(model.config, "max_position_embeddings", None)
-    nll, correct, n = 0.0, 0, 0
+    nll, correct, n, preds = 0.0, 0, 0, []
     with torch.inference_mode():
         for rec in records:
             ids, labels = encode_for_scoring(rec, tokenizer, template, max_len)
             if len(ids) < 2:
                 continue
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=_device(model))
             y = torch.tensor(labels[1:])
-            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float().cpu()
             keep = y != -100
             if not bool(keep.any()):
                 continue
             nll += float(F.cross_entropy(logits[keep], y[keep], reduction="sum"))
-            correct += int((logits[keep].argmax(-1) == y[keep]).sum())
+            top = logits[keep].argmax(-1)
+            correct += int((top == y[keep]).sum())
+            preds += top.tolist()
             n += int(keep.sum())
     if n == 0:
-        return float("nan"), float("nan")
-    return math.exp(nll / n), correct / n
+        return float("nan"), float("nan"), []
+    return math.exp(nll / n), correct / n, preds
+
+
+def perplexity(model, tokenizer, records: list[dict], template: str) -> tuple[float, float]:
+    """(exp(mean NLL), top-1 accuracy) over the target tokens of ``records``, each scored on its own."""
+    ppl, acc, _ = score_tokens(model, tokenizer, records, template)
+    return ppl, acc
+
+
+def agreement(preds: list[int], reference: list[int]) -> float | None:
+    """Share of positions where two models' argmax agree (the same records, so the same positions)."""
+    if not preds or len(preds) != len(reference):
+        return None
+    return sum(a == b for a, b in zip(preds, reference)) / len(preds)
 
 
 def exact_match(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
@@ -123,19 +159,127 @@ def exact_match(model, tokenizer, records: list[dict], template: str, max_new_to
     return hits / len(math_records), len(math_records)
 
 
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (longest common subsequence of words, Porter-stemmed), rouge-score's implementation."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+
+
+def generation_rouge(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
+    """(mean ROUGE-L F1 of greedy generations against the targets, records tried)."""
+    from tasks.modeling import generate_text
+    from tasks.tokenize import render
+
+    if not records:
+        return None, 0
+    outputs = generate_text(model, tokenizer, [render(r, template)[0] for r in records],
+                            max_new_tokens=max_new_tokens, temperature=0.0)
+    return sum(rouge_l(o, r["target"]) for o, r in zip(outputs, records)) / len(records), len(records)
+
+
+def macro_f1(truth: list[str], predicted: list[str]) -> float | None:
+    """Unweighted mean over the labels in ``truth`` of per-label F1 (a label never predicted scores 0)."""
+    if not truth:
+        return None
+    scores = []
+    for label in sorted(set(truth)):
+        tp = sum(t == label and p == label for t, p in zip(truth, predicted))
+        fp = sum(t != label and p == label for t, p in zip(truth, predicted))
+        fn = sum(t == label and p != label for t, p in zip(truth, predicted))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
+    """Sum of log p(continuation tokens + eos | prompt): the score that ranks labels and preference pairs."""
+    import torch
+
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    c = tokenizer(continuation, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + c)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(ids) > limit:
+        ids = ids[-limit:]
+    start = max(1, len(ids) - len(c))
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=False).logits[0].float().cpu()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[pos - 1, ids[pos]] for pos in range(start, len(ids))))
+
+
+def classification_scores(model, tokenizer, records: list[dict], template: str) -> tuple[float | None, float | None, int]:
+    """(accuracy, macro-F1, records): each record's label is the candidate (the distinct targets among
+    ``records``) the model gives the highest log-probability after the prompt."""
+    from tasks.tokenize import render
+
+    if not records:
+        return None, None, 0
+    labels = sorted({r["target"].strip() for r in records})
+    truth, predicted = [], []
+    for r in records:
+        prompt = render(r, template)[0]
+        scores = {lab: continuation_logprob(model, tokenizer, prompt, lab) for lab in labels}
+        predicted.append(max(labels, key=lambda lab: (scores[lab], lab)))
+        truth.append(r["target"].strip())
+    acc = sum(t == p for t, p in zip(truth, predicted)) / len(truth)
+    return acc, macro_f1(truth, predicted), len(records)
+
+
+def preference_accuracy(model, tokenizer, pairs: list[dict], template: str) -> tuple[float | None, float | None, int]:
+    """(share of pairs with log p(chosen) > log p(rejected), mean margin in nats, pairs) on held-out
+    preference records ``{"prompt", "chosen", "rejected"}`` (the prompt rendered with the template)."""
+    if not pairs:
+        return None, None, 0
+    wins, margins = 0, []
+    for pr in pairs:
+        prompt = template.format(input=pr["prompt"]) if pr.get("prompt") else ""
+        m = continuation_logprob(model, tokenizer, prompt, pr["chosen"]) - \
+            continuation_logprob(model, tokenizer, prompt, pr["rejected"])
+        wins += m > 0
+        margins.append(m)
+    return wins / len(pairs), sum(margins) / len(margins), len(pairs)
+
+
 def forward_latency_ms(model, ids: list[int], runs: int, warmup: int = WARMUP_RUNS) -> tuple[float, float]:
     """(p50, p95) milliseconds of one batch-1 forward pass."""
     import torch
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=_device(model))
     times = []
     with torch.inference_mode():
         for i in range(warmup + runs):
             t0 = time.perf_counter()
             model(input_ids=x, use_cache=False)
+            _sync(model)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return _percentile(times, 50), _percentile(times, 95)
+
+
+def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 1) -> tuple[float, float]:
+    """(requests/s, tokens/s) of forward passes over ``batch_size`` copies of ``ids`` (equal lengths, so
+    no padding decides the figure), median batch time."""
+    import torch
+
+    x = torch.tensor([ids] * batch_size, device=_device(model))
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            model(input_ids=x, use_cache=False)
+            _sync(model)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    t = _percentile(times, 50)
+    return batch_size / t, batch_size * len(ids) / t
+
+
+def _sync(model) -> None:
+    if str(_device(model)).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -144,6 +288,51 @@ def _percentile(values: list[float], q: float) -> float:
     pos = (len(s) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class PeakMemory:
+    """Peak growth of this process's resident set (MB) inside the ``with`` block, sampled by a thread
+    from /proc/self/statm (Linux; ``mb`` stays None elsewhere). The sampler sleeps between reads, so it
+    costs a few reads per 5 ms. A short spike between samples can be missed: a lower bound."""
+
+    def __init__(self, interval: float = RSS_SAMPLE_S):
+        self.interval, self.mb = interval, None
+
+    @staticmethod
+    def _rss() -> int | None:
+        import os
+
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        import threading
+
+        self.start = self._rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.start is not None:
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            rss = self._rss()
+            if rss is not None and rss > self.peak:
+                self.peak = rss
+
+    def __exit__(self, *exc):
+        if self.start is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        rss = self._rss()
+        self.peak = max(self.peak, rss or 0)
+        self.mb = round((self.peak - self.start) / 1e6, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,44 +360,134 @@ def held_out_records(shard: Manifest, split: str, max_records: int) -> tuple[lis
     raise StageError(f"{shard.path}: no records in split {split!r}, 'validation' or 'train' to evaluate on")
 
 
-def variant_folders(finetune: Manifest, quantize: Manifest) -> dict[str, Path]:
-    out = {"base": finetune.dir / finetune.stats.get("base_dir", "base"),
-           "tuned": finetune.dir / finetune.stats.get("merged_dir", "merged")}
+def variant_folders(finetune: Manifest, quantize: Manifest) -> dict[str, Path | tuple[Path, Path]]:
+    """Row name -> the folder it loads from; ``tuned`` is (base folder, adapter folder) when finetune
+    saved an adapter (served unmerged), else the merged/full model folder."""
+    st = finetune.stats
+    base = finetune.dir / (st.get("base_dir") or "base")
+    merged = finetune.dir / st["merged_dir"] if st.get("merged_dir", "merged") else None
+    adapter = finetune.dir / st["adapter_dir"] if st.get("adapter_dir", "adapter") else None
+    out: dict = {"base": base}
+    if adapter is not None and adapter.is_dir():
+        out["tuned"] = (base, adapter)
+    elif merged is not None:
+        out["tuned"] = merged
+    if merged is not None:
+        out["merged"] = merged
     for method in quantize.stats.get("methods", []):
         out[method] = quantize.dir / method
+    if "tuned" not in out:
+        raise StageError(f"{finetune.path}: the finetune output has neither an adapter nor a merged model")
     for name, folder in out.items():
+        folder = folder[0] if isinstance(folder, tuple) else folder
         if not (folder / "config.json").is_file():
             raise StageError(f"variant {name}: {folder} holds no saved model; rerun the stage that writes it")
     return out
 
 
-def evaluate_variant(folder: Path, records: list[dict], math_records: list[dict], template: str, ec,
-                     latency_ids: list[int]) -> dict:
-    from tasks.modeling import count_params, folder_size_bytes, load_causal_lm
+def load_row_model(source, threads: int = 0):
+    """(model, tokenizer, bytes on disk) for a variant_folders() entry."""
+    from tasks.export import load_variant
+    from tasks.modeling import folder_size_bytes
 
-    model, tokenizer = load_causal_lm(folder)
+    if isinstance(source, tuple):  # base + adapter, unmerged: what serving an adapter costs
+        from tasks.peft_methods import load_tuned
+
+        base, adapter = source
+        model, tokenizer = load_tuned(base, adapter)
+        return model, tokenizer, folder_size_bytes(base) + folder_size_bytes(adapter)
+    return (*load_variant(source, threads), folder_size_bytes(source))
+
+
+def heldout_pairs(finetune: Manifest, records: list[dict]) -> list[dict]:
+    """Held-out preference pairs: the ones a DPO finetune set aside (``heldout_pairs.jsonl`` in its
+    output), else held-out records that carry ``chosen``/``rejected``."""
+    path = finetune.dir / "heldout_pairs.jsonl"
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if r.get("chosen") and r.get("rejected")]
+
+
+def task_groups(records: list[dict], limit: int, pairs: list[dict] | None = None) -> dict[str, list[dict]]:
+    """The held-out records each task metric is computed on (at most ``limit`` each)."""
+    def tt(r):
+        return (r.get("metadata") or {}).get("task_type")
+
+    groups = {
+        "math": [r for r in records if tt(r) == MATH_TASK],
+        "classification": [r for r in records if tt(r) == CLASSIFICATION_TASK],
+        "generation": [r for r in records if tt(r) not in (MATH_TASK, CLASSIFICATION_TASK)
+                       and r.get("input") and not r.get("chosen")],
+    }
+    groups["preference"] = list(pairs or [])
+    return {k: v[:limit] for k, v in groups.items()}
+
+
+def evaluate_variant(source, records: list[dict], groups: dict[str, list[dict]], template: str, ec,
+                     latency_ids: list[int]) -> tuple[dict, list[int]]:
+    """One row of the table, and the argmax predictions (for top-1 agreement)."""
+    from tasks.modeling import count_params
+
     t0 = time.perf_counter()
-    ppl, acc = perplexity(model, tokenizer, records, template)
-    em, n_gen = exact_match(model, tokenizer, math_records, template, ec.max_new_tokens)
-    p50, p95 = forward_latency_ms(model, latency_ids, ec.latency_runs)
-    return {
+    with PeakMemory() as mem:
+        model, tokenizer, size = load_row_model(source, ec.threads)
+        cuda = str(_device(model)).startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        ppl, acc, preds = score_tokens(model, tokenizer, records, template)
+        em, n_math = exact_match(model, tokenizer, groups["math"], template, ec.max_new_tokens)
+        rl, n_gen = generation_rouge(model, tokenizer, groups["generation"], template, ec.max_new_tokens)
+        cacc, cf1, n_cls = classification_scores(model, tokenizer, groups["classification"], template)
+        pacc, pmargin, n_pref = preference_accuracy(model, tokenizer, groups["preference"], template)
+        p50, p95 = forward_latency_ms(model, latency_ids, ec.latency_runs)
+        rps, tps = throughput(model, latency_ids, ec.batch_size, ec.throughput_runs)
+    peak = mem.mb
+    if cuda:
+        import torch
+
+        peak = round(torch.cuda.max_memory_allocated() / 1e6, 2)
+    params = None if not any(True for _ in model.parameters()) else count_params(model)
+    row = {
         "perplexity": _round(ppl, 4),
         "token_accuracy": _round(acc, 4),
         "exact_match": _round(em, 4),
+        "rouge_l": _round(rl, 4),
+        "accuracy": _round(cacc, 4),
+        "macro_f1": _round(cf1, 4),
+        "preference_accuracy": _round(pacc, 4),
+        "preference_margin": _round(pmargin, 4),
         "latency_p50_ms": round(p50, 3),
         "latency_p95_ms": round(p95, 3),
-        "size_mb": round(folder_size_bytes(folder) / 1e6, 3),
-        "params": count_params(model),
+        "requests_per_s": round(rps, 2),
+        "tokens_per_s": round(tps, 1),
+        "size_mb": round(size / 1e6, 3),
+        "params": params,
+        "peak_memory_mb": peak,
         "records": len(records),
-        "generated": n_gen,
+        "generated": n_math + n_gen,
+        "classified": n_cls,
+        "pairs": n_pref,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    return row, preds
 
 
 def _round(x: float | None, nd: int) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return round(x, nd)
+
+
+def training_hours(ft: Manifest) -> tuple[float | None, str]:
+    """(hours, "cpu"|"gpu") of the fine-tuning run: wall seconds x threads on CPU, wall seconds on GPU."""
+    s = ft.stats
+    if not s.get("seconds"):
+        return None, "cpu"
+    if str(s.get("device", "cpu")).startswith("cuda"):
+        return round(s["seconds"] / 3600, 5), "gpu"
+    return round(s["seconds"] * (s.get("threads") or 1) / 3600, 5), "cpu"
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
@@ -227,33 +506,43 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     if template is None:
         raise StageError(f"{tok.path}: the tokenize manifest has no stats.prompt_template")
     records, split, notes = held_out_records(shard, ec.split, ec.max_records)
-    math_records = [r for r in records if (r.get("metadata") or {}).get("task_type") == MATH_TASK][: ec.generate_records]
-    if not math_records:
-        notes.append(f"no {MATH_TASK} records among the held-out records: exact_match is null")
+    groups = task_groups(records, ec.generate_records, heldout_pairs(ft, records))
+    if not groups["math"]:
+        notes.append(f"no {MATH_TASK} records among the held-out records: exact_match is n/a")
 
     folders = variant_folders(ft, quant)
     # One fixed input for every variant's latency, tokenized with the shared tokenizer.
-    tokenizer = load_tokenizer(folders["tuned"])
+    tokenizer = load_tokenizer(folders["base"])
     seq_len = int(tok.stats.get("seq_len") or LATENCY_MAX_TOKENS)
     latency_ids, _ = encode_for_scoring(records[0], tokenizer, template, min(seq_len, LATENCY_MAX_TOKENS))
+    hours, hw = training_hours(ft)
+    quant_stats = quant.stats
 
     threads_before = torch.get_num_threads()
     if ec.threads > 0:
         torch.set_num_threads(ec.threads)
     threads = torch.get_num_threads()
-    rows = []
+    rows, preds = [], {}
     try:
-        for variant, folder in folders.items():
-            row = {"variant": variant, **evaluate_variant(folder, records, math_records, template, ec, latency_ids)}
+        for variant, source in folders.items():
+            row, preds[variant] = evaluate_variant(source, records, groups, template, ec, latency_ids)
+            row = {"variant": variant, **row,
+                   "format": (quant_stats.get(variant) or {}).get("kind", "peft" if variant == "tuned" else "hf"),
+                   f"train_{hw}_hours": None if variant == "base" else hours}
             ctx.info("evaluate %s: %s", variant, row)
             rows.append(row)
     finally:
         torch.set_num_threads(threads_before)
+    ref = "merged" if "merged" in preds else "tuned"
+    for row in rows:  # against the fp32 model every variant was made from
+        row["top1_agreement"] = _round(agreement(preds[row["variant"]], preds[ref]), 4)
     if any(r["perplexity"] is None for r in rows):
         notes.append("a variant has no finite perplexity (no target tokens scored, or the model diverged)")
+    if any(r["format"] == "onnx" for r in rows):
+        notes.append("onnx rows run in ONNX Runtime (CPU); their generation is a greedy loop without KV cache")
 
-    report = {"rows": rows, "split": split, "notes": notes, "threads": threads,
-              "latency_tokens": len(latency_ids)}
+    report = {"rows": rows, "split": split, "notes": notes, "threads": threads, "batch_size": ec.batch_size,
+              "latency_tokens": len(latency_ids), "task_records": {k: len(v) for k, v in groups.items()}}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     md = eval_markdown(rows, split, notes)
     (out_dir / "eval.md").write_text(md, encoding="utf-8")
@@ -265,46 +554,105 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     files = [FileEntry("eval.json", role="report"), FileEntry("eval.md", role="report"),
              FileEntry("eval.png", role="report")]
     by = {r["variant"]: r for r in rows}
-    stats = {"split": split, "records": len(records), "generated": len(math_records), "notes": notes,
+    stats = {"split": split, "records": len(records), "generated": sum(len(v) for v in groups.values()),
+             "notes": notes, "variants": list(by),
              "perplexity": {v: r["perplexity"] for v, r in by.items()},
              "latency_p50_ms": {v: r["latency_p50_ms"] for v, r in by.items()}}
     return Manifest(stage=STAGE, files=files, counters={}, stats=stats)
 
 
-COLUMNS = [("variant", "variant"), ("perplexity", "perplexity"), ("token_accuracy", "token acc"),
-           ("exact_match", "exact match"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
-           ("size_mb", "size MB"), ("params", "params"), ("records", "records")]
+# ---------------------------------------------------------------------------------------------
+# the table and the chart (also rendered by the registry with the gate's marks)
+# ---------------------------------------------------------------------------------------------
+COLUMNS = [("variant", "variant"), ("format", "format"), ("perplexity", "perplexity"),
+           ("token_accuracy", "token acc"), ("top1_agreement", "top-1 vs fp32"), ("exact_match", "exact match"),
+           ("rouge_l", "ROUGE-L"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+           ("preference_accuracy", "pref acc"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
+           ("requests_per_s", "requests/s"), ("tokens_per_s", "tokens/s"), ("size_mb", "size MB"),
+           ("peak_memory_mb", "peak mem MB"), ("params", "params"), ("train_cpu_hours", "train CPU-h"),
+           ("train_gpu_hours", "train GPU-h")]
+LOWER_IS_BETTER = {"perplexity", "latency_p50_ms", "latency_p95_ms", "size_mb", "peak_memory_mb"}
 
 
-def eval_markdown(rows: list[dict], split: str, notes: list[str]) -> str:
+def gate_marks(gate: dict | None, rows: list[dict] | None = None) -> dict[str, str]:
+    """variant -> "pass"/"fail" from a registry gate result (tasks.registry.check_gate). With ``rows``,
+    every other variant gets "within"/"outside": whether it would pass the served variant's bound
+    (informational: only the served variant decides the gate)."""
+    marks: dict[str, str] = {}
+    bound = None
+    for c in (gate or {}).get("checks", []):
+        variant = c.get("variant") or c["name"].split("_vs_")[0]
+        marks[variant] = "pass" if c["passed"] else "fail"
+        if c["name"].endswith("_vs_tuned"):
+            bound = c.get("threshold")
+    if gate and rows and bound is not None:
+        metric = gate["metric"]
+        for r in rows:
+            v = r.get(metric)
+            if r["variant"] in marks or r["variant"] in ("base", "tuned") or v is None:
+                continue
+            ok = v <= bound if metric in LOWER_IS_BETTER else v >= bound
+            marks[r["variant"]] = "within" if ok else "outside"
+    return marks
+
+
+def eval_markdown(rows: list[dict], split: str, notes: list[str], gate: dict | None = None) -> str:
     def cell(v):
         return "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
 
-    lines = [f"# Evaluation ({split} split)", "",
-             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows) or k in ("variant", "perplexity")]
+    marks = gate_marks(gate, rows)
+    if gate:
+        cols.insert(1, ("_gate", "gate"))
+    lines = [f"# Evaluation ({split} split)", ""]
+    if gate:
+        lines += [f"Deploy gate on **{gate['metric']}** (served: {gate['serve_variant']}): "
+                  f"**{'PASSED' if gate['passed'] else 'FAILED'}** ({gate['reason']})", ""]
+    lines += ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        r = {**r, "_gate": marks.get(r["variant"], "")}
+        lines.append("| " + " | ".join(cell(r.get(k)) for k, _ in cols) + " |")
     lines += [""] + [f"> {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def plot_eval(rows: list[dict], path: Path) -> None:
+def plot_eval(rows: list[dict], path: Path, metric: str = "perplexity", gate: dict | None = None) -> None:
+    """Bars of the main metric and of batch-1 latency per variant; with a gate, each checked variant's
+    bar is green (pass) or red (fail) and the gate thresholds are drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["variant"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ppl = [r["perplexity"] if r["perplexity"] is not None else 0.0 for r in rows]
-    a1.bar(names, ppl, color=["tab:gray", "tab:blue", "tab:orange", "tab:green"][: len(names)])
-    a1.set_yscale("log")
-    a1.set_title("perplexity (lower is better)")
-    p50 = [r["latency_p50_ms"] for r in rows]
-    err = [max(0.0, r["latency_p95_ms"] - r["latency_p50_ms"]) for r in rows]
+    marks = gate_marks(gate, rows)
+    colors = [{"pass": "tab:green", "fail": "tab:red", "within": "tab:olive", "outside": "tab:orange"}.get(marks.get(n), "tab:gray" if n == "base" else "tab:blue")
+              for n in names]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(names) * 2), 3.8))
+    vals = [r.get(metric) if r.get(metric) is not None else 0.0 for r in rows]
+    bars = a1.bar(names, vals, color=colors)
+    if metric == "perplexity":
+        a1.set_yscale("log")
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    a1.set_title(f"{metric} ({better} is better)")
+    for bar, n in zip(bars, names):
+        if n in marks:
+            a1.annotate(marks[n].upper() if marks[n] in ("pass", "fail") else marks[n],
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8, color="tab:red" if marks[n] in ("fail", "outside") else "tab:green")
+    for c in (gate or {}).get("checks", []):
+        if c.get("threshold") is not None:
+            a1.axhline(c["threshold"], ls="--", lw=0.8, color="black", alpha=0.5)
+    p50 = [r.get("latency_p50_ms") or 0.0 for r in rows]
+    err = [max(0.0, (r.get("latency_p95_ms") or 0.0) - p) for r, p in zip(rows, p50)]
     a2.bar(names, p50, yerr=[[0] * len(err), err], capsize=4, color="tab:purple")
-    a2.set_title("forward latency ms (p50, bar to p95)")
+    a2.set_title("batch-1 forward latency ms (p50, bar to p95)")
     for ax in (a1, a2):
         ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    if gate:
+        fig.suptitle(f"deploy gate {'PASSED' if gate['passed'] else 'FAILED'}",
+                     color="tab:green" if gate["passed"] else "tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""quantize: dynamic INT8 from the finetune output, stored without pickle, reloaded exactly."""
+"""quantize: each variant from the finetune output in its own cached unit; dynamic INT8 stored without
+pickle and reloaded exactly; ONNX checked in ONNX Runtime; static INT8 calibrated on train blocks."""
 from __future__ import annotations
 
 import json
@@ -8,17 +9,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from schemas.config import ConfigError, parse_config  # noqa: E402
 from tasks import quantize  # noqa: E402
+from tasks.export import load_variant  # noqa: E402
 from tasks.modeling import load_causal_lm, quantize_dynamic_int8  # noqa: E402
 from tasks.stage import StageContext, StageError, Store, run_stage  # noqa: E402
 from test_finetune import chain_config, run_chain  # noqa: E402
+
+METHODS = ["dynamic_int8", "onnx_int8_static", "fp16"]
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
     # A short run is enough: quantization only needs trained-looking weights.
-    cfg = chain_config(root, finetune={"max_steps": 15, "eval_every": 15})
+    cfg = chain_config(root, finetune={"max_steps": 15, "eval_every": 15},
+                       quantize={"methods": METHODS, "calibration_samples": 100})
     return cfg, run_chain(root, cfg, upto="quantize")
 
 
@@ -27,7 +33,7 @@ def test_int8_folder_is_safetensors_and_much_smaller(quantized):
     m = ms["quantize"]
     out = Path(m.path) / "dynamic_int8"
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "quant_config.json", "tokenizer.json"} <= names
+    assert {"model.safetensors", "config.json", "quant_config.json", "tokenizer.json", "variant.json"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     qcfg = json.loads((out / "quant_config.json").read_text())
     assert qcfg["method"] == "dynamic_int8" and qcfg["scheme"] == "per_channel_symmetric"
@@ -46,7 +52,7 @@ def test_reloaded_int8_model_gives_the_in_memory_quantized_logits_exactly(quanti
     _, ms = quantized
     merged, tok = load_causal_lm(Path(ms["finetune"].path) / "merged")
     in_memory = quantize_dynamic_int8(merged)
-    reloaded, tok2 = load_causal_lm(Path(ms["quantize"].path) / "dynamic_int8")
+    reloaded, tok2 = load_variant(Path(ms["quantize"].path) / "dynamic_int8")
     assert tok2.get_vocab() == tok.get_vocab() and not reloaded.training
     x = tok(["What is 12 plus 30?", "The sum of 4 and 5 is"], add_special_tokens=False)["input_ids"]
     for ids in x:
@@ -55,10 +61,59 @@ def test_reloaded_int8_model_gives_the_in_memory_quantized_logits_exactly(quanti
             assert torch.equal(in_memory(input_ids=t).logits, reloaded(input_ids=t).logits)
 
 
+def test_static_int8_onnx_is_calibrated_on_train_blocks_and_close_to_fp32(quantized):
+    _, ms = quantized
+    s = ms["quantize"].stats["onnx_int8_static"]
+    train_blocks = ms["tokenize"].stats["splits"]["train"]["blocks"] if "splits" in ms["tokenize"].stats else None
+    assert s["kind"] == "onnx" and s["dtype"] == "int8"
+    assert 0 < s["calibration_sequences"] <= 100
+    if train_blocks is not None:
+        assert s["calibration_sequences"] == min(100, train_blocks)
+    assert s["top1_agreement"] > 0.5  # quantized, but still the same model
+    folder = Path(ms["quantize"].path) / "onnx_int8_static"
+    assert {"model.onnx", "config.json", "tokenizer.json", "variant.json"} <= {p.name for p in folder.iterdir()}
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert "QLinearMatMul" in ops or "MatMulInteger" in ops  # the MatMuls really run in int8
+    # The ONNX variant answers like a model: logits for a batch, of the merged model's shape.
+    model, tok = load_variant(folder)
+    merged, _ = load_causal_lm(Path(ms["finetune"].path) / "merged")
+    ids = torch.tensor([tok("What is 2 plus 3?", add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        ref = merged(input_ids=ids).logits
+    got = model(input_ids=ids).logits
+    assert got.shape == ref.shape and float((got - ref).abs().max()) < 2.0
+
+
+def test_fp16_variant_is_half_size_and_agrees(quantized):
+    _, ms = quantized
+    s = ms["quantize"].stats["fp16"]
+    assert s["dtype"] == "float16" and 0.45 < s["size_ratio"] < 0.55 and s["top1_agreement"] >= 0.95
+    model, _ = load_variant(Path(ms["quantize"].path) / "fp16")
+    assert next(model.parameters()).dtype == torch.float16
+
+
 def test_quantize_rerun_is_a_cache_hit(quantized):
     cfg, ms = quantized
     again = run_stage(quantize, [ms["finetune"]], cfg, StageContext(store=Store(cfg.paths.store)))
     assert again.stats["cache"] == "hit" and again.key == ms["quantize"].key
+
+
+def test_adding_a_variant_computes_only_that_variant(quantized):
+    cfg, ms = quantized
+    more = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"methods": METHODS + ["bf16"]})})
+    m = run_stage(quantize, [ms["finetune"]], more, StageContext(store=Store(cfg.paths.store)))
+    assert m.stats["cache"] == "computed" and m.key != ms["quantize"].key
+    assert m.stats["computed_files"] == ["bf16"] and m.stats["units_reused"] == len(METHODS)
+    # the reused variants are the same bytes
+    old = {f.path: f.sha256 for f in ms["quantize"].files if f.role == "model"}
+    new = {f.path: f.sha256 for f in m.files if f.role == "model" and f.path in old}
+    assert new == old
+    # a calibration setting recomputes the static variant only
+    recal = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"calibration_seed": 1})})
+    m2 = run_stage(quantize, [ms["finetune"]], recal, StageContext(store=Store(cfg.paths.store)))
+    assert m2.stats["computed_files"] == ["onnx_int8_static"]
 
 
 def test_quantize_names_a_missing_merged_model(quantized, tmp_path):
@@ -74,3 +129,27 @@ def test_quantize_names_a_missing_merged_model(quantized, tmp_path):
     with pytest.raises(StageError, match="merged"):
         quantize.run([broken], types.SimpleNamespace(quantize=cfg.quantize), tmp_path / "out",
                      StageContext(store=Store(tmp_path / "store")))
+
+
+def test_gpu_only_variants_are_a_config_error_naming_the_field():
+    with pytest.raises(ConfigError, match=r"quantize.*bnb_4bit.*quantize.device: cuda"):
+        parse_config({"quantize": {"methods": ["dynamic_int8", "bnb_4bit"]}})
+    with pytest.raises(ConfigError, match="twice"):
+        parse_config({"quantize": {"methods": ["fp16", "fp16"]}})
+    with pytest.raises(ConfigError, match="quantize.methods"):
+        parse_config({"quantize": {"methods": ["int4_awq"]}})
+
+
+def test_unavailable_gpu_fails_before_any_variant_is_made(quantized, tmp_path):
+    import types
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about a machine without CUDA")
+    cfg, ms = quantized
+    qc = cfg.quantize.model_copy(update={"methods": ["dynamic_int8", "bnb_8bit"], "device": "cuda"})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError, match="bnb_.*CUDA"):
+        quantize.run([ms["finetune"]], types.SimpleNamespace(quantize=qc), out,
+                     StageContext(store=Store(tmp_path / "store")))
+    assert not list(out.iterdir()) and not (tmp_path / "store" / "_units").exists()  # nothing was made
