@@ -42,7 +42,9 @@ def retry_transient(task, task_run, state) -> bool:
     name="stage",
     cache_key_fn=_stage_cache_key,
     persist_result=True,
-    result_serializer="pickle",
+    # JSON, not pickle: a cached result is read back from files in the project, and unpickling a file
+    # runs whatever it says. Prefect's JSON encoder round-trips the Manifest dataclass exactly.
+    result_serializer="json",
     task_run_name="{stage}",
     retries=2,
     retry_delay_seconds=[5, 30],
