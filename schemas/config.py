@@ -68,6 +68,20 @@ class CleanConfig(Section):
     allowed_languages: list[str] | None = None
     # Project Gutenberg header/licence footer removal (a transform on every record; no-op without the markers).
     strip_gutenberg: bool = True
+    # C4 rules next to Gopher's (tasks/filters.py c4_quality): lorem ipsum, curly bracket, and at
+    # least this many sentences in lines ending in terminal punctuation (0 turns the count off).
+    c4_filters: bool = True
+    c4_min_sentences: int = Field(5, ge=0)
+    # Gopher's ">= 80% of words contain a letter": over every token, punctuation included
+    # ("tokens", datatrove/FineWeb), or over words only ("words", the paper's wording), which
+    # keeps tokenised dumps such as WikiText whose " @-@ " and " ( " tokens sink the share.
+    gopher_alpha_basis: Literal["tokens", "words"] = "tokens"
+    # Word-trigram LM perplexity filter (tasks/lmscore.py, trained on data/reference/): English
+    # quality-filtered documents above this perplexity are dropped as lm_perplexity. None: off.
+    lm_max_perplexity: float | None = Field(None, gt=1.0)
+    # PII masking on every record's input and target (tasks/pii.py): each listed kind is replaced
+    # by a placeholder (<EMAIL>, <PHONE>, <IP>, <CARD>); [] turns masking off.
+    pii_mask: list[Literal["email", "phone", "ip", "card"]] = ["email", "phone", "ip", "card"]
     workers: int = Field(1, ge=1, description="process pool size for per-part work", json_schema_extra=NOT_HASHED)
 
     @field_validator("allowed_languages")
@@ -249,9 +263,27 @@ class TokenizeConfig(Section):
         return v
 
 
-class ModelConfig(Section):
-    """A tiny causal LM built from a config (no hub download)."""
+class ClassifierConfig(Section):
+    """Labels and head training for ``model.task: classification`` (tasks/classify.py)."""
 
+    # Where a record's class label is: metadata.<label_field> (or a top-level field of that name).
+    label_field: str = "lang"
+    # Class names in label-id order; empty = the sorted labels found in the train split.
+    labels: list[str] = []
+    max_length: int = Field(128, ge=8, le=512, description="tokens per input (longer inputs are truncated)")
+    # The base variant: the pretrained encoder frozen, pooler + classifier trained on cached features.
+    head_epochs: int = Field(20, ge=1)
+    head_learning_rate: float = Field(1e-3, gt=0)
+
+
+class ModelConfig(Section):
+    """A tiny causal LM built from a config (no hub download), or a pretrained encoder classifier."""
+
+    # causal_lm: the tiny Llama above (or `pretrained`), trained on the tokenize stage's packed blocks.
+    # classification: `pretrained` (a folder or pkg:<package>) with a sequence-classification head,
+    # trained on the shard records' labels (tasks/classify.py); finetune/quantize/evaluate dispatch on it.
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    classifier: ClassifierConfig = ClassifierConfig()
     arch: Literal["llama"] = "llama"
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
@@ -281,12 +313,15 @@ class LoraConfig(Section):
 
 class PrefixConfig(Section):
     num_virtual_tokens: int = Field(16, ge=1, description="learned key/value prefix length per layer")
+    # Trained in full beside the prefix, as LoraConfig.modules_to_save (a random-init model needs lm_head).
+    modules_to_save: list[str] = []
 
 
 class IA3Config(Section):
     # IA3 rescales the keys, values and the MLP input of down_proj (the paper's choice for decoders).
     target_modules: list[str] = ["k_proj", "v_proj", "down_proj"]
     feedforward_modules: list[str] = ["down_proj"]
+    modules_to_save: list[str] = []
 
 
 class BottleneckConfig(Section):
@@ -294,6 +329,8 @@ class BottleneckConfig(Section):
 
     size: int = Field(16, ge=1, description="bottleneck width")
     activation: Literal["gelu", "relu", "silu"] = "gelu"
+    # Trained in full beside the adapters and saved with them (a random-init model needs lm_head).
+    modules_to_save: list[str] = []
 
 
 class DpoConfig(Section):
@@ -425,6 +462,12 @@ class RegistryConfig(Section):
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Dynamic batching (/classify): concurrent requests are collected for up to max_batch_wait_ms and
+    # run as one padded forward pass of at most max_batch_size texts; 1 = unbatched.
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    # Variant to serve instead of registry.serve_variant (tuned, dynamic_int8); None = the registered one.
+    variant: str | None = None
 
 
 class RuntimeConfig(Section):

@@ -13,11 +13,20 @@ Order per record: Project Gutenberg header/footer strip (a transform, counted as
 ``gutenberg_stripped``), length rules (``too_long`` on the stripped raw fields, then ``clean_text``,
 then ``empty_target`` / ``too_short``), then, for records whose ``metadata.task_type`` is in
 ``clean.quality_task_types``, language ID (``language:<code>`` when ``clean.allowed_languages`` is
-set; ``metadata.lang`` is filled on kept records) and the Gopher / C4 document filters of
-``tasks.filters`` (reasons ``gopher_*``, ``c4_lorem_ipsum``), each drop with its measured score.
+set; ``metadata.lang`` is filled on kept records), the Gopher / C4 document filters of
+``tasks.filters`` (reasons ``gopher_*``, ``c4_*``) and, when ``clean.lm_max_perplexity`` is set,
+the LM-score filter of ``tasks.lmscore`` (``lm_perplexity``), each drop with its measured score.
+PII (``clean.pii_mask``: e-mail, phone, IP, Luhn-valid card numbers) is masked in every record's
+input and target after ``clean_text`` and before the filters (``tasks.pii``), counted per kind.
+
+Per-filter statistics: ``filter_stats.json`` (documents dropped per filter and reason, PII
+masked per kind, score quantiles) and ``filter_scores.png`` (a histogram of each filter's scores:
+the measured value of every dropped document, and the perplexity of every scored document) are
+report files of the stage, and published as Prefect artifacts.
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from pathlib import Path
@@ -25,6 +34,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tasks.filters import filter_document, strip_gutenberg
+from tasks.pii import mask_pii
 from schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
 from tasks.stage import (
     FileEntry,
@@ -39,10 +49,14 @@ from tasks.stage import (
 )
 
 STAGE = "clean"
-VERSION = "2"
+VERSION = "3"  # 3: datatrove-equivalent Gopher/C4 rules, PII masking, LM filter, filter reports
 SECTIONS = ("clean",)
 
 BATCH_ROWS = 2048
+# Scores kept per filter per part for the histograms (the first ones: bounded memory, and a part
+# is a few MB, so this is every score in practice).
+MAX_SCORES = 20_000
+PII_KINDS = ("email", "phone", "ip", "card")
 
 # C0 and C1 controls except \t and \n (\r is gone by the time this runs: line endings come first).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -105,7 +119,8 @@ def clean_text(text: str, cfg) -> str:
 def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict | None, str | None, str, float | None]:
     """Return (cleaned record, None, "", None) or (None, reason, detail, score).
 
-    ``stats`` (optional) collects transform counts (``gutenberg_stripped``) and languages seen.
+    ``stats`` (optional) collects transform counts (``gutenberg_stripped``, ``pii_<kind>``), languages
+    seen and filter scores (``scores``: {reason: [values]}).
     Length limits are checked before ``clean_text`` can shorten a field: a 40,000-char field is
     rejected as ``too_long``, never truncated into a different record. The Gutenberg strip comes
     first because it removes boilerplate, not content: a book is judged by its own length. The id
@@ -121,6 +136,12 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
         if len(value) > cfg.max_chars:
             return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}", float(len(value))
     inp, tgt = clean_text(inp, cfg), clean_text(tgt, cfg)
+    if cfg.pii_mask:
+        inp, c_in = mask_pii(inp, cfg.pii_mask)
+        tgt, c_tgt = mask_pii(tgt, cfg.pii_mask)
+        if stats is not None:
+            for kind, n in (*c_in.items(), *c_tgt.items()):
+                stats[f"pii_{kind}"] = stats.get(f"pii_{kind}", 0) + n
     if len(tgt) < cfg.min_target_chars:
         return None, "empty_target", f"target has {len(tgt)} chars after cleaning < clean.min_target_chars {cfg.min_target_chars}", float(len(tgt))
     if len(inp) + len(tgt) < cfg.min_chars:
@@ -129,6 +150,14 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
     if cfg.quality_filters and md.get("task_type") in cfg.quality_task_types:
         text = f"{inp}\n\n{tgt}" if inp else tgt
         (keep, reason, score), lang = filter_document(text, cfg)
+        if keep and cfg.lm_max_perplexity is not None:
+            from tasks.lmscore import lm_filter
+
+            keep, reason, score = lm_filter(text, cfg, lang)
+            if stats is not None and score is not None:
+                _add_score(stats, "lm_perplexity", score)  # every scored document, kept or not
+        elif not keep and stats is not None and score is not None:
+            _add_score(stats, reason, score)
         if stats is not None and lang:
             langs = stats.setdefault("languages", {})
             langs[lang] = langs.get(lang, 0) + 1
@@ -137,6 +166,12 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
         if lang and not md.get("lang"):
             md = {**md, "lang": lang}
     return {**record, "input": inp, "target": tgt, "metadata": md}, None, "", None
+
+
+def _add_score(stats: dict, name: str, value: float) -> None:
+    values = stats.setdefault("scores", {}).setdefault(name, [])
+    if len(values) < MAX_SCORES:
+        values.append(value)
 
 
 def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
@@ -196,7 +231,8 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
     if qwriter is not None:
         qwriter.close()
     return {"counters": counters, "chars_in": chars_in, "chars_out": chars_out, "source_paths": sorted(sources),
-            "gutenberg_stripped": stats.get("gutenberg_stripped", 0), "languages": stats.get("languages", {})}
+            "gutenberg_stripped": stats.get("gutenberg_stripped", 0), "languages": stats.get("languages", {}),
+            "scores": stats.get("scores", {}), **{f"pii_{k}": stats.get(f"pii_{k}", 0) for k in PII_KINDS}}
 
 
 def _clean_unit(args) -> dict:
@@ -216,15 +252,78 @@ def _clean_unit(args) -> dict:
     return store.unit_write(STAGE, unit_key, write)
 
 
-def _sum_languages(units: list[Unit], ctx: StageContext) -> dict[str, int]:
-    """Documents per detected language over all units (gather_units sums numbers only; every
-    unit is in the store by now, so its stored info is read back)."""
+def _sum_unit_infos(units: list[Unit], ctx: StageContext) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Documents per detected language and filter scores over all units (gather_units sums
+    numbers only; every unit is in the store by now, so its stored info is read back)."""
     total: dict[str, int] = {}
+    scores: dict[str, list[float]] = {}
     for u in units:  # equal parts count once per part, as the counters do
         info = ctx.store.unit_lookup(STAGE, u.key) or {}
         for lang, n in (info.get("languages") or {}).items():
             total[lang] = total.get(lang, 0) + n
-    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+        for name, values in (info.get("scores") or {}).items():
+            scores.setdefault(name, []).extend(values)
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))), dict(sorted(scores.items()))
+
+
+def _quantiles(values: list[float]) -> dict:
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    return {"n": len(v), "min": v[0], "p10": pick(0.1), "p50": pick(0.5), "p90": pick(0.9), "max": v[-1]}
+
+
+def filter_report(rejected: dict[str, int], pii: dict[str, int], scores: dict[str, list[float]], docs_in: int) -> dict:
+    """The per-filter statistics of one clean run (filter_stats.json)."""
+    filters: dict[str, dict] = {}
+    for reason, n in rejected.items():
+        family = reason.split(":")[0] if reason.startswith("language:") else reason.split("_")[0]
+        filters.setdefault(family, {"dropped": 0, "reasons": {}})
+        filters[family]["dropped"] += n
+        filters[family]["reasons"][reason] = n
+    return {"documents_in": docs_in, "filters": dict(sorted(filters.items())), "pii_masked": pii,
+            "scores": {name: _quantiles(v) for name, v in scores.items() if v}}
+
+
+def plot_scores(scores: dict[str, list[float]], path: Path) -> None:
+    """One histogram per filter reason (its scores), in a grid; a placeholder text when no filter
+    produced a score (nothing dropped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in scores.items() if v]
+    cols = min(3, max(1, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        values = scores[name]
+        ax.set_visible(True)
+        log = name == "lm_perplexity" and min(values) > 0
+        data = [__import__("math").log10(v) for v in values] if log else values
+        ax.hist(data, bins=min(40, max(5, len(set(data)))), color="#4c72b0")
+        ax.set_title(f"{name} (n={len(values)})", fontsize=9)
+        ax.set_xlabel("log10 perplexity" if log else "score", fontsize=8)
+    if not names:
+        axes.flat[0].set_visible(True)
+        axes.flat[0].text(0.5, 0.5, "no filter scores (nothing dropped)", ha="center", va="center")
+        axes.flat[0].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _publish(report: dict, png: Path) -> None:
+    from tasks.artifacts import publish_image, publish_table
+
+    rows = [{"filter": fam, "reason": reason, "dropped": n, **{k: q.get(k) for k in ("p10", "p50", "p90")}}
+            for fam, f in report["filters"].items() for reason, n in f["reasons"].items()
+            for q in [report["scores"].get(reason, {})]]
+    rows += [{"filter": "pii", "reason": f"masked {k}", "dropped": 0, "masked": n} for k, n in report["pii_masked"].items()]
+    publish_table("clean-filters", rows, f"clean: documents dropped per filter and reason of {report['documents_in']}")
+    publish_image("clean-filter-scores", str(png), "histogram of each filter's scores")
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
@@ -241,11 +340,18 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             stem = f"{stem}-{len(units):06d}"
         stems.add(stem)
         units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean)))
+    pii_fields = tuple(f"pii_{k}" for k in PII_KINDS)
     files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers,
-                                          ("chars_in", "chars_out", "gutenberg_stripped"))
+                                          ("chars_in", "chars_out", "gutenberg_stripped", *pii_fields))
     stats["rejected"] = dict(sorted(counters["rejected"].items()))
     # Per-filter drop counts (reasons from tasks/filters.py) next to the length rules' counts.
-    stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:"))}
-    stats["languages"] = _sum_languages(units, ctx)
+    stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:", "lm_"))}
+    stats["pii_masked"] = {k: stats.pop(f"pii_{k}") for k in PII_KINDS}
+    stats["languages"], scores = _sum_unit_infos(units, ctx)
+    report = filter_report(stats["rejected"], stats["pii_masked"], scores, counters["in"])
+    (out_dir / "filter_stats.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    plot_scores(scores, out_dir / "filter_scores.png")
+    files += [FileEntry("filter_stats.json", role="report"), FileEntry("filter_scores.png", role="report")]
+    _publish(report, (ctx.final_dir or out_dir) / "filter_scores.png")
     ctx.info("clean: %d records in, %d out, %d units computed", counters["in"], counters["out"], stats["units_computed"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

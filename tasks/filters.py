@@ -1,28 +1,44 @@
 """Document quality filters for the clean stage (datatrove's filter shape).
 
-Every filter is a pure function ``fn(text, cfg) -> (keep, reason, score)``: ``keep`` is the
+Every filter is a pure function ``fn(text, cfg, lang) -> (keep, reason, score)``: ``keep`` is the
 decision, ``reason`` names the rule that dropped the document (None when kept) and ``score`` is
 the measured value the rule compared with its threshold (kept for quarantine rows and tuning).
 ``cfg`` is the clean section (schemas.config.CleanConfig); the thresholds are the Gopher paper's
-(Rae et al. 2021, appendix A) and are module constants here, not config, so a config hash does
-not move when someone only reads them.
+(Rae et al. 2021, appendix A) and C4's (Raffel et al. 2020), as datatrove sets them.
 
-- ``gopher_quality``: word count, mean word length, symbol/word ratio, bullet and ellipsis
-  lines, alphabetic words, English stop words (only when the document is English).
-- ``gopher_repetition``: duplicate lines/paragraphs (by count and by characters) and the
-  character share of the most common 2/3/4-gram.
-- ``c4_lorem_ipsum``: placeholder text. C4's terminal-punctuation line filter is left out on
-  purpose: it deletes most lines of our wiki/web dumps (headings, tables, tokenised text).
+The rules are datatrove 0.10's GopherRepetitionFilter, GopherQualityFilter and C4QualityFilter,
+re-implemented to make the same decision at a fraction of the cost (bench/quality_bench.py
+measures both: speed and per-document agreement):
+
+- ``words``: spaCy's English tokenizer (prefix/suffix/infix rules, special cases, the special-case
+  matcher) replayed in Python over whitespace chunks with a per-process chunk cache, so a word
+  seen before costs one dict lookup; the token list equals ``spacy.blank("en")``'s (whitespace
+  tokens dropped, as datatrove does).
+- ``gopher_repetition``: duplicate paragraphs/lines by count and by characters (over the whole
+  text's length), the character share of the most common 2/3/4-gram, and the share of
+  characters in repeated 5..10-grams.
+- ``gopher_quality``: word count, mean word length, hash and ellipsis/word ratios, bullet and
+  ellipsis lines, alphabetic words, English stop words (only when the document is English).
+- ``c4_quality``: C4's line rules (terminal punctuation, >= 3 words, no "javascript", no policy
+  phrases, citations removed) then lorem ipsum, curly bracket and >= ``cfg.c4_min_sentences``
+  sentences over the kept lines (skipped for languages written without spaces). Sentences are counted with spaCy's sentencizer only when fewer
+  than that many lines are kept: every kept line holds at least one sentence, so with enough
+  lines the answer is known without it.
 - ``language_filter``: py3langid (langid.py's bundled model, offline) against
   ``cfg.allowed_languages``.
 - ``strip_gutenberg``: a transform, not a filter: removes the Project Gutenberg header and
   licence footer so only the book text stays.
+
+Where we differ from datatrove, on purpose: the stop-word rule runs only on English documents
+(datatrove applies English stop words to whatever it is given), and languages written without
+spaces skip the word rules (every Chinese article would be "one word").
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 from functools import lru_cache
+from itertools import accumulate
 
 Decision = tuple[bool, str | None, float | None]
 KEEP: Decision = (True, None, None)
@@ -42,45 +58,204 @@ MAX_DUP_PARA_FRAC = 0.3
 MAX_DUP_LINE_CHAR_FRAC = 0.2
 MAX_DUP_PARA_CHAR_FRAC = 0.2
 MAX_TOP_NGRAM_CHAR_FRAC = {2: 0.20, 3: 0.18, 4: 0.16}
+MAX_DUP_NGRAM_CHAR_FRAC = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+# C4 (Raffel et al. 2020, 2.2; the TFDS c4_utils code for the policy phrases and long words).
+C4_MIN_WORDS_PER_LINE = 3
+C4_MAX_WORD_LEN = 1000
+C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
+C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 
 # Languages written without spaces between words: every word-based rule would call a whole
 # Chinese article "one word" and drop it, so those rules are skipped for them.
 NO_SPACE_LANGS = frozenset({"zh", "ja", "th", "lo", "km", "my", "bo"})
 
-_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…“”‘’«»„–—·•")
-_BULLETS = ("•", "●", "◦", "▪", "‣", "-", "*")
+# datatrove's PUNCTUATION_SET (utils/text.py): ASCII/CJK punctuation, control characters except
+# \t and \n, and the Unicode sentence terminators. A token made only of these is a symbol, not a
+# word. Copied (not imported) so the pipeline does not depend on datatrove.
+_PUNCT = frozenset(
+    '\x00\x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17'
+    '\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~\x7f\x80\x81\x82\x83'
+    '\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98\x99'
+    '\x9a\x9b\x9c\x9d\x9e\x9f\xab\xb4\xbb\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702'
+    '\u07f9\u0837\u0839\u083d\u083e\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735'
+    '\u1736\u17d4\u17d5\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab'
+    '\u1b5a\u1b5b\u1b5e\u1b5f\u1b7d\u1b7e\u1c3b\u1c3c\u1c7e\u1c7f\u2013\u2014\u2019\u201c'
+    '\u201d\u201e\u2026\u203c\u203d\u2047\u2048\u2049\u2236\u2501\u25ba\u2e2e\u2e3c\u2e53'
+    '\u2e54\u3001\u3002\u3008\u3009\u300a\u300b\u300c\u300d\u3010\u3011\ua4ff\ua60e\ua60f'
+    '\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1'
+    '\uabeb\ufe52\ufe56\ufe57\uff01\uff05\uff08\uff09\uff0c\uff0e\uff11\uff1a\uff1b\uff1f'
+    '\uff5e\uff61\U00010a56\U00010a57\U00010f55\U00010f56\U00010f57\U00010f58\U00010f59'
+    '\U00010f86\U00010f87\U00010f88\U00010f89\U00011047\U00011048\U000110be\U000110bf'
+    '\U000110c0\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6\U000111cd'
+    '\U000111de\U000111df\U00011238\U00011239\U0001123b\U0001123c\U000112a9\U0001144b'
+    '\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc\U000115cd'
+    '\U000115ce\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5'
+    '\U000115d6\U000115d7\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011944'
+    '\U00011946\U00011a42\U00011a43\U00011a9b\U00011a9c\U00011c41\U00011c42\U00011ef7'
+    '\U00011ef8\U00011f43\U00011f44\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38'
+    '\U00016b44\U00016e98\U0001bc9f\U0001da88'
+)
+_BULLETS = ("•", "-")
 _ELLIPSES = ("...", "…")
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
+# ---------------------------------------------------------------------------------------------
+# words: spaCy's English tokenizer, replayed with a chunk cache
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _spacy_rules():
+    """The compiled affix regexes and special cases of ``spacy.blank("en")`` (loaded once per
+    process). ``affixed`` are the special cases spaCy's special-case matcher restores after affix
+    splitting ("d." split into "d" "." is "d." again)."""
+    import spacy
+
+    tok = spacy.blank("en").tokenizer
+    never = re.compile("a^")
+    prefix = (tok.prefix_search or never.search)
+    suffix = (tok.suffix_search or never.search)
+    infix = (tok.infix_finditer or never.finditer)
+    special = {k: [d[65] for d in v] for k, v in tok.rules.items()}  # 65 = spacy.attrs.ORTH
+    affixed = {k: v for k, v in special.items() if prefix(k) or suffix(k) or any(True for _ in infix(k))}
+    return prefix, suffix, infix, (tok.token_match or never.match), (tok.url_match or never.match), special, affixed
 
 
-def _non_symbol_words(words: list[str]) -> list[str]:
-    # Tokens made only of punctuation ("-", "(", "...") are not words for counts and lengths.
-    return [w for w in words if any(ch not in _PUNCT for ch in w)]
+def _merge_affixed(tokens: list[str], affixed: dict) -> list[str]:
+    out, i, n = [], 0, len(tokens)
+    while i < n:
+        for w in (3, 2):
+            if i + w <= n and (key := "".join(tokens[i:i + w])) in affixed:
+                out.extend(affixed[key])
+                i += w
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
 
 
-def gopher_quality(text: str, cfg, lang: str | None = None) -> Decision:
+def _split_chunk(chunk: str) -> list[str]:
+    """One whitespace-free chunk into spaCy tokens (the algorithm of spaCy's Tokenizer.explain)."""
+    prefix_search, suffix_search, infix_finditer, token_match, url_match, special, affixed = _spacy_rules()
+    tokens: list[str] = []
+    suffixes: list[str] = []
+    s = chunk
+    while s:
+        if s in special:
+            tokens.extend(special[s])
+            break
+        while prefix_search(s) or suffix_search(s):
+            if token_match(s):
+                tokens.append(s)
+                s = ""
+                break
+            if s in special:
+                tokens.extend(special[s])
+                s = ""
+                break
+            m = prefix_search(s)
+            if m:
+                if m.end() == 0:
+                    break
+                tokens.append(s[:m.end()])
+                s = s[m.end():]
+                if s in special:
+                    continue
+            m = suffix_search(s)
+            if m:
+                if m.start() == len(s):
+                    break
+                suffixes.append(s[m.start():])
+                s = s[:m.start()]
+        if not s:
+            continue
+        if token_match(s) or url_match(s):
+            tokens.append(s)
+        elif s in special:
+            tokens.extend(special[s])
+        else:
+            off, found = 0, False
+            for m in infix_finditer(s):
+                found = True
+                if off == 0 and m.start() == 0:
+                    continue
+                if s[off:m.start()]:
+                    tokens.append(s[off:m.start()])
+                if m.start() != m.end():
+                    tokens.append(s[m.start():m.end()])
+                off = m.end()
+            if not found:
+                tokens.append(s)
+            elif s[off:]:
+                tokens.append(s[off:])
+        s = ""
+    tokens.extend(reversed(suffixes))
+    return _merge_affixed(tokens, affixed) if len(tokens) > 1 else tokens
+
+
+_CHUNK_CACHE: dict[str, tuple] = {}
+_CHUNK_CACHE_MAX = 400_000  # ~100 MB at worst; cleared (not LRU) when full: cheap and bounded
+
+
+def _chunk(chunk: str) -> tuple[list[str], int, int, int]:
+    """(tokens, tokens with a letter, non-symbol tokens, characters of non-symbol tokens) of one
+    whitespace-free chunk, cached: the Gopher counts then cost one lookup per chunk."""
+    hit = _CHUNK_CACHE.get(chunk)
+    if hit is None:
+        toks = _split_chunk(chunk)
+        real = [t for t in toks if not _PUNCT.issuperset(t)]
+        hit = (toks, sum(any(ch.isalpha() for ch in t) for t in toks), len(real), sum(map(len, real)))
+        if len(_CHUNK_CACHE) >= _CHUNK_CACHE_MAX:
+            _CHUNK_CACHE.clear()
+        _CHUNK_CACHE[chunk] = hit
+    return hit
+
+
+class Tokens(list):
+    """``words(text)`` with the counts Gopher's quality rules need, summed per chunk."""
+    n_alpha = n_real = real_chars = 0
+
+
+def words(text: str) -> Tokens:
+    """spaCy English word tokens of ``text`` without whitespace tokens (datatrove's
+    ``split_into_words``), as a list carrying ``n_alpha`` (tokens with a letter), ``n_real``
+    (tokens that are not only punctuation) and ``real_chars`` (their characters)."""
+    out = Tokens()
+    n_alpha = n_real = real_chars = 0
+    cache = _CHUNK_CACHE
+    for chunk in text.split():
+        hit = cache.get(chunk) or _chunk(chunk)
+        out.extend(hit[0])
+        n_alpha += hit[1]
+        n_real += hit[2]
+        real_chars += hit[3]
+    out.n_alpha, out.n_real, out.real_chars = n_alpha, n_real, real_chars
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Gopher
+# ---------------------------------------------------------------------------------------------
+def gopher_quality(text: str, cfg, lang: str | None = None, toks: Tokens | None = None) -> Decision:
     """Gopher quality rules; ``lang`` (ISO 639-1 from language ID, or None) turns the stop-word
-    rule on for English and skips word-based rules for languages written without spaces."""
+    rule on for English and skips word-based rules for languages written without spaces.
+    ``toks`` are ``words(text)`` when the caller already has them."""
     if lang in NO_SPACE_LANGS:
         return KEEP
-    words = _words(text)
-    real = _non_symbol_words(words)
-    n = len(real)
+    toks = words(text) if toks is None else toks
+    n = toks.n_real
     if n < MIN_WORDS:
         return False, "gopher_short_doc", float(n)
     if n > MAX_WORDS:
         return False, "gopher_long_doc", float(n)
-    mean_len = sum(len(w) for w in real) / n
+    mean_len = toks.real_chars / n
     if not MIN_MEAN_WORD_LEN <= mean_len <= MAX_MEAN_WORD_LEN:
         return False, "gopher_mean_word_length", round(mean_len, 4)
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    ratio = symbols / n
-    if ratio > MAX_SYMBOL_WORD_RATIO:
-        return False, "gopher_symbol_word_ratio", round(ratio, 4)
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    n_all = len(toks)  # symbol ratios and the alphabetic share are over every token, as in datatrove
+    for ratio in (text.count("#") / n_all, (text.count("...") + text.count("…")) / n_all):
+        if ratio > MAX_SYMBOL_WORD_RATIO:
+            return False, "gopher_symbol_word_ratio", round(ratio, 4)
+    lines = text.splitlines()  # blank lines count in the denominator, as in datatrove
     if lines:
         bullets = sum(ln.lstrip().startswith(_BULLETS) for ln in lines) / len(lines)
         if bullets > MAX_BULLET_LINES:
@@ -88,78 +263,186 @@ def gopher_quality(text: str, cfg, lang: str | None = None) -> Decision:
         ellipsis = sum(ln.rstrip().endswith(_ELLIPSES) for ln in lines) / len(lines)
         if ellipsis > MAX_ELLIPSIS_LINES:
             return False, "gopher_ellipsis_lines", round(ellipsis, 4)
-    # Over words, not punctuation tokens: tokenised dumps (wikitext's " , " and " ( ") would
-    # otherwise fail on commas alone, while numbers and symbol soup still count against it.
-    alpha = sum(any(ch.isalpha() for ch in w) for w in real) / n
+    alpha = toks.n_alpha / (n if cfg.gopher_alpha_basis == "words" else n_all)
     if alpha < MIN_ALPHA_WORDS:
         return False, "gopher_alpha_words", round(alpha, 4)
     if lang == "en":
-        stops = sum(w.lower().strip("".join(_PUNCT)) in STOP_WORDS for w in words)
+        # Distinct stop words, case as written (datatrove's set intersection): "The" at the start
+        # of every sentence does not make a keyword list English.
+        stops = len(STOP_WORDS.intersection(toks))
         if stops < MIN_STOP_WORDS:
             return False, "gopher_stop_words", float(stops)
     return KEEP
 
 
-def _dup_stats(elements: list[str]) -> tuple[float, float]:
-    """(fraction of elements that repeat an earlier one, fraction of their characters)."""
+def _dup_stats(elements: list[str]) -> tuple[int, int]:
+    """(number of elements that repeat an earlier one, their characters)."""
     seen: set[str] = set()
-    dup_n = dup_chars = total_chars = 0
+    dup_n = dup_chars = 0
     for e in elements:
-        total_chars += len(e)
         if e in seen:
             dup_n += 1
             dup_chars += len(e)
         else:
             seen.add(e)
-    if not elements:
-        return 0.0, 0.0
-    return dup_n / len(elements), dup_chars / max(total_chars, 1)
+    return dup_n, dup_chars
 
 
-def top_ngram_char_fraction(words: list[str], n: int) -> float:
-    """Characters covered by the most common word n-gram (its length times its count) over all
-    characters of the words (Gopher's "fraction of characters in the top n-gram")."""
+def top_ngram_char_fraction(words: list[str], n: int, text_len: int | None = None) -> float:
+    """Characters covered by the most common word n-gram (its length with single spaces, times
+    its count) over ``text_len`` (the document's characters; default: the words joined by spaces),
+    Gopher's "fraction of characters in the top n-gram". Counted on tuples: joining with a space
+    is one-to-one because tokens hold no whitespace."""
     if len(words) < n:
         return 0.0
-    grams = Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+    grams = Counter(zip(*(words[i:] for i in range(n))))
     gram, count = grams.most_common(1)[0]
-    if count < 2:  # a single occurrence is not repetition
-        return 0.0
-    total = sum(len(w) for w in words) + len(words) - 1
-    return len(gram) * count / max(total, 1)
+    total = text_len if text_len is not None else sum(map(len, words)) + len(words) - 1
+    return (sum(map(len, gram)) + n - 1) * count / max(total, 1)
 
 
-def gopher_repetition(text: str, cfg, lang: str | None = None) -> Decision:
-    """Gopher repetition rules: duplicate paragraphs/lines by count and by characters, then the
-    top 2/3/4-gram character fractions (word n-grams are skipped for no-space languages)."""
-    paragraphs = [p.strip() for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-    frac, chars = _dup_stats(paragraphs)
-    if frac > MAX_DUP_PARA_FRAC:
-        return False, "gopher_dup_para_frac", round(frac, 4)
-    if chars > MAX_DUP_PARA_CHAR_FRAC:
-        return False, "gopher_dup_para_char_frac", round(chars, 4)
-    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
-    frac, chars = _dup_stats(lines)
-    if frac > MAX_DUP_LINE_FRAC:
-        return False, "gopher_dup_line_frac", round(frac, 4)
-    if chars > MAX_DUP_LINE_CHAR_FRAC:
-        return False, "gopher_dup_line_char_frac", round(chars, 4)
+def dup_ngram_chars(words: list[str], n: int, cum: list[int] | None = None) -> int:
+    """Characters in repeated n-grams, scanning left to right and jumping past each repeat
+    (datatrove's ``find_all_duplicate``). datatrove keys an n-gram by its words concatenated
+    without spaces; this keys it by the word tuple, which differs only when two different word
+    sequences concatenate to the same string ("ab" "c" / "a" "bc" at one n), and is ~5x faster.
+    ``cum`` are the cumulative word lengths (computed when not given)."""
+    keys = list(zip(*(words[i:] for i in range(n))))
+    if len(set(keys)) == len(keys):
+        return 0
+    if cum is None:
+        cum = list(accumulate(map(len, words), initial=0))
+    seen: set = set()
+    add = seen.add
+    repeated = idx = 0
+    last = len(keys)
+    while idx < last:
+        k = keys[idx]
+        if k in seen:
+            repeated += cum[idx + n] - cum[idx]
+            idx += n
+        else:
+            add(k)
+            idx += 1
+    return repeated
+
+
+_PARA_SPLIT = re.compile(r"\n{2,}")
+_LINE_SPLIT = re.compile("\n+")
+
+
+def gopher_repetition(text: str, cfg, lang: str | None = None, toks: Tokens | None = None) -> Decision:
+    """Gopher repetition rules: duplicate paragraphs/lines by count and by characters (over the
+    text's length), the top 2/3/4-gram and the repeated 5..10-gram character fractions (word
+    n-grams are skipped for no-space languages)."""
+    if not text:
+        return False, "gopher_empty", 0.0
+    size = len(text)
+    paragraphs = _PARA_SPLIT.split(text.strip())
+    n, chars = _dup_stats(paragraphs)
+    if n / len(paragraphs) > MAX_DUP_PARA_FRAC:
+        return False, "gopher_dup_para_frac", round(n / len(paragraphs), 4)
+    if chars / size > MAX_DUP_PARA_CHAR_FRAC:
+        return False, "gopher_dup_para_char_frac", round(chars / size, 4)
+    lines = _LINE_SPLIT.split(text)
+    n, chars = _dup_stats(lines)
+    if n / len(lines) > MAX_DUP_LINE_FRAC:
+        return False, "gopher_dup_line_frac", round(n / len(lines), 4)
+    if chars / size > MAX_DUP_LINE_CHAR_FRAC:
+        return False, "gopher_dup_line_char_frac", round(chars / size, 4)
     if lang in NO_SPACE_LANGS:
         return KEEP
-    words = [w.lower() for w in _words(text)]
+    toks = words(text) if toks is None else toks
     for n, limit in MAX_TOP_NGRAM_CHAR_FRAC.items():
-        f = top_ngram_char_fraction(words, n)
+        f = top_ngram_char_fraction(toks, n, size)
         if f > limit:
             return False, f"gopher_top_{n}gram", round(f, 4)
+    cum = list(accumulate(map(len, toks), initial=0))
+    for n, limit in MAX_DUP_NGRAM_CHAR_FRAC.items():
+        chars = dup_ngram_chars(toks, n, cum)
+        if chars == 0:  # no repeated n-gram: no repeated longer one either
+            break
+        if chars / size > limit:
+            return False, f"gopher_dup_{n}gram", round(chars / size, 4)
     return KEEP
 
 
-_LOREM = re.compile(r"lorem ipsum", re.I)
+# ---------------------------------------------------------------------------------------------
+# C4
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _sentencizer():
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    return nlp
 
 
-def c4_lorem_ipsum(text: str, cfg, lang: str | None = None) -> Decision:
-    """C4's placeholder rule: a document with "lorem ipsum" is a template, not content."""
-    return (False, "c4_lorem_ipsum", 1.0) if _LOREM.search(text) else KEEP
+def count_sentences(line: str) -> int:
+    """Sentences in one line by spaCy's rule-based sentencizer (datatrove's
+    ``split_into_sentences``)."""
+    nlp = _sentencizer()
+    nlp.max_length = max(nlp.max_length, len(line) + 10)
+    return sum(1 for _ in nlp(line).sents)
+
+
+def c4_lines(text: str, min_sentences: int = 5) -> tuple[Decision, list[str]]:
+    """C4's line pass: (decision, kept lines). A line is kept when no word exceeds 1,000
+    characters, it ends in terminal punctuation (not an ellipsis) once citation marks are
+    removed, it has >= 3 words and mentions neither "javascript" nor a cookie/terms-of-use
+    phrase; "lorem ipsum" or "{" in a kept line drops the whole document."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        ws = line.split()
+        if len(line) > C4_MAX_WORD_LEN and any(len(w) > C4_MAX_WORD_LEN for w in ws):
+            continue
+        if "[" in line:
+            line = _CITATION.sub("", line)
+        if not line.endswith(C4_END_PUNCTUATION) or line.endswith("..."):
+            continue
+        if len(ws) < C4_MIN_WORDS_PER_LINE:
+            continue
+        low = line.lower()
+        if "lorem ipsum" in low:
+            return (False, "c4_lorem_ipsum", 1.0), kept
+        if "javascript" in low:
+            continue
+        if "{" in line:
+            return (False, "c4_curly_bracket", 1.0), kept
+        if any(p in low for p in C4_POLICY):
+            continue
+        kept.append(line)
+    if min_sentences > 0 and len(kept) < min_sentences:
+        # Each kept line holds >= 1 sentence, so only a short list needs the sentencizer.
+        n = sum(count_sentences(ln) for ln in kept)
+        if n < min_sentences:
+            return (False, "c4_too_few_sentences", float(n)), kept
+    return KEEP, kept
+
+
+def c4_quality(text: str, cfg, lang: str | None = None) -> Decision:
+    """C4's document decision (``c4_lines``) with ``cfg.c4_min_sentences``."""
+    return c4_lines(text, cfg.c4_min_sentences)[0]
+
+
+def quality_filters(text: str, cfg, lang: str | None = None) -> Decision:
+    """The quality rules (Gopher quality, Gopher repetition, C4); the first drop wins. A document
+    is kept only when every rule keeps it, so the order changes only the reason a drop is
+    reported under: Gopher quality first, so a ten-word page reads "gopher_short_doc" rather
+    than "gopher_top_4gram" (datatrove runs repetition first; the decision is the same).
+    Tokenises once for both Gopher filters. The pure core of the clean stage's decision and of
+    bench/quality_bench.py."""
+    toks = None if lang in NO_SPACE_LANGS else words(text)
+    decision = gopher_quality(text, cfg, lang, toks)
+    if decision[0]:
+        decision = gopher_repetition(text, cfg, lang, toks)
+    # C4's terminal punctuation is ASCII ". ? !": every line of a Chinese or Japanese page ends
+    # in "。" and would be dropped, so C4 is skipped where the word rules are.
+    if decision[0] and cfg.c4_filters and lang not in NO_SPACE_LANGS:
+        decision = c4_quality(text, cfg, lang)
+    return decision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,21 +478,14 @@ def language_filter(text: str, cfg, lang: str | None = None, confidence: float =
     return False, f"language:{lang}", round(confidence, 4)
 
 
-QUALITY_FILTERS = (c4_lorem_ipsum, gopher_repetition, gopher_quality)
-
-
 def filter_document(text: str, cfg) -> tuple[Decision, str | None]:
-    """Run language ID then every quality filter; returns (first failing decision or KEEP,
+    """Run language ID then the quality filters; returns (first failing decision or KEEP,
     detected language)."""
     lang, conf = detect_language(text)
     decision = language_filter(text, cfg, lang, conf)
     if not decision[0]:
         return decision, lang
-    for fn in QUALITY_FILTERS:
-        decision = fn(text, cfg, lang)
-        if not decision[0]:
-            return decision, lang
-    return KEEP, lang
+    return quality_filters(text, cfg, lang), lang
 
 
 # ---------------------------------------------------------------------------------------------

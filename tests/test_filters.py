@@ -13,14 +13,19 @@ from schemas.records import make_record
 from tasks import clean
 from tasks.clean import clean_document
 from tasks.filters import (
-    c4_lorem_ipsum,
+    c4_lines,
+    c4_quality,
+    count_sentences,
     detect_language,
+    dup_ngram_chars,
     filter_document,
     gopher_quality,
     gopher_repetition,
     language_filter,
+    quality_filters,
     strip_gutenberg,
     top_ngram_char_fraction,
+    words,
 )
 from tasks.stage import run_stage
 
@@ -43,7 +48,8 @@ GOOD = (
     "build their houses on raised ground. The old bridge at the market town was built with stone "
     "from a nearby quarry and has stood for almost three hundred years. Travellers who cross it "
     "today can still see the marks of the masons on the lower blocks, and a small museum beside "
-    "the road tells the story of the men who worked there."
+    "the road tells the story of the men who worked there. On market days the bridge is closed to "
+    "cars and the farmers sell their goods in the square."
 )
 
 
@@ -51,8 +57,8 @@ GOOD = (
 # Gopher quality, on real snippets
 # ---------------------------------------------------------------------------------------------
 def test_wiki_article_is_kept():
-    text = _raw("wiki/wiki_2dee326f.txt")
-    assert filter_document(text, CFG) == ((True, None, None), "en")
+    text = _raw("wiki/wiki_2dee326f.txt")  # WikiText: judged by words (see test_alpha_basis_tokens_or_words)
+    assert filter_document(text, CleanConfig(gopher_alpha_basis="words")) == ((True, None, None), "en")
 
 
 def test_navigation_junk_is_a_short_doc():
@@ -79,8 +85,9 @@ def test_good_text_passes_and_each_rule_can_fail():
     bullets = "\n".join(f"- item number {i} in the list of things" for i in range(20))
     assert gopher_quality(bullets, CFG)[:2] == (False, "gopher_bullet_lines")
     # One ellipsis per 9 words is over the 0.1 symbol ratio before the line rule is reached.
+    # One ellipsis per 10 tokens ("..." is a token) is not over the 0.1 ratio; the line rule fires.
     ellipses = "\n".join(f"read more about the story of the day {i}..." for i in range(20))
-    assert gopher_quality(ellipses, CFG)[:2] == (False, "gopher_symbol_word_ratio")
+    assert gopher_quality(ellipses, CFG) == (False, "gopher_ellipsis_lines", 1.0)
     numbers = " ".join(str(1000 + i) for i in range(80)) + " " + " ".join(GOOD.split()[:10])
     assert gopher_quality(numbers, CFG)[:2] == (False, "gopher_alpha_words")
     assert gopher_quality("word " * 100_001, CFG)[:2] == (False, "gopher_long_doc")
@@ -93,9 +100,61 @@ def test_ellipsis_lines_rule_alone():
     assert (keep, reason, score) == (False, "gopher_ellipsis_lines", 0.75)
 
 
-def test_lorem_ipsum():
-    assert c4_lorem_ipsum(GOOD, CFG) == (True, None, None)
-    assert c4_lorem_ipsum(GOOD + " Lorem Ipsum dolor sit amet.", CFG) == (False, "c4_lorem_ipsum", 1.0)
+def test_words_are_spacys_english_tokens_on_real_text():
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    for rel in ("wiki/wiki_2dee326f.txt", "web/web_00c293ca.txt", "snippets/snip_51b85460.txt"):
+        text = _raw(rel)
+        expected = [t.text.strip() for t in nlp(text) if t.text.strip()]
+        assert list(words(text)) == expected, rel
+    toks = words("Don't stop: it's 3.5 km (U.S. roads), e.g. well-known.")
+    assert list(toks) == ["Do", "n't", "stop", ":", "it", "'s", "3.5", "km", "(", "U.S.", "roads", ")", ",",
+                          "e.g.", "well", "-", "known", "."]
+    assert (toks.n_real, toks.n_alpha) == (12, 11)  # 6 punctuation tokens; "3.5" has no letter
+
+
+def test_alpha_basis_tokens_or_words():
+    # WikiText's tokenised punctuation: under 80% of tokens have a letter, over 80% of words do.
+    wiki = _raw("wiki/wiki_2dee326f.txt")
+    keep, reason, score = gopher_quality(wiki, CFG, "en")
+    assert (keep, reason) == (False, "gopher_alpha_words") and 0.7 < score < 0.8
+    assert gopher_quality(wiki, CleanConfig(gopher_alpha_basis="words"), "en") == (True, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# C4
+# ---------------------------------------------------------------------------------------------
+def test_c4_keeps_prose_and_drops_lorem_and_code():
+    assert c4_quality(GOOD, CFG) == (True, None, None)
+    assert c4_quality(GOOD + " Lorem Ipsum dolor sit amet.", CFG) == (False, "c4_lorem_ipsum", 1.0)
+    assert c4_quality(GOOD + "\nUse {braces} for the set of all values.", CFG) == (False, "c4_curly_bracket", 1.0)
+    # Only kept lines count: a heading with a brace (no terminal punctuation) is dropped as a line.
+    assert c4_quality(GOOD + "\nfunction f() {", CFG) == (True, None, None)
+
+
+def test_c4_line_rules_and_sentence_count():
+    lines = [
+        "Please enable JavaScript to view the comments.",  # javascript: line dropped
+        "This site uses cookies to improve your experience.",  # policy: line dropped
+        "Read more...",  # ellipsis
+        "Home",  # no terminal punctuation
+        "Yes.",  # under 3 words
+        "The war ended in 1945.[1] It changed the map of Europe.[citation needed]",
+    ]
+    decision, kept = c4_lines("\n".join(lines), 5)
+    assert kept == ["The war ended in 1945. It changed the map of Europe."]  # citations removed
+    assert decision == (False, "c4_too_few_sentences", 2.0)  # two sentences in the one kept line
+    assert count_sentences("One. Two! Three? Four") == 4
+    assert c4_lines("\n".join(lines), 2)[0] == (True, None, None)
+    assert c4_quality("One line. Two sentences here.", CleanConfig(c4_min_sentences=0)) == (True, None, None)
+
+
+def test_c4_on_real_web_and_navigation_snippets():
+    # English Web Treebank: a blog post is kept, a three-sentence review is too short for C4.
+    assert c4_quality(_raw("web/web_042e0b97.txt"), CFG) == (True, None, None)
+    assert c4_quality(_raw("web/web_00c293ca.txt"), CFG) == (False, "c4_too_few_sentences", 3.0)
+    # Navigation junk has no line that ends in terminal punctuation.
+    assert c4_quality(_raw("snippets/snip_51b85460.txt"), CFG) == (False, "c4_too_few_sentences", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +176,22 @@ def test_repetition_rules():
 
 
 def test_top_ngram_fraction_definition():
-    words = "a b a b c".split()
-    # "a b" twice: 3 chars * 2 over the text "a b a b c" (9 chars).
-    assert top_ngram_char_fraction(words, 2) == pytest.approx(6 / 9)
-    assert top_ngram_char_fraction("one two three".split(), 2) == 0.0  # nothing repeats
+    ws = "a b a b c".split()
+    # "a b" twice: 3 chars * 2 over the text "a b a b c" (9 chars), or over a given text length.
+    assert top_ngram_char_fraction(ws, 2) == pytest.approx(6 / 9)
+    assert top_ngram_char_fraction(ws, 2, 12) == pytest.approx(6 / 12)
+    # As datatrove: the most common n-gram counts even when it occurs once.
+    assert top_ngram_char_fraction("one two three".split(), 2) == pytest.approx(7 / 13)
+
+
+def test_dup_ngram_chars_jumps_past_repeats():
+    ws = "a b c d e a b c d e a b c d e x".split()
+    # The 5-gram "abcde" repeats at 5 and 10: each repeat adds 5 chars and jumps 5 words.
+    assert dup_ngram_chars(ws, 5) == 10
+    assert dup_ngram_chars("a b c d e f g".split(), 5) == 0
+    spam = GOOD + " " + " ".join(["buy cheap watches online today"] * 12)
+    keep, reason, score = quality_filters(spam, CFG, "en")
+    assert not keep and reason.startswith("gopher_") and score > 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +217,7 @@ def test_allowed_languages():
     assert language_filter(GOOD, only_en, "en", 0.99) == (True, None, None)
     assert language_filter(GOOD, only_en, "de", 0.97) == (False, "language:de", 0.97)
     assert language_filter(GOOD, CFG, "de", 0.97) == (True, None, None)  # None: all allowed
-    english = _raw("wiki/wiki_2dee326f.txt")
+    english = _raw("web/web_042e0b97.txt")
     book, _ = strip_gutenberg(_raw("gutenberg/pg_93436e14.txt"))  # Kafka, Die Verwandlung
     (keep, reason, score), lang = filter_document(book, only_en)
     assert (keep, reason, lang) == (False, "language:de", "de") and score > 0.9
