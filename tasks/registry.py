@@ -371,6 +371,37 @@ def find_version(root: Path, key: str) -> str | None:
     return None
 
 
+def gated_report(folder: Path, report: dict, gate_result: dict) -> None:
+    """eval.md and eval.png of a version: the evaluation table and chart with the gate's marks."""
+    from tasks.evaluate import eval_markdown, plot_eval
+
+    rows = report.get("rows", [])
+    md = eval_markdown(rows, report.get("split", "?"), report.get("notes", []), gate_result)
+    (folder / "eval.md").write_text(md, encoding="utf-8")
+    plot_eval(rows, folder / "eval.png", gate_result["metric"], gate_result)
+
+
+def publish_gated(folder: Path, name: str, version: str) -> None:
+    """The gated evaluation table as Prefect table + markdown artifacts and the chart as an image link."""
+    from tasks.artifacts import publish_image, publish_table
+    from tasks.evaluate import gate_marks
+
+    try:
+        report = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+        gate_result = json.loads((folder / "gate.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    marks = gate_marks(gate_result, report.get("rows", []))
+    rows = [{"variant": r["variant"], "gate": marks.get(r["variant"], ""),
+             **{k: v for k, v in r.items() if k != "variant"}} for r in report.get("rows", [])]
+    what = f"{name} {version}: deploy gate {'PASSED' if gate_result['passed'] else 'FAILED'} ({gate_result['reason']})"
+    publish_table("evaluation-gated", rows, what)
+    if (folder / "eval.md").is_file():
+        publish_markdown("evaluation-gated-md", (folder / "eval.md").read_text(encoding="utf-8"), what)
+    if (folder / "eval.png").is_file():
+        publish_image("evaluation-gated-chart", str(folder / "eval.png"), what)
+
+
 def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, version: str, key: str) -> dict:
     finetune, evaluate = manifests["finetune"], manifests["evaluate"]
     serve_variant = cfg.registry.serve_variant
@@ -392,8 +423,13 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     if not eval_json.is_file():
         raise StageError(f"registry: {eval_json} is missing; rerun the evaluate stage")
     rows = json.loads(eval_json.read_text(encoding="utf-8")).get("rows", [])
-    for src, dst in [(eval_json, "eval.json"), (evaluate.dir / "eval.md", "eval.md"),
-                     (evaluate.dir / "eval.png", "eval.png"), (finetune.dir / "loss.png", "loss.png")]:
+    # The causal-LM table and chart are re-rendered below with the gate's pass/fail marks (written, not
+    # linked: a hard link would let the registry's copy edit the evaluate stage's file).
+    gated = any("perplexity" in r for r in rows)  # a causal-LM table (a classifier's has its own layout)
+    reports = [(eval_json, "eval.json"), (finetune.dir / "loss.png", "loss.png")]
+    if not gated:
+        reports += [(evaluate.dir / "eval.md", "eval.md"), (evaluate.dir / "eval.png", "eval.png")]
+    for src, dst in reports:
         if src.is_file():  # the plots and the markdown table are for people; eval.json is what is checked
             link_or_copy(src, tmp / dst)
 
@@ -406,6 +442,8 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1, ensure_ascii=False), encoding="utf-8")
     gate_result = check_gate(rows, cfg.registry.gate, serve_variant)
     (tmp / "gate.json").write_text(json.dumps(gate_result, indent=1), encoding="utf-8")
+    if gated:
+        gated_report(tmp, json.loads(eval_json.read_text(encoding="utf-8")), gate_result)
 
     tok = manifests.get("tokenize")
     # The tokenize stage records the template it rendered training text with; the config is the same
@@ -470,6 +508,7 @@ def register(manifests: dict[str, Manifest], cfg) -> dict:
 
     card = (root / version / "README.md").read_text(encoding="utf-8")
     publish_markdown(f"model-card-{name}", card, description=f"{name} {version}: {why}")
+    publish_gated(root / version, name, version)
     return {"name": name, "version": version, "path": str(root / version), "created": created,
             "lineage_key": key, "gate": gate_result, "production": aliases[PRODUCTION], "promoted": promoted,
             "reason": why}
