@@ -15,6 +15,7 @@ from tasks.prefect_tasks import ensure_gpu_limit, register_task, scan_task
 from tasks.security import install_log_redaction
 from tasks.stage import Store
 from tasks.summary import RunLog, as_markdown, as_text, write_summary
+from tasks.validate import save_stats
 
 
 @flow(name="corpus2model", log_prints=True)
@@ -29,16 +30,20 @@ def pipeline(config_path: str, overrides: dict | None = None) -> dict:
     run = RunLog(steps, cfg)
     try:
         ingest = run.stage("ingest", [source])
+        run.check("check_raw", [source, ingest], store.root)  # each boundary stops the flow on an error
         clean = run.stage("clean", [ingest])
         dedup = run.stage("dedup", [clean])
+        run.check("check_clean", [dedup], store.root)
         augment = run.stage("augment", [dedup])
-        validate = run.stage("validate", [augment])
+        run.check("check_augment", [augment], store.root)
+        validate = run.check("validate", [augment], store.root)
         shard = run.stage("shard", [validate])
         tokenize = run.stage("tokenize", [shard])
         finetune = run.stage("finetune", [tokenize])
         quantize = run.stage("quantize", [finetune])
         evaluate = run.stage("evaluate", [shard, tokenize, finetune, quantize])
         registered = register_task({"source": source, **run.manifests}, cfg)
+        save_stats(store.root, cfg.name, run.manifests)  # the baseline for the next run's distribution checks
     finally:
         RunRecord(store, cfg.name).save(source, [s for s in steps if s.stage in run.manifests])
 
@@ -49,6 +54,9 @@ def pipeline(config_path: str, overrides: dict | None = None) -> dict:
         "production": str(registered.get("production")),
         "gate": "passed" if registered["gate"]["passed"] else "failed",
     }
+    for stage in ("check_raw", "check_clean", "check_augment"):  # the boundary reports, beside the final one
+        m = run.manifests[stage]
+        links[f"{stage} report"] = str(m.dir / m.stats.get("docs_index", "data_docs/index.html"))
     md_path, _ = write_summary(store.root, cfg.name, run.rows, links)
     publish_table("run-summary", [r.__dict__ for r in run.rows], description=f"{cfg.name}: what ran, what was cached, and why")
     publish_markdown("run-summary-md", as_markdown(run.rows, f"Run summary: {cfg.name}") + "\n" + "\n".join(f"- {k}: `{v}`" for k, v in links.items()))

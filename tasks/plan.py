@@ -18,9 +18,12 @@ from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, sta
 # tests/test_flow.py checks that every manifest's upstream matches this table.
 DAG: list[tuple[str, list[str]]] = [
     ("ingest", ["source"]),
-    ("clean", ["ingest"]),
+    ("check_raw", ["source", "ingest"]),  # validation boundaries: report-only nodes that stop the flow on
+    ("clean", ["ingest"]),                 # an error-severity failure before the next stage runs
     ("dedup", ["clean"]),
+    ("check_clean", ["dedup"]),
     ("augment", ["dedup"]),
+    ("check_augment", ["augment"]),
     ("validate", ["augment"]),
     ("shard", ["validate"]),
     ("tokenize", ["shard"]),
@@ -28,7 +31,7 @@ DAG: list[tuple[str, list[str]]] = [
     ("quantize", ["finetune"]),
     ("evaluate", ["shard", "tokenize", "finetune", "quantize"]),
 ]
-DATA_STAGES = ["ingest", "clean", "dedup", "augment", "validate", "shard"]
+DATA_STAGES = ["ingest", "check_raw", "clean", "dedup", "check_clean", "augment", "check_augment", "validate", "shard"]
 
 
 def check_runtime(runtime) -> None:
@@ -44,6 +47,10 @@ def check_runtime(runtime) -> None:
 
 
 def module(stage: str):
+    if stage.startswith("check_"):  # the boundary checks share tasks/validate.py, one node per boundary
+        from tasks.validate import boundary_module
+
+        return boundary_module(stage[len("check_"):])
     return importlib.import_module(f"tasks.{stage}")
 
 

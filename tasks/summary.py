@@ -123,6 +123,25 @@ class RunLog:
         self.echo(f"[{name}] {row.status}{'' if cached else ' (' + step.why + ')'} {row.seconds:.2f}s {row.detail}".rstrip())
         return m
 
+    def check(self, name: str, inputs: list[Manifest], store_root: Path) -> Manifest:
+        """A validation boundary node, then its distribution checks against the last successful run
+        of this config (outside the cached stage: they depend on history, not on content). A drift
+        beyond validate.max_* is noted in the row; with validate.drift_severity error it stops the run."""
+        from tasks.validate import check_drift
+
+        m = self.stage(name, inputs)
+        row = self.rows[-1]
+        try:
+            _, note = check_drift(store_root, self.cfg.name, m.stats.get("boundary", name), m, self.cfg.validate_)
+        except Exception:
+            row.status = "failed"
+            row.why = "distribution drift"
+            self.echo(f"[{name}] FAILED (distribution drift)")
+            raise
+        if note:
+            row.detail = f"{row.detail}; {note}" if row.detail else note
+        return m
+
 
 def write_summary(store_root: Path, name: str, rows: list[Row], extra: dict) -> tuple[Path, Path]:
     folder = Path(store_root) / "_runs"
