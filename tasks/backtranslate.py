@@ -248,8 +248,7 @@ class Translator:
             dev = pick_device(self.device)
             if self.threads and dev == "cpu":
                 torch.set_num_threads(self.threads)
-            model.to(dev).eval()
-            torch.set_grad_enabled(False)
+            model.to(dev).eval()  # generate runs under inference_mode; no process-wide grad switch
             self._loaded[name] = (tok, model, dev)
         return self._loaded[name]
 
@@ -264,6 +263,11 @@ class Translator:
             tok.src_lang = self.lang_codes.get(src, src)
             code = self.lang_codes.get(tgt, tgt)
             lang_id = tok.get_lang_id(code) if hasattr(tok, "get_lang_id") else tok.convert_tokens_to_ids(code)
+            if lang_id is None or lang_id == tok.unk_token_id:
+                raise StageError(
+                    f"language code {code!r} (augment.backtranslate.lang_codes[{tgt!r}]) is not a token of the "
+                    f"{src}->{tgt} model's tokenizer; use the model's codes (NLLB: eng_Latn, deu_Latn; M2M100: en, de)"
+                )
             gen["forced_bos_token_id"] = lang_id
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         out: list[str] = [""] * len(sentences)

@@ -193,6 +193,11 @@ def test_roundtrip_keeps_layout_and_missing_model_is_a_clear_error(tiny_model):
         tr.translate(["Hello there."], "en", "es")
     with pytest.raises(StageError, match="neither a local folder nor in the Hugging Face cache"):
         model_identity("no-such-org/no-such-model")
+    # Multilingual models get the target language as the forced first token; an unknown code is an error.
+    coded = _translator(tiny_model, lang_codes={"en": "</s>", "de": "▁die"})
+    assert len(coded.translate(["Hello there."], "en", "de")) == 1
+    with pytest.raises(StageError, match="is not a token"):
+        _translator(tiny_model, lang_codes={"en": "eng_Latn", "de": "deu_Latn"}).translate(["Hello there."], "en", "de")
 
 
 # --------------------------------------------------------------------------------------------
