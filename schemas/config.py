@@ -343,6 +343,9 @@ class DpoConfig(Section):
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_prompt_tokens: int = Field(96, ge=1)
     max_response_tokens: int = Field(64, ge=1)
+    # Pairs failing an error-severity expectation of the preference_pairs suite are left out (and
+    # listed in the stage's pairs_validation/failing_rows.parquet) instead of failing the stage.
+    drop_invalid_pairs: bool = True
 
 
 class FinetuneConfig(Section):

@@ -28,18 +28,24 @@ from tasks.stage import StageError
 IGNORE_INDEX = -100
 
 
-def load_pairs(path: Path, out_dir: Path | None = None) -> list[dict]:
-    """Read preference pairs; when tasks.validate has ``validate_preference_pairs`` it checks them
-    first (error-severity defects raise ValidationFailed naming the record)."""
+def load_pairs(path: Path, report_dir: Path | None = None, drop_invalid: bool = False) -> tuple[list[dict], list[str]]:
+    """(pairs, ids dropped). With ``report_dir`` the pairs are first checked by the preference_pairs
+    expectation suite (tasks.validate.validate_preference_pairs; its report and failing_rows.parquet,
+    the quarantine, land in ``report_dir``). Error-severity defects raise ValidationFailed, or with
+    ``drop_invalid`` the failing pairs are left out (the shared HH file has 2 empty ``chosen``)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"finetune.dpo.pairs_path {path} does not exist: point it at a preference-pairs JSONL file")
-    try:
-        from tasks.validate import validate_preference_pairs
-    except ImportError:
-        validate_preference_pairs = None
-    if validate_preference_pairs is not None:
-        validate_preference_pairs(path, out_dir)
+    dropped: list[str] = []
+    if report_dir is not None:
+        from tasks.validate import ValidationFailed, validate_preference_pairs
+
+        try:
+            validate_preference_pairs(path, report_dir)
+        except ValidationFailed as e:
+            if not drop_invalid or not e.failing_ids():
+                raise
+            dropped = e.failing_ids()
     pairs = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -51,11 +57,13 @@ def load_pairs(path: Path, out_dir: Path | None = None) -> list[dict]:
                 raise StageError(f"{path}:{n}: not JSON ({e})") from None
             if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
                 raise StageError(f"{path}:{n}: a pair needs string fields prompt, chosen and rejected")
+            if str(rec.get("id")) in dropped:
+                continue
             pairs.append({"id": rec.get("id", str(n)), "prompt": rec["prompt"], "chosen": rec["chosen"],
                           "rejected": rec["rejected"]})
     if not pairs:
-        raise StageError(f"{path} holds no preference pairs")
-    return pairs
+        raise StageError(f"{path} holds no usable preference pairs")
+    return pairs, dropped
 
 
 def split_pairs(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -191,7 +191,7 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
 
     if ft.dpo.pairs_path is None:
         raise StageError("finetune.objective dpo needs finetune.dpo.pairs_path (a preference-pairs JSONL file)")
-    pairs = dpo.load_pairs(Path(ft.dpo.pairs_path), out_dir / "pairs_validation")
+    pairs, dropped = dpo.load_pairs(Path(ft.dpo.pairs_path), out_dir / "pairs_validation", ft.dpo.drop_invalid_pairs)
     if ft.dpo.max_pairs:
         pairs = pairs[:ft.dpo.max_pairs]
     train_pairs, held = dpo.split_pairs(pairs, ft.dpo.heldout_fraction, ft.seed)
@@ -205,7 +205,9 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
     batches = Batches(len(train_pairs), lambda idx: {k: v[idx] for k, v in train_data.items()}, ft.batch_size, ft.seed)
     evaluate = lambda: dpo.evaluate(model, held_data, ft.dpo.beta, ft.batch_size)["loss"]  # noqa: E731
     extra = {"held_data": held_data, "before": before}
-    return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), [], extra
+    notes = [f"{len(dropped)} pairs failed validation and were left out (pairs_validation/failing_rows.parquet)"] \
+        if dropped else []
+    return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), notes, extra
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:

@@ -70,13 +70,14 @@ def _decoder_layers(model):
     return layers
 
 
-def add_bottleneck_adapters(model, size: int, activation: str = "gelu"):
-    """Freeze ``model`` and insert one trainable bottleneck after each layer's MLP (in place).
+def add_bottleneck_adapters(model, size: int, activation: str = "gelu", modules_to_save=()):
+    """Freeze ``model`` and insert one trainable bottleneck after each layer's MLP (in place);
+    ``modules_to_save`` (e.g. ["lm_head"]) train in full beside them.
 
     The adapter is a child of the MLP (``...mlp.bottleneck``) applied by a forward hook, so the
     base weights keep their names and ``base/`` loads unchanged."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(n == m or n.startswith(m + ".") or f".{m}." in f".{n}" for m in modules_to_save))
     hidden = model.config.hidden_size
     for layer in _decoder_layers(model):
         mlp = layer.mlp
@@ -84,7 +85,7 @@ def add_bottleneck_adapters(model, size: int, activation: str = "gelu"):
         mlp.bottleneck = _bottleneck_module(hidden, size, activation).to(ref.device)
         mlp.register_forward_hook(lambda mod, args, out: mod.bottleneck(out))
     model.bottleneck_config = {"size": size, "activation": activation, "placement": "after_mlp",
-                               "layers": len(_decoder_layers(model))}
+                               "layers": len(_decoder_layers(model)), "modules_to_save": sorted(modules_to_save)}
     return model
 
 
@@ -92,7 +93,7 @@ def save_bottleneck(model, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".bottleneck." in n}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(folder / BOTTLENECK_WEIGHTS), metadata={"format": "pt"})
     (folder / BOTTLENECK_CONFIG).write_text(json.dumps(model.bottleneck_config, indent=2, sort_keys=True) + "\n",
                                             encoding="utf-8")
@@ -103,10 +104,10 @@ def load_bottleneck(model, folder: Path):
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / BOTTLENECK_CONFIG).read_text(encoding="utf-8"))
-    add_bottleneck_adapters(model, cfg["size"], cfg["activation"])
+    add_bottleneck_adapters(model, cfg["size"], cfg["activation"], cfg.get("modules_to_save", []))
     saved = load_file(str(folder / BOTTLENECK_WEIGHTS))
     params = dict(model.named_parameters())
-    missing = [k for k in params if ".bottleneck." in k and k not in saved]
+    missing = [k for k, p in params.items() if p.requires_grad and k not in saved]
     if missing or any(k not in params for k in saved):
         raise StageError(f"{folder / BOTTLENECK_WEIGHTS} does not fit this model (missing {missing[:3]})")
     with torch.no_grad():
@@ -151,10 +152,12 @@ def peft_config(ft):
                           target_modules=list(ft.lora.target_modules), task_type="CAUSAL_LM", bias="none",
                           modules_to_save=list(ft.lora.modules_to_save) or None)
     if ft.method == "prefix":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.prefix.num_virtual_tokens)
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=ft.prefix.num_virtual_tokens,
+                                  modules_to_save=list(ft.prefix.modules_to_save) or None)
     if ft.method == "ia3":
         return IA3Config(task_type="CAUSAL_LM", target_modules=list(ft.ia3.target_modules),
-                         feedforward_modules=list(ft.ia3.feedforward_modules))
+                         feedforward_modules=list(ft.ia3.feedforward_modules),
+                         modules_to_save=list(ft.ia3.modules_to_save) or None)
     raise ValueError(f"{ft.method!r} is not a peft method")
 
 
@@ -169,7 +172,8 @@ def prepare(model, ft, base_dir: Path | None = None):
             p.requires_grad_(True)
         return model
     if ft.method == "bottleneck":
-        return add_bottleneck_adapters(model, ft.bottleneck.size, ft.bottleneck.activation)
+        return add_bottleneck_adapters(model, ft.bottleneck.size, ft.bottleneck.activation,
+                                       list(ft.bottleneck.modules_to_save))
     from peft import get_peft_model
 
     if ft.method == "qlora":
