@@ -459,6 +459,8 @@ class ExpectationResult:
     observed_value: Any = None
     failing_rows: list[int] = field(default_factory=list)  # row positions, first max_failing_rows
     failing_ids: list[str | None] = field(default_factory=list)
+    # "<source_path>:<line>" of the first failing rows, where records know it: what a person opens.
+    failing_where: list[str] = field(default_factory=list)
     exception: str | None = None
 
     @property
@@ -478,6 +480,7 @@ class ValidationReport:
     kind: str = "records"
     profile: dict = field(default_factory=dict)  # distribution statistics (profile()), compared run to run
     drift: list = field(default_factory=list)  # DriftResult, filled by the flow (compare_profiles)
+    upstream_rejected: dict = field(default_factory=dict)  # raw boundary: ingest's unreadable lines by reason
 
     def failed(self, severity: str) -> list[ExpectationResult]:
         return [r for r in self.results if not r.success and r.severity == severity]
@@ -533,7 +536,12 @@ class ValidationReport:
             for r in failed:
                 ids = ", ".join(f"`{i}`" for i in _first_ids(r))
                 more = f" (first ids: {ids})" if ids else ""
+                if r.failing_where:
+                    more += "; first rows: " + ", ".join(f"`{w}`" for w in r.failing_where)
                 lines.append(f"- **{r.severity}** `{r.expectation}` on `{r.column or 'table'}`: {_md(r.why)}{more}")
+        if self.upstream_rejected:
+            lines += ["", f"Lines ingest could not read ({sum(self.upstream_rejected.values())}, quarantined by ingest): "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(self.upstream_rejected.items(), key=lambda kv: -kv[1]))]
         return "\n".join(lines) + "\n"
 
 
@@ -732,7 +740,8 @@ def _quiet():
 
 def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
                    max_failing_rows: int = 1000, *, raw: dict[str, list] | None = None,
-                   severity_overrides: dict | None = None, boundary: str = "final") -> ValidationReport:
+                   severity_overrides: dict | None = None, boundary: str = "final",
+                   upstream_rejected: dict | None = None) -> ValidationReport:
     """Validate records (pyarrow Table or DataFrame) or, for a ``table: preference_pairs`` suite,
     preference pairs against a suite file; write Data Docs to ``docs_dir`` (``index.html`` there)
     when given. ``raw`` holds row-aligned raw_* columns (raw_columns). Pure: reads nothing else,
@@ -797,6 +806,7 @@ def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
             boundary=boundary,
             kind=kind,
             profile=profile(df),
+            upstream_rejected=dict(upstream_rejected or {}),
         )
         if docs_dir is not None:
             site = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -841,9 +851,21 @@ def _collect(gx_results, entries: list[SuiteEntry], df, max_failing_rows: int) -
                 observed_value=res.get("observed_value"),
                 failing_rows=rows,
                 failing_ids=[None if _isnull(ids.iat[i]) else str(ids.iat[i]) for i in rows],
+                failing_where=_where(df, rows[:5]),
                 exception=exc,
             )
         )
+    return out
+
+
+def _where(df, rows: list[int]) -> list[str]:
+    if "metadata_source_path" not in df.columns or "metadata_source_line" not in df.columns:
+        return []
+    out = []
+    for i in rows:
+        path, line = df["metadata_source_path"].iat[i], df["metadata_source_line"].iat[i]
+        if not _isnull(path):
+            out.append(f"{path}:{int(line)}" if not _isnull(line) else str(path))
     return out
 
 
@@ -956,8 +978,11 @@ def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
     for r in report.results:
         word = _result_word(r)
         cls = "c2m-pass" if r.success else "c2m-fail"
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in r.kwargs.items() if k != "column")
+        kwargs = ", ".join(f"{k}={_kwarg_text(v)}" for k, v in r.kwargs.items() if k != "column")
         sample = ", ".join(e(str(i)) for i in _first_ids(r))
+        where = ", ".join(e(w) for w in r.failing_where)
+        if where:
+            sample += f"<br>first rows: {where}"
         rows.append(
             f"<tr><td><code>{e(r.expectation)}</code><br><span class=\"text-muted\">{e(kwargs)}</span></td>"
             f"<td>{e(r.column or '(table)')}</td><td class=\"c2m-sev-{r.severity}\">{r.severity}</td>"
@@ -976,7 +1001,7 @@ def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
 <body><nav class="navbar"><span class="c2m-brand">corpus2model · validate · Data Docs</span></nav>
 <div class="container-fluid">
 <h2>Validation <span class="{'c2m-pass' if report.success else 'c2m-fail'}">{status}</span>: {e(BOUNDARY_TITLES.get(report.boundary, report.boundary))}</h2>
-<p>Suite <code>{e(report.suite)}</code> (sha256 <code>{report.suite_sha256[:16]}</code>) on {report.rows} {noun}:
+<p>Suite <code>{e(_display_path(report.suite))}</code> (sha256 <code>{report.suite_sha256[:16]}</code>) on {report.rows} {noun}:
 {len(report.results)} expectations, <span class="c2m-sev-error">{report.error_failed} error-severity</span> and
 <span class="c2m-sev-warn">{report.warn_failed} warn-severity</span> failed.
 Error failures stop the flow; warn failures are recorded and the run continues.</p>
@@ -985,9 +1010,37 @@ Error failures stop the flow; warn failures are recorded and the run continues.<
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
+{_rejected_html(report.upstream_rejected)}
 {_profile_html(report.profile)}
 </div></body></html>
 """
+
+
+def _rejected_html(rejected: dict) -> str:
+    if not rejected:
+        return ""
+    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{v}</td></tr>"
+                   for k, v in sorted(rejected.items(), key=lambda kv: -kv[1]))
+    return (f"<h3>Lines ingest could not read ({sum(rejected.values())})</h3><p>Not validated above: ingest quarantined "
+            f"them with these reasons (ingest's quarantine Parquet has each line).</p>"
+            f"<table><thead><tr><th>reason</th><th>lines</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _kwarg_text(v) -> str:
+    """A regex as written in the suite (repr would double every backslash), lists without quotes."""
+    if isinstance(v, str):
+        return f"'{v}'"
+    if isinstance(v, list):
+        return "[" + ", ".join(_kwarg_text(x) if not isinstance(x, str) else x for x in v) + "]"
+    return str(v)
+
+
+def _display_path(path: str) -> str:
+    """Suites inside the project are shown relative to it (schemas/suites/...), others in full."""
+    try:
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _profile_html(prof: dict) -> str:
@@ -1076,7 +1129,8 @@ def _run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx
     docs_dir = out_dir / "data_docs"
     try:
         report = validate_table(table, suite_path, docs_dir, max_failing_rows=vcfg.max_failing_rows, raw=raw,
-                                severity_overrides=vcfg.severity_overrides, boundary=boundary)
+                                severity_overrides=vcfg.severity_overrides, boundary=boundary,
+                                upstream_rejected=(inputs[-1].counters.get("rejected") or {}) if boundary == "raw" else None)
     except ValueError as e:
         raise StageError(f"{stage}: {e}") from None
 
@@ -1097,9 +1151,6 @@ def _run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx
     summary.update(docs_index="data_docs/index.html", boundary=boundary, upstream_rejected=upstream_rejected)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     markdown = report.to_markdown()
-    if upstream_rejected:
-        markdown += ("\nRecords ingest could not read (quarantined by ingest with these reasons): "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(upstream_rejected.items(), key=lambda kv: -kv[1])) + "\n")
     (out_dir / "report.md").write_text(markdown, encoding="utf-8")
     files += [FileEntry("report.json", role="report"), FileEntry("report.md", role="report")]
     files += [FileEntry(p.relative_to(out_dir).as_posix(), role="report")
