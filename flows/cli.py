@@ -140,6 +140,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Optuna search over finetune settings; writes the best trial's config (flows/tune.py)."""
+    cfg = _load(args)
+    _project_env(cfg)
+    from flows.tune import tune_flow
+    from tasks.stage import StageError
+
+    try:
+        result = tune_flow()(config_path=str(args.config), overrides=_parse_set(args.set), trials=args.trials)
+    except StageError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    b = result["best"]
+    print(f"\nbest trial {b['trial']}: eval loss {b['eval_loss']:.4f} "
+          f"(learning_rate {b['learning_rate']:.3g}, lora_r {b['lora_r']}, warmup_steps {b['warmup_steps']})")
+    print(f"best config: {result['best_config']}   (train it: c2m run {result['best_config']})")
+    return 0
+
+
 def cmd_deploy(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
@@ -189,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("version", nargs="?")
     sp.set_defaults(fn=cmd_models)
+    sp = with_config(sub.add_parser("tune", help="Optuna search over finetune settings; writes the best config"))
+    sp.add_argument("--trials", type=int, default=None, help="number of trials (default: tune.trials)")
+    sp.set_defaults(fn=cmd_tune)
     sp = with_config(sub.add_parser("deploy", help="schedule the DAG on the Prefect server (cron) and serve it"))
     sp.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     sp.add_argument("--name", default=None, help="deployment name (default: the config's name)")

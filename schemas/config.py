@@ -348,6 +348,20 @@ class DpoConfig(Section):
     drop_invalid_pairs: bool = True
 
 
+class TuneConfig(Section):
+    """``c2m tune``: an Optuna search over finetune settings (flows/tune.py). Read by no stage."""
+
+    trials: int = Field(8, ge=1)
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1, description="steps per trial; None = finetune.max_steps")
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)  # log-uniform range
+    lora_r: list[int] = [4, 8, 16]  # lora.alpha follows as 2 r
+    warmup_steps: list[int] = [0, 10, 20]
+    # MedianPruner: a trial whose eval loss is worse than the median of earlier trials at the same
+    # step stops there, once this many trials have finished and after its first evaluation.
+    pruner_startup_trials: int = Field(2, ge=0)
+
+
 class FinetuneConfig(Section):
     method: Literal["lora", "full", "qlora", "prefix", "ia3", "bottleneck"] = "lora"
     objective: Literal["sft", "dpo"] = "sft"
@@ -521,6 +535,7 @@ class PipelineConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -210,6 +210,38 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
     return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), notes, extra
 
 
+def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None) -> dict:
+    """Train exactly as the stage does and keep no files: one hyperparameter-search trial
+    (flows/tune.py). Returns tasks.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
+    import torch
+
+    from tasks import peft_methods, trainer
+    from tasks.modeling import build_model, save_model
+    from tasks.tokenize import load_tokenizer
+
+    seq_len = int(tok.stats.get("seq_len") or 0)
+    tokenizer = load_tokenizer(tokenizer_dir(tok))
+    threads_before = torch.get_num_threads()
+    if ft.threads > 0:
+        torch.set_num_threads(ft.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="c2m-trial-", dir=work_dir) as tmp:
+            tmp = Path(tmp)
+            model = build_model(mc, tokenizer, seq_len)
+            if ft.method == "qlora":
+                save_model(model, tokenizer, tmp / "base")
+            if torch.cuda.is_available() and ft.method != "qlora":
+                model = model.to("cuda")
+            model = peft_methods.prepare(model, ft, tmp / "base")
+            if ft.objective == "dpo":
+                batches, evaluate, loss_fn, *_ = _dpo_setup(ft, model, tokenizer, tmp)
+            else:
+                batches, evaluate, loss_fn, *_ = _sft_setup(tok, ft, model, tmp / "hf-cache")
+            return trainer.train(model, batches, evaluate, ft, loss_fn, on_eval=on_eval, progress=False)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     if cfg.model.task == "classification":  # encoder classifiers (model.task): tasks/classify.py
         from tasks.classify import finetune_run

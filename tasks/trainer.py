@@ -98,6 +98,7 @@ class TrainState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     stopped_early: bool = False
+    pruned: bool = False
     resumed_from: int | None = None
 
 
@@ -201,12 +202,14 @@ def autocast_for(precision: str, device_type: str):
 
 
 def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: Callable,
-          ckpt_dir: Path | None = None, log=None, crash_after: int | None = None, progress: bool = True) -> dict:
+          ckpt_dir: Path | None = None, log=None, crash_after: int | None = None, progress: bool = True,
+          on_eval: Callable[[int, float], bool] | None = None) -> dict:
     """Train ``model``'s trainable parameters for ``ft.max_steps`` steps; returns history and totals.
 
     ``loss_fn(model, batch) -> (mean loss per target token, n target tokens)``; ``evaluate()`` the
     held-out loss (lower is better). ``ckpt_dir``: checkpoints are written there and the newest is
-    resumed from. ``ft`` needs learning_rate, weight_decay, max_steps, warmup_steps, min_lr_ratio,
+    resumed from. ``on_eval(step, eval_loss)`` returning True stops the run (a hyperparameter search
+    pruning a poor trial). ``ft`` needs learning_rate, weight_decay, max_steps, warmup_steps, min_lr_ratio,
     grad_clip, grad_accum, precision, eval_every, early_stopping_patience, early_stopping_min_delta,
     checkpoint_every, keep_checkpoints.
     """
@@ -239,7 +242,7 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
         # tqdm hides itself when stderr is not a terminal (Prefect workers, CI): disable=None.
         bar = tqdm(total=ft.max_steps, initial=st.step, desc="finetune", unit="step", disable=None, file=sys.stderr)
     model.train()
-    while st.step < ft.max_steps and not st.stopped_early:
+    while st.step < ft.max_steps and not st.stopped_early and not st.pruned:
         step = st.step + 1
         t0 = time.perf_counter()
         lr = lr_at(step - 1, ft.max_steps, ft.warmup_steps, ft.learning_rate, ft.min_lr_ratio)
@@ -291,6 +294,8 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
                 st.bad_evals += 1
                 if ft.early_stopping_patience and st.bad_evals >= ft.early_stopping_patience:
                     st.stopped_early = True
+            if on_eval is not None and on_eval(step, row["eval_loss"]):
+                st.pruned = True
             if log:
                 log(f"step {step}/{ft.max_steps}: train {step_loss:.4f} eval {row['eval_loss']:.4f}"
                     + (" (early stop)" if st.stopped_early else ""))
@@ -319,5 +324,6 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
         "train_seconds": st.train_seconds,
         "steps": st.step,
         "stopped_early": st.stopped_early,
+        "pruned": st.pruned,
         "resumed_from": st.resumed_from,
     }

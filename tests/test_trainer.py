@@ -90,3 +90,16 @@ def test_fp16_is_refused_on_cpu_and_bf16_trains():
         trainer.autocast_for("fp16", "cpu")
     res, _ = _run(tiny_lm.ft_config(max_steps=3, precision="bf16"))
     assert all(r["train_loss"] > 0 for r in res["history"][1:])
+
+
+def test_on_eval_returning_true_prunes_the_run():
+    seen = []
+    ft = tiny_lm.ft_config(max_steps=12, eval_every=2, checkpoint_every=0)
+    data = tiny_lm.packed_tensors()
+    model = peft_methods.prepare(tiny_lm.model(), ft)
+    loss_fn = sft_loss_fn()
+    val = [{k: v[:4] for k, v in data.items()}]
+    res = trainer.train(model, trainer.Batches(20, tiny_lm.getter(data), 4, 0),
+                        lambda: evaluate_loss(model, val, loss_fn), ft, loss_fn, progress=False,
+                        on_eval=lambda step, loss: seen.append(step) or step >= 4)
+    assert res["pruned"] and res["steps"] == 4 and seen == [2, 4]

@@ -1,0 +1,41 @@
+"""flows/tune.py: a seeded Optuna search over the tiny chain writes a loadable best config; the
+trainer stops a trial its pruning callback rejects."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("optuna")
+torch = pytest.importorskip("torch")
+
+from flows import tune  # noqa: E402
+from schemas.config import load_config  # noqa: E402
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_search_writes_the_best_trials_config(tmp_path):
+    from test_finetune import chain_config, run_chain
+
+    cfg = chain_config(tmp_path, finetune={"eval_every": 3, "max_steps": 40},
+                       tune={"trials": 3, "max_steps": 6, "lora_r": [2, 4], "warmup_steps": [0, 2],
+                             "learning_rate": [1e-3, 3e-2], "pruner_startup_trials": 1})
+    tok = run_chain(tmp_path, cfg, upto="tokenize")["tokenize"]
+    calls = []
+
+    def run_trial(tok_, tcfg, number):
+        calls.append((number, tcfg.finetune.learning_rate, tcfg.finetune.lora.r, tcfg.finetune.max_steps))
+        return tune.run_trial_local(tok_, tcfg, number)
+
+    res = tune.run_study(tok, cfg, tmp_path / "tune", run_trial, log=lambda m: None)
+    assert [c[0] for c in calls] == [0, 1, 2] and all(c[3] == 6 for c in calls)
+    assert all(1e-3 <= c[1] <= 3e-2 and c[2] in (2, 4) for c in calls)
+    rows = json.loads((tmp_path / "tune" / "trials.json").read_text())["rows"]
+    assert len(rows) == 3 and {r["state"] for r in rows} <= {"complete", "pruned"}
+    done = [r for r in rows if r["state"] == "complete"]
+    assert res["best"]["eval_loss"] == min(r["eval_loss"] for r in done)
+    best = load_config(res["best_config"])
+    assert best.finetune.learning_rate == pytest.approx(res["best"]["learning_rate"])
+    assert best.finetune.lora.r == res["best"]["lora_r"] and best.finetune.lora.alpha == 2 * res["best"]["lora_r"]
+    assert best.finetune.max_steps == 40  # the final run keeps its own length
+    assert tune.trial_key(tok, best) != tune.trial_key(tok, cfg)
