@@ -24,6 +24,7 @@ production loading path reads it. It translates nothing meaningful.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -90,7 +91,9 @@ def _pairs(parts: list[str]) -> Iterable[tuple[str, str]]:
 # model identity and loading
 # ---------------------------------------------------------------------------------------------
 _IDENTITY: dict[tuple, str] = {}
-_SKIP_FILES = re.compile(r"^(README|\.|LICENSE|USE_POLICY)", re.IGNORECASE)
+# What AutoTokenizer / AutoModelForSeq2SeqLM read (PyTorch weights, configs, tokenizer files);
+# hub repos also hold TF/Flax/Rust weights, which are neither downloaded nor hashed.
+MODEL_FILES = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.spm", "*.model", "*.txt", "*.tiktoken"]
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -103,7 +106,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, local_files_only=offline))
+        return Path(snapshot_download(name_or_path, local_files_only=offline, allow_patterns=MODEL_FILES))
     except Exception as e:  # noqa: BLE001 - any hub/cache failure has the same fix
         raise StageError(
             f"translation model {name_or_path!r} is neither a local folder nor in the Hugging Face cache "
@@ -113,10 +116,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def model_identity(name_or_path: str) -> str:
-    """sha256 over the model folder's files (names and contents): what the translation cache and
-    the stage key depend on. Memoised per process by (path, size, mtime) of each file."""
+    """sha256 over the model folder's MODEL_FILES (names and contents): what the translation cache
+    and the stage key depend on. Memoised per process by (path, size, mtime) of each file."""
     folder = resolve_model_dir(name_or_path)
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and not _SKIP_FILES.match(f.name))
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in MODEL_FILES))
     if not files:
         raise StageError(f"translation model folder {folder} holds no files")
     stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)

@@ -153,6 +153,9 @@ def test_cache_and_stage_key_follow_the_weights(tiny_model, parallel_rows, tmp_p
 
     model = _retrained_copy(tiny_model, tmp_path / "m", 0.0)
     ident = model_identity(model)
+    (model / "README.md").write_text("a model card edit is not a new model")
+    (model / "tf_model.h5").write_bytes(b"weights transformers does not load here")
+    assert model_identity(model) == ident
     sents = [r["en"] for r in parallel_rows[:5]]
     db = tmp_path / "t.sqlite"
     _translator(model, TranslationCache(db)).translate(sents, "en", "de")
