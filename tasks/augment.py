@@ -149,7 +149,8 @@ def _parent_order(seed: int, record: dict) -> tuple:
     return (h, record["id"], record.get("input") or "", record.get("target") or "")
 
 
-def filter_config(bt) -> "FilterConfig":
+def filter_config(bt):
+    """The back-translation filter thresholds of the augment.backtranslate section."""
     from tasks.backtranslate import FilterConfig
 
     return FilterConfig(min_length_ratio=bt.min_length_ratio, max_length_ratio=bt.max_length_ratio,
