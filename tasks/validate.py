@@ -99,6 +99,7 @@ class SuiteEntry:
     kwargs: dict
     severity: str
     why: str
+    suite_severity: str | None = None  # the suite's own severity when config overrode it
 
     @property
     def column(self) -> str | None:
@@ -211,7 +212,7 @@ def apply_severity(entries: list[SuiteEntry], overrides: dict | None, boundary: 
             if key in overrides:
                 sev = overrides[key]
                 used.add(key)
-        out.append(dataclasses.replace(e, severity=sev) if sev != e.severity else e)
+        out.append(dataclasses.replace(e, severity=sev, suite_severity=e.severity) if sev != e.severity else e)
     # A boundary-prefixed key must match its suite (a typo would otherwise relax nothing, silently);
     # an unprefixed key may belong to another boundary's suite.
     stale = [k for k in overrides if k not in used and k.count(":") == 2 and k.split(":", 1)[0] == boundary]
@@ -455,6 +456,7 @@ class ExpectationResult:
     unexpected_count: int
     unexpected_percent: float | None
     why: str
+    suite_severity: str | None = None  # the suite's own severity when config overrode it
     kwargs: dict = field(default_factory=dict)
     observed_value: Any = None
     failing_rows: list[int] = field(default_factory=list)  # row positions, first max_failing_rows
@@ -537,7 +539,9 @@ class ValidationReport:
                 ids = ", ".join(f"`{i}`" for i in _first_ids(r))
                 more = f" (first ids: {ids})" if ids else ""
                 if r.failing_where:
-                    more += "; first rows: " + ", ".join(f"`{w}`" for w in r.failing_where)
+                    more += f"; first rows: {_where_text(r.failing_where)}"
+                if r.suite_severity:
+                    more += f" [suite severity {r.suite_severity}, overridden by config]"
                 lines.append(f"- **{r.severity}** `{r.expectation}` on `{r.column or 'table'}`: {_md(r.why)}{more}")
         if self.upstream_rejected:
             lines += ["", f"Lines ingest could not read ({sum(self.upstream_rejected.values())}, quarantined by ingest): "
@@ -843,6 +847,7 @@ def _collect(gx_results, entries: list[SuiteEntry], df, max_failing_rows: int) -
                 expectation=e.expectation,
                 column=e.column,
                 severity=e.severity,
+                suite_severity=e.suite_severity,
                 success=bool(r.success),
                 unexpected_count=int(res.get("unexpected_count") or 0),
                 unexpected_percent=res.get("unexpected_percent"),
@@ -856,6 +861,15 @@ def _collect(gx_results, entries: list[SuiteEntry], df, max_failing_rows: int) -
             )
         )
     return out
+
+
+def _where_text(where: list[str]) -> str:
+    """["a.jsonl:3", "a.jsonl:19", "b.txt"] -> "a.jsonl lines 3, 19; b.txt"."""
+    groups: dict[str, list[str]] = {}
+    for w in where:
+        path, _, line = w.rpartition(":") if w.rpartition(":")[2].isdigit() else (w, "", "")
+        groups.setdefault(path, []).append(line)
+    return "; ".join(f"{p} line{'s' if len(ls) > 1 else ''} {', '.join(ls)}" if any(ls) else p for p, ls in groups.items())
 
 
 def _where(df, rows: list[int]) -> list[str]:
@@ -980,12 +994,14 @@ def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
         cls = "c2m-pass" if r.success else "c2m-fail"
         kwargs = ", ".join(f"{k}={_kwarg_text(v)}" for k, v in r.kwargs.items() if k != "column")
         sample = ", ".join(e(str(i)) for i in _first_ids(r))
-        where = ", ".join(e(w) for w in r.failing_where)
+        where = _where_text(r.failing_where)
         if where:
-            sample += f"<br>first rows: {where}"
+            sample += f"<br>first rows: {e(where)}"
+        relaxed = (f"<br><span class=\"text-muted\">suite says {r.suite_severity}; set by "
+                   f"validate.severity_overrides</span>") if r.suite_severity else ""
         rows.append(
             f"<tr><td><code>{e(r.expectation)}</code><br><span class=\"text-muted\">{e(kwargs)}</span></td>"
-            f"<td>{e(r.column or '(table)')}</td><td class=\"c2m-sev-{r.severity}\">{r.severity}</td>"
+            f"<td>{e(r.column or '(table)')}</td><td class=\"c2m-sev-{r.severity}\">{r.severity}{relaxed}</td>"
             f"<td class=\"{cls}\">{e(word)}</td><td>{e(_unexpected_text(r))}</td>"
             f"<td>{e(r.why)}{('<br><span class=text-muted>first ids: ' + sample + '</span>') if sample else ''}</td></tr>"
         )

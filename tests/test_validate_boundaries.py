@@ -148,7 +148,7 @@ def test_flow_refuses_dirty_file_unless_config_relaxes_the_suite(make_cfg, tmp_p
     assert {r["stage"] for r in failing} == {"check_raw"} and {r["detail"] for r in failing} == {"warn"}
     md, docs = (check.dir / "report.md").read_text(), (check.dir / "data_docs" / "index.html").read_text()
     assert "invalid_json 7" in md and "<td><code>invalid_json</code></td><td>7</td>" in docs  # ingest's rejects, too
-    assert "first rows: dirty.jsonl:" in docs
+    assert "first rows: dirty.jsonl lines " in docs and "suite says error; set by validate.severity_overrides" in docs
     assert done["validate"].stats["errors_failed"] == 0 and sum(e.records for e in done["shard"].entries("data")) > 0
     for stage in ("check_clean", "check_augment"):
         assert done[stage].stats["errors_failed"] == 0 and not done[stage].files_with("data")
