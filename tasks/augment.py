@@ -320,11 +320,17 @@ def augment_records(records: Iterable[dict], cfg, translator=None) -> list[dict]
 
 
 def key_extra(cfg) -> dict:
-    """What the config only points at: the translation models' content (a retrained model in the
-    same folder is new output). Nothing when back-translation is not used."""
+    """What the config only points at: the thesaurus table and the translation models' content
+    (a rebuilt table or a retrained model in the same folder is new output)."""
     aug = cfg.augment
+    extra = {}
+    if "synonym" in aug.methods:
+        from tasks.stage import sha256_file
+        from tasks.thesaurus import TABLE
+
+        extra["thesaurus"] = sha256_file(TABLE)
     if BACKTRANSLATE not in aug.methods:
-        return {}
+        return extra
     from tasks.backtranslate import model_identity
 
     src = aug.backtranslate.source_lang
@@ -332,7 +338,7 @@ def key_extra(cfg) -> dict:
     missing = [d for d in directions if d not in aug.backtranslate.models]
     if missing:
         raise ValueError(f"augment.backtranslate.models has no model for {missing}; add them or drop 'backtranslate' from augment.methods")
-    return {"bt_models": {d: model_identity(aug.backtranslate.models[d]) for d in directions}}
+    return {**extra, "bt_models": {d: model_identity(aug.backtranslate.models[d]) for d in directions}}
 
 
 def translation_cache_dir(ctx: StageContext) -> Path:

@@ -2,7 +2,8 @@
 
 Baseline paraphrase without a model: a fraction of the words that have an entry in the table are
 replaced by one of their synonyms. The table only holds common lemmas in their most frequent sense
-(data/thesaurus/SOURCE.md says how it was chosen), so no part-of-speech tagger is needed. Case is
+and their regular inflections (data/thesaurus/SOURCE.md says how it was chosen), so no
+part-of-speech tagger is needed. Case is
 kept (``Quick`` -> ``Speedy``, ``BIG`` -> ``LARGE``); punctuation and whitespace around a word stay.
 """
 from __future__ import annotations

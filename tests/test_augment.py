@@ -207,6 +207,7 @@ def test_thesaurus_table_is_bundled_small_and_licensed():
     assert 1000 < len(table) < 20000
     assert TABLE.stat().st_size < 2_000_000
     assert "large" in table["big"] and "start" in table["begin"]
+    assert "autos" in table["cars"] and "began" not in table and "stopped" not in table  # regular inflections only
     assert all(w.isalpha() and w.islower() for syns in table.values() for w in syns)
     lic = (TABLE.parent / "LICENSE").read_text(encoding="utf-8")
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in lic
@@ -215,7 +216,7 @@ def test_thesaurus_table_is_bundled_small_and_licensed():
 def test_synonym_replace_keeps_case_layout_and_other_words():
     table = load_table()
     words = [m.group(0) for m in replaceable(SYN_TEXT, table)]
-    assert words[:2] == ["big", "begin"] and "BIG" in words
+    assert words[:2] == ["big", "begin"] and "BIG" in words and "cars" in words
     assert "Big" not in words and "Bill" not in words  # capitalised mid-sentence: probably a name
     for seed in range(20):
         out = synonym_replace(SYN_TEXT, 0.5, random.Random(seed), table)
@@ -267,4 +268,5 @@ def test_demo_config_augments_without_a_translation_model():
 
     cfg = load_config(augment.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert "backtranslate" not in cfg.augment.methods and "synonym" in cfg.augment.methods
-    assert augment.key_extra(type("C", (), {"augment": cfg.augment})()) == {}
+    extra = augment.key_extra(type("C", (), {"augment": cfg.augment})())
+    assert set(extra) == {"thesaurus"} and len(extra["thesaurus"]) == 64  # a rebuilt table reruns augment

@@ -15,6 +15,10 @@ word-sense model, so the table is built to make a blind replacement safe more of
   once (drops rare and archaic words) and whose own most frequent sense is that synset (drops
   "car" -> "machine", "absolutely" -> "dead").
 
+Regular inflections are added as headwords of their own (noun plurals, verb -s/-ed/-ing: "cars" ->
+"autos", "started" -> "commenced"), mapped to the same inflection of each synonym; irregular words
+(noun.exc / verb.exc) and uncertain spellings are left out (``add_inflections``).
+
 The output is deterministic (sorted rows, gzip mtime 0), so rebuilding gives the same bytes.
 Format: one ``headword<TAB>synonym synonym ...`` per line, preceded by ``#`` comment lines.
 """
@@ -90,6 +94,7 @@ def build(wordnet: Path, min_count: int, dominance: float) -> dict[str, list[str
         if count > best.get(lemma, (-1, ""))[0]:
             best[lemma] = (count, pos)
     synsets = {pos: read_synsets(wordnet, pos) for pos in POS}
+    pos_of: dict[str, str] = {}
     for lemma, (count, pos) in sorted(best.items()):
         if not WORD.match(lemma) or lemma in STOP or count < min_count or count < dominance * total[lemma]:
             continue
@@ -104,7 +109,63 @@ def build(wordnet: Path, min_count: int, dominance: float) -> dict[str, list[str
                 and first_synset.get(w) == offset]
         if syns:
             table[lemma] = syns
+            pos_of[lemma] = pos
+    add_inflections(table, pos_of, wordnet, synsets)
     return table
+
+
+_VOWEL = set("aeiou")
+
+
+def _regular(lemma: str, suffix: str) -> str | None:
+    """The regular inflection of ``lemma`` (suffix "s", "ed" or "ing"), or None where spelling
+    rules are uncertain (a final consonant-vowel-consonant may double: stop -> stopped, visit ->
+    visited)."""
+    w = lemma
+    if suffix == "s":
+        if w.endswith("man"):  # madman -> madmen: WordNet derives these by rule, not from noun.exc
+            return None
+        if w.endswith(("s", "x", "z", "ch", "sh")):
+            return w + "es"
+        if w.endswith("y") and w[-2] not in _VOWEL:
+            return w[:-1] + "ies"
+        return w + "s"
+    if len(w) >= 3 and w[-1] not in _VOWEL and w[-1] not in "wxy" and w[-2] in _VOWEL and w[-3] not in _VOWEL:
+        return None
+    if suffix == "ed":
+        if w.endswith("e"):
+            return w + "d"
+        if w.endswith("y") and w[-2] not in _VOWEL:
+            return w[:-1] + "ied"
+        return w + "ed"
+    if w.endswith("ie"):
+        return w[:-2] + "ying"
+    if w.endswith("e") and not w.endswith(("ee", "ye", "oe")):
+        return w[:-1] + "ing"
+    return w + "ing"
+
+
+def add_inflections(table: dict[str, list[str]], pos_of: dict[str, str], wordnet: Path, synsets: dict) -> None:
+    """Add regular inflected forms as headwords: noun plurals and verb -s/-ed/-ing forms, mapped to
+    the same inflection of each synonym. Skipped where it could go wrong: a lemma or synonym with an
+    irregular form (noun.exc / verb.exc: "man" -> "men", "begin" -> "began"), a spelling rule that
+    is uncertain, or a form that is itself a WordNet lemma ("building" is a noun of its own)."""
+    irregular = set()
+    for name in ("noun.exc", "verb.exc"):
+        for line in (wordnet / name).read_text(encoding="utf-8").splitlines():
+            irregular.update(line.split()[1:])
+    lemmas = {w for first_synset, _ in synsets.values() for w in first_synset}
+    suffixes = {"n": ("s",), "v": ("s", "ed", "ing")}
+    for lemma, pos in list(pos_of.items()):
+        if pos not in suffixes or lemma in irregular:
+            continue
+        for suffix in suffixes[pos]:
+            form = _regular(lemma, suffix)
+            if form is None or form in lemmas or form in table:
+                continue
+            syns = [f for w in table[lemma] if w not in irregular and (f := _regular(w, suffix)) and f not in lemmas]
+            if syns:
+                table[form] = syns
 
 
 def write(table: dict[str, list[str]], out: Path, wordnet: Path, args) -> None:
