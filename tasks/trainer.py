@@ -13,7 +13,7 @@ Resuming. A checkpoint holds the trainable parameters, the AdamW moments, torch'
 (micro-batches consumed) is the whole data-loader state. A run killed after step k and started
 again loads the newest complete checkpoint (written to ``step-N.tmp`` and renamed, so a kill while
 writing leaves the previous one) and continues: on CPU with fixed seeds its loss history equals an
-uninterrupted run's exactly (tests/test_trainer.py kills one with SIGKILL).
+uninterrupted run's exactly (tests/test_trainer.py crashes one after step k and resumes it).
 """
 from __future__ import annotations
 
@@ -203,13 +203,16 @@ def autocast_for(precision: str, device_type: str):
 
 def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: Callable,
           ckpt_dir: Path | None = None, log=None, crash_after: int | None = None, progress: bool = True,
-          on_eval: Callable[[int, float], bool] | None = None) -> dict:
+          on_eval: Callable[[int, float], bool] | None = None, accelerator=None) -> dict:
     """Train ``model``'s trainable parameters for ``ft.max_steps`` steps; returns history and totals.
 
     ``loss_fn(model, batch) -> (mean loss per target token, n target tokens)``; ``evaluate()`` the
     held-out loss (lower is better). ``ckpt_dir``: checkpoints are written there and the newest is
     resumed from. ``on_eval(step, eval_loss)`` returning True stops the run (a hyperparameter search
-    pruning a poor trial). ``ft`` needs learning_rate, weight_decay, max_steps, warmup_steps, min_lr_ratio,
+    pruning a poor trial). ``accelerator``: an ``accelerate.Accelerator`` (multi-GPU through
+    ``accelerate launch --config_file configs/accelerate_fsdp.yaml``): it wraps model and optimizer
+    (DDP/FSDP), owns backward, clipping and autocast, and each process takes every world_size-th
+    micro-batch of the same seeded order, so one process trains exactly as without it. ``ft`` needs learning_rate, weight_decay, max_steps, warmup_steps, min_lr_ratio,
     grad_clip, grad_accum, precision, eval_every, early_stopping_patience, early_stopping_min_delta,
     checkpoint_every, keep_checkpoints.
     """
@@ -221,8 +224,17 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scaler = torch.amp.GradScaler("cuda") if ft.precision == "fp16" else None
-    amp = autocast_for(ft.precision, device.type)
+    scaler = torch.amp.GradScaler("cuda") if ft.precision == "fp16" and accelerator is None else None
+    amp = lambda: autocast_for(ft.precision, device.type)  # noqa: E731  (a fresh context per use)
+    world, rank = 1, 0
+    if accelerator is not None:
+        if ft.checkpoint_every and accelerator.distributed_type.value == "FSDP":
+            # Our checkpoints hold whole (unsharded) tensors; FSDP shards parameters and optimizer state.
+            raise ValueError("finetune.checkpoint_every must be 0 under FSDP (sharded state is not checkpointed here)")
+        model, opt = accelerator.prepare(model, opt)
+        params = [p for p in model.parameters() if p.requires_grad]
+        amp = accelerator.autocast
+        world, rank = accelerator.num_processes, accelerator.process_index
 
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
@@ -248,14 +260,14 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
         lr = lr_at(step - 1, ft.max_steps, ft.warmup_steps, ft.learning_rate, ft.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [next(batches) for _ in range(ft.grad_accum)]
+        micro = [next(batches) for _ in range(ft.grad_accum * world)][rank::world]
         micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
         n_tok = sum(real_tokens(b) for b in micro)
         # Weighting each micro-batch by its share of the step's target tokens makes grad_accum
         # micro-batches the same gradient as one batch of all of them.
         losses, counts = [], []
         for b in micro:
-            with amp:
+            with amp():
                 loss, n = loss_fn(model, b)
             counts.append(n)
             losses.append(loss)
@@ -264,14 +276,20 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
         for loss, n in zip(losses, counts):
             w = n / total if sum(counts) else 1.0 / len(losses)
             scaled = loss * w
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            if accelerator is not None:
+                accelerator.backward(scaled)
+            else:
+                (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += float(loss.detach()) * w
         if not math.isfinite(step_loss):
             raise StageError(f"training loss became {step_loss} at step {step}: lower finetune.learning_rate "
                              f"(now {ft.learning_rate}) or raise finetune.warmup_steps")
         if scaler:
             scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, ft.grad_clip)
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(params, ft.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, ft.grad_clip)
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -303,8 +321,10 @@ def train(model, batches: Batches, evaluate: Callable[[], float], ft, loss_fn: C
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}" if dt > 0 else "-")
-        if ckpt_dir is not None and ft.checkpoint_every and step % ft.checkpoint_every == 0 and step < ft.max_steps:
-            save_checkpoint(Path(ckpt_dir), model, opt, st, keep=ft.keep_checkpoints, scaler=scaler)
+        if ckpt_dir is not None and ft.checkpoint_every and step % ft.checkpoint_every == 0 and step < ft.max_steps \
+                and rank == 0:
+            save_checkpoint(Path(ckpt_dir), accelerator.unwrap_model(model) if accelerator else model, opt, st,
+                            keep=ft.keep_checkpoints, scaler=scaler)
         if crash_after is not None and step == crash_after:
             raise SimulatedCrash(f"simulated crash after step {step}")
     if bar is not None:

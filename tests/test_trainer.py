@@ -103,3 +103,26 @@ def test_on_eval_returning_true_prunes_the_run():
                         lambda: evaluate_loss(model, val, loss_fn), ft, loss_fn, progress=False,
                         on_eval=lambda step, loss: seen.append(step) or step >= 4)
     assert res["pruned"] and res["steps"] == 4 and seen == [2, 4]
+
+
+def test_one_accelerate_process_trains_exactly_as_without_it(tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from accelerate import Accelerator
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp.yaml").read_text())
+    assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_use_orig_params"] is True
+    ft = tiny_lm.ft_config(max_steps=4, checkpoint_every=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    plain, _ = _run(ft)
+    data = tiny_lm.packed_tensors()
+    val = [{k: v[:4] for k, v in data.items()}]
+    train = {k: v[4:] for k, v in data.items()}
+    model = peft_methods.prepare(tiny_lm.model(), ft)
+    loss_fn = sft_loss_fn()
+    acc = Accelerator(cpu=True)
+    res = trainer.train(model, trainer.Batches(train["input_ids"].shape[0], tiny_lm.getter(train), 4, 0),
+                        lambda: evaluate_loss(model, val, loss_fn), ft, loss_fn, progress=False, accelerator=acc,
+                        ckpt_dir=tmp_path)
+    assert [r["train_loss"] for r in res["history"][1:]] == pytest.approx([r["train_loss"] for r in plain["history"][1:]], rel=1e-6)
+    assert trainer.latest_checkpoint(tmp_path).name == "step-00000002"
