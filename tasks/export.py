@@ -200,11 +200,24 @@ def quantize_onnx_static(src: Path, dst: Path, sequences: list) -> None:
             x = next(self.it, None)
             return None if x is None else {"input_ids": x}
 
+    if not sequences:
+        raise ExportError(f"{src}: no calibration sequences for static INT8")
     with _quiet_ort():
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QOperator,
                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibMaxIntermediateOutputs": CALIB_MAX_INTERMEDIATE})
+                        extra_options=calibration_merge_option(len(sequences)))
+
+
+def calibration_merge_option(n: int, every: int = CALIB_MAX_INTERMEDIATE) -> dict:
+    """ORT's MinMax calibrator keeps every sample's outputs (the logits too) until it merges them every
+    ``every`` samples; it then fails with "No data is collected" when ``n`` is a multiple of ``every``
+    (onnxruntime 1.2x: the list is empty after the last merge), so the interval is nudged off divisors."""
+    if n <= every:
+        return {}
+    while n % every == 0:
+        every += 1
+    return {"CalibMaxIntermediateOutputs": every}
 
 
 class _quiet_ort:
