@@ -210,6 +210,75 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
     return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), notes, extra
 
 
+def task_type_blocks(tok: Manifest, store, tokenizer, split: str, task_types: list[str]) -> dict[str, dict]:
+    """task_type -> packed blocks (tensors) of ``split``'s records of that type, packed as the
+    tokenize stage packs (same template, seq_len and tokenizer). Reads the shard stage's Parquet
+    (through ``datasets``) that the tokenize output was made from; its key is already in ours."""
+    import datasets
+    import torch
+
+    from tasks.tokenize import encode_records, pack
+
+    shard_key = tok.upstream.get("shard")
+    if not shard_key:
+        raise StageError(f"{tok.path}: adapter_per_task_type needs the tokenize output's shard upstream")
+    shard = Manifest.load(store.stage_dir("shard", shard_key))
+    paths = [str(shard.dir / e["path"]) for e in shard.stats.get("shards", {}).get(split, [])]
+    if not paths:
+        return {}
+    template, seq_len = tok.stats["prompt_template"], int(tok.stats["seq_len"])
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("parquet", data_files={split: paths}, split=split, streaming=True)
+    by_type: dict[str, dict[str, list]] = {}
+    for batch in ds.select_columns(["input", "target", "metadata"]).iter(batch_size=1000):
+        for i, t, m in zip(batch["input"], batch["target"], batch["metadata"]):
+            tt = (m or {}).get("task_type") or "unknown"
+            if task_types and tt not in task_types:
+                continue
+            d = by_type.setdefault(tt, {"input": [], "target": []})
+            d["input"].append(i)
+            d["target"].append(t)
+    out = {}
+    for tt, recs in sorted(by_type.items()):
+        blocks = pack(encode_records(recs, tokenizer, template), seq_len, tokenizer.pad_token_id)
+        if blocks:
+            out[tt] = {k: torch.tensor([b[k] for b in blocks], dtype=torch.long) for k in COLUMNS}
+    return out
+
+
+def train_task_adapters(model, tok: Manifest, store, tokenizer, ft, ckpt: Path | None, log=None) -> dict:
+    """One extra LoRA adapter per task_type on the same base (peft named adapters), each trained on
+    its own task's blocks; returns task_type -> summary. The shared adapter is restored as active."""
+    from torch.utils.data import DataLoader
+
+    from tasks import peft_methods, trainer
+
+    if ft.method != "lora":
+        raise StageError(f"finetune.adapter_per_task_type needs method lora (got {ft.method})")
+    train = task_type_blocks(tok, store, tokenizer, "train", list(ft.task_types))
+    val = task_type_blocks(tok, store, tokenizer, "validation", list(ft.task_types))
+    missing = [t for t in ft.task_types if t not in train]
+    if missing:
+        raise StageError(f"finetune.task_types {missing} have no train records (found {sorted(train)})")
+    loss_fn = sft_loss_fn(ft.loss_chunk_tokens)
+    out = {}
+    for tt, data in train.items():
+        model.add_adapter(tt, peft_methods.peft_config(ft))
+        model.set_adapter(tt)  # only this adapter trains
+        v = val.get(tt) or data
+        v = {k: x[:ft.eval_blocks] for k, x in v.items()}
+        loader = DataLoader([{k: x[i] for k, x in v.items()} for i in range(v["input_ids"].shape[0])],
+                            batch_size=ft.batch_size)
+        batches = trainer.Batches(data["input_ids"].shape[0], lambda idx, d=data: {k: x[idx] for k, x in d.items()},
+                                  ft.batch_size, ft.seed)
+        res = trainer.train(model, batches, lambda: evaluate_loss(model, loader, loss_fn), ft, loss_fn,
+                            ckpt_dir=(ckpt / f"task-{tt}") if ckpt else None, log=log)
+        out[tt] = {"train_blocks": int(data["input_ids"].shape[0]), "initial_eval_loss": round(res["initial_eval_loss"], 6),
+                   "final_eval_loss": round(res["final_eval_loss"], 6), "steps": res["steps"]}
+    model.set_adapter("default")
+    return out
+
+
 def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None) -> dict:
     """Train exactly as the stage does and keep no files: one hyperparameter-search trial
     (flows/tune.py). Returns tasks.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
@@ -294,6 +363,9 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 
                 extra["after"] = dpo.evaluate(model, extra["held_data"], ft.dpo.beta, ft.batch_size)
 
+        task_adapters = {}
+        if ft.adapter_per_task_type and ft.objective == "sft":
+            task_adapters = train_task_adapters(model, tok, ctx.store, tokenizer, ft, ckpt, log=ctx.info)
         model = model.to("cpu") if ft.method != "qlora" else model
         merged_dir = None
         if ft.method == "full":
@@ -354,6 +426,9 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         "adapter_dir": adapter_dir,
         "merged_dir": merged_dir,
     }
+    if task_adapters:
+        # peft writes each named adapter to adapter/<name>/ beside the shared one at adapter/.
+        stats["task_adapters"] = task_adapters
     if ft.objective == "dpo":
         stats["dpo_heldout_before"] = {k: round(v, 6) for k, v in extra["before"].items()}
         stats["dpo_heldout_after"] = {k: round(v, 6) for k, v in extra["after"].items()}

@@ -202,7 +202,8 @@ def save_adapter(model, method: str, folder: Path) -> bool:
     from tasks.finetune import canonical_adapter_config
 
     model.save_pretrained(str(folder), safe_serialization=True)
-    canonical_adapter_config(folder / "adapter_config.json")
+    for cfg_file in sorted(folder.rglob("adapter_config.json")):  # per-task adapters sit in subfolders
+        canonical_adapter_config(cfg_file)
     return True
 
 
@@ -228,3 +229,21 @@ def merge_saved(base_dir: Path, adapter_dir: Path):
     if not hasattr(model, "merge_and_unload"):
         raise StageError(f"{adapter_dir}: this adapter cannot be merged (bottleneck/prefix): load it with load_tuned")
     return model.merge_and_unload().eval(), tok
+
+
+def task_adapter_names(adapter_dir: Path) -> list[str]:
+    """The per-task_type adapters saved beside the shared one (``adapter/<task_type>/``)."""
+    adapter_dir = Path(adapter_dir)
+    return sorted(p.name for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file()) \
+        if adapter_dir.is_dir() else []
+
+
+def load_multi_task(base_dir: Path, adapter_dir: Path):
+    """(peft model, tokenizer, adapter names): the base with the shared adapter ("default") and every
+    per-task adapter loaded; pick one per request with ``model.set_adapter(name)``."""
+    model, tok = load_tuned(base_dir, adapter_dir)
+    names = task_adapter_names(adapter_dir)
+    for name in names:
+        model.load_adapter(str(Path(adapter_dir) / name), adapter_name=name)
+    model.set_adapter("default")
+    return model.eval(), tok, ["default", *names]

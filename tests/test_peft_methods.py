@@ -84,3 +84,28 @@ def test_bottleneck_starts_as_the_identity():
         assert torch.equal(adapted(input_ids=x).logits, before)
     names = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert names and all(".mlp.bottleneck." in n for n in names) and len(names) == 2 * 2 * 2  # 2 layers x down/up x w/b
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_path):
+    from test_finetune import chain_config, run_chain
+
+    cfg = chain_config(tmp_path, finetune={"adapter_per_task_type": True, "max_steps": 10, "eval_every": 10})
+    m = run_chain(tmp_path, cfg, upto="finetune")["finetune"]
+    s = m.stats
+    assert sorted(s["task_adapters"]) == ["math_qa", "text"]
+    for tt, row in s["task_adapters"].items():
+        assert row["final_eval_loss"] < row["initial_eval_loss"] and row["steps"] == 10, (tt, row)
+    out = m.dir
+    assert {f.path for f in m.files} >= {"adapter/adapter_model.safetensors", "adapter/math_qa/adapter_model.safetensors",
+                                         "adapter/text/adapter_model.safetensors"}
+    model, tok, names = peft_methods.load_multi_task(out / "base", out / "adapter")
+    assert names == ["default", "math_qa", "text"]
+    x = tok("What is 3 plus 4?", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    logits = {}
+    for name in names:
+        model.set_adapter(name)
+        with torch.inference_mode():
+            logits[name] = model(input_ids=x).logits
+        assert isinstance(generate_text(model, tok, ["What is 3 plus 4?"], max_new_tokens=4)[0], str)
+    assert not torch.allclose(logits["math_qa"], logits["text"], atol=1e-3)
