@@ -378,8 +378,9 @@ class FinetuneConfig(Section):
     # Tokens per chunk of the output-head cross-entropy (tasks/losses.py); 0 = the model's own loss.
     loss_chunk_tokens: int = Field(0, ge=0)
     merge: bool = Field(True, description="also write merged/ (base + adapter folded in) for mergeable methods")
-    # Multi-task: after the shared adapter, one more LoRA adapter per task_type (each trained on that
-    # task's records only, max_steps each), saved as adapter/<task_type>/ and picked per request at serve time.
+    # Multi-task (lora): after the shared adapter, one more LoRA adapter per task_type on top of merged/
+    # (each trained on that task's records only, max_steps each), saved as adapter/<task_type>/ and
+    # picked per request at serve time (/generate "adapter").
     adapter_per_task_type: bool = False
     task_types: list[str] = Field([], description="task types that get an adapter; empty = every one in train")
     checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints; 0 = none",

@@ -246,9 +246,14 @@ def task_type_blocks(tok: Manifest, store, tokenizer, split: str, task_types: li
     return out
 
 
-def train_task_adapters(model, tok: Manifest, store, tokenizer, ft, ckpt: Path | None, log=None) -> dict:
-    """One extra LoRA adapter per task_type on the same base (peft named adapters), each trained on
-    its own task's blocks; returns task_type -> summary. The shared adapter is restored as active."""
+def train_task_adapters(merged, tok: Manifest, store, tokenizer, ft, ckpt: Path | None, save_dir: Path,
+                        log=None) -> dict:
+    """One LoRA adapter per task_type on ``merged`` (base + shared adapter), each trained on its own
+    task's blocks and saved to ``save_dir/<task_type>/``; returns task_type -> summary."""
+    import warnings
+
+    import torch
+    from peft import get_peft_model
     from torch.utils.data import DataLoader
 
     from tasks import peft_methods, trainer
@@ -262,8 +267,15 @@ def train_task_adapters(model, tok: Manifest, store, tokenizer, ft, ckpt: Path |
         raise StageError(f"finetune.task_types {missing} have no train records (found {sorted(train)})")
     loss_fn = sft_loss_fn(ft.loss_chunk_tokens)
     out = {}
+    model = None
     for tt, data in train.items():
-        model.add_adapter(tt, peft_methods.peft_config(ft))
+        torch.manual_seed(ft.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if model is None:
+                model = get_peft_model(merged, peft_methods.peft_config(ft), adapter_name=tt)
+            else:
+                model.add_adapter(tt, peft_methods.peft_config(ft))
         model.set_adapter(tt)  # only this adapter trains
         v = val.get(tt) or data
         v = {k: x[:ft.eval_blocks] for k, x in v.items()}
@@ -275,7 +287,10 @@ def train_task_adapters(model, tok: Manifest, store, tokenizer, ft, ckpt: Path |
                             ckpt_dir=(ckpt / f"task-{tt}") if ckpt else None, log=log)
         out[tt] = {"train_blocks": int(data["input_ids"].shape[0]), "initial_eval_loss": round(res["initial_eval_loss"], 6),
                    "final_eval_loss": round(res["final_eval_loss"], 6), "steps": res["steps"]}
-    model.set_adapter("default")
+    if model is not None:
+        model.save_pretrained(str(save_dir), safe_serialization=True)  # named adapters -> save_dir/<name>/
+        for cfg_file in sorted(Path(save_dir).rglob("adapter_config.json")):
+            canonical_adapter_config(cfg_file)
     return out
 
 
@@ -363,9 +378,6 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 
                 extra["after"] = dpo.evaluate(model, extra["held_data"], ft.dpo.beta, ft.batch_size)
 
-        task_adapters = {}
-        if ft.adapter_per_task_type and ft.objective == "sft":
-            task_adapters = train_task_adapters(model, tok, ctx.store, tokenizer, ft, ckpt, log=ctx.info)
         model = model.to("cpu") if ft.method != "qlora" else model
         merged_dir = None
         if ft.method == "full":
@@ -373,10 +385,19 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             save_model(model, tokenizer, out_dir / "merged")
             merged_dir = "merged"
         adapter_dir = "adapter" if peft_methods.save_adapter(model, ft.method, out_dir / "adapter") else None
-        if adapter_dir and ft.merge and peft_methods.mergeable(ft.method):
+        multi = ft.adapter_per_task_type and ft.objective == "sft"
+        if adapter_dir and (ft.merge or multi) and peft_methods.mergeable(ft.method):
             merged, _ = peft_methods.merge_saved(out_dir / "base", out_dir / "adapter")
             save_model(merged, tokenizer, out_dir / "merged")
             merged_dir = "merged"
+        task_adapters = {}
+        if multi:
+            # Task adapters sit on top of merged/ (base + shared adapter): what the registry ships as the
+            # tuned model, so serving applies a task adapter to the very weights it was trained on.
+            if merged_dir is None:
+                raise StageError("finetune.adapter_per_task_type needs method lora (a mergeable shared adapter)")
+            task_adapters = train_task_adapters(merged, tok, ctx.store, tokenizer, ft, ckpt, out_dir / "adapter",
+                                                log=ctx.info)
     finally:
         torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - t_start

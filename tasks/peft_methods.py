@@ -238,12 +238,21 @@ def task_adapter_names(adapter_dir: Path) -> list[str]:
         if adapter_dir.is_dir() else []
 
 
-def load_multi_task(base_dir: Path, adapter_dir: Path):
-    """(peft model, tokenizer, adapter names): the base with the shared adapter ("default") and every
-    per-task adapter loaded; pick one per request with ``model.set_adapter(name)``."""
-    model, tok = load_tuned(base_dir, adapter_dir)
+def load_multi_task(merged_dir: Path, adapter_dir: Path):
+    """(peft model, tokenizer, task names): the merged model (base + shared adapter) with every
+    per-task adapter from ``adapter_dir/<task_type>/``; pick one with ``model.set_adapter(name)``,
+    or run the merged model alone inside ``with model.disable_adapter():``."""
+    from peft import PeftModel
+
+    from tasks.modeling import load_causal_lm
+
     names = task_adapter_names(adapter_dir)
-    for name in names:
-        model.load_adapter(str(Path(adapter_dir) / name), adapter_name=name)
-    model.set_adapter("default")
-    return model.eval(), tok, ["default", *names]
+    if not names:
+        raise StageError(f"{adapter_dir} holds no per-task adapters (finetune.adapter_per_task_type was off)")
+    model, tok = load_causal_lm(merged_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, str(Path(adapter_dir) / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(Path(adapter_dir) / name), adapter_name=name)
+    return model.eval(), tok, names

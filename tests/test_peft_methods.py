@@ -90,6 +90,8 @@ def test_bottleneck_starts_as_the_identity():
 def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_path):
     from test_finetune import chain_config, run_chain
 
+    from tasks.modeling import load_causal_lm
+
     cfg = chain_config(tmp_path, finetune={"adapter_per_task_type": True, "max_steps": 10, "eval_every": 10})
     m = run_chain(tmp_path, cfg, upto="finetune")["finetune"]
     s = m.stats
@@ -99,8 +101,8 @@ def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_pat
     out = m.dir
     assert {f.path for f in m.files} >= {"adapter/adapter_model.safetensors", "adapter/math_qa/adapter_model.safetensors",
                                          "adapter/text/adapter_model.safetensors"}
-    model, tok, names = peft_methods.load_multi_task(out / "base", out / "adapter")
-    assert names == ["default", "math_qa", "text"]
+    model, tok, names = peft_methods.load_multi_task(out / "merged", out / "adapter")
+    assert names == ["math_qa", "text"]
     x = tok("What is 3 plus 4?", add_special_tokens=False, return_tensors="pt")["input_ids"]
     logits = {}
     for name in names:
@@ -109,3 +111,8 @@ def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_pat
             logits[name] = model(input_ids=x).logits
         assert isinstance(generate_text(model, tok, ["What is 3 plus 4?"], max_new_tokens=4)[0], str)
     assert not torch.allclose(logits["math_qa"], logits["text"], atol=1e-3)
+    with torch.inference_mode(), model.disable_adapter():
+        shared = model(input_ids=x).logits
+    merged, _ = load_causal_lm(out / "merged")
+    with torch.inference_mode():
+        assert torch.allclose(shared, merged(input_ids=x).logits, atol=1e-5)
