@@ -72,6 +72,13 @@ def test_calibration_sample_is_deterministic_and_strips_padding(tmp_path):
     assert len(export.calibration_sequences(tmp_path / "train.parquet", 500, 12)) == 50  # capped at what exists
 
 
+def test_calibration_merge_interval_is_never_a_divisor_of_the_sample_count():
+    assert export.calibration_merge_option(20) == {}  # no merging at all
+    for n in (33, 64, 100, 256, 999, 1000):
+        every = export.calibration_merge_option(n)["CalibMaxIntermediateOutputs"]
+        assert n % every != 0 and every >= export.CALIB_MAX_INTERMEDIATE
+
+
 def test_check_supported_names_the_missing_pieces():
     if torch.cuda.is_available():
         pytest.skip("about a machine without CUDA")
