@@ -192,7 +192,7 @@ class Candidates:
 
     def augment(self, translator=None) -> tuple[list[dict], dict]:
         """(augmented records, stats). Per task type: parents in sha256(seed:id) order, one edit
-        each per round with methods round-robin, until the cap is reached. ``translator`` (a
+        each per round with methods round-robin (shifted by one each round), until the cap is reached. ``translator`` (a
         tasks.backtranslate.Translator) is required when ``backtranslate`` is a method."""
         cfg = self.cfg
         methods = list(cfg.methods)
@@ -224,14 +224,22 @@ class Candidates:
     def _jobs(self, parents: list[dict], cap: int, methods: list[str]) -> Iterator[tuple[int, int, str, str | None]]:
         """(round, parent position, method, pivot) in evaluation order."""
         pivots = list(self.cfg.backtranslate.pivots)
+        n_methods = len(methods)
         rounds = math.ceil(cap / len(parents)) + _SPARE_ROUNDS
+        bt_done = [0] * len(parents)
         for round_ in range(rounds):
             for pos in range(len(parents)):
-                j = round_ * len(parents) + pos
-                method = methods[j % len(methods)]
-                # Pivots take turns over the back-translation jobs, so every pivot is used even
-                # when the cap is reached within the first round.
-                yield round_, pos, method, pivots[(j // len(methods)) % len(pivots)] if method == BACKTRANSLATE else None
+                # Neighbouring parents take different methods, and each round shifts them by one,
+                # so a parent goes through every method (one whose synonym edit is a no-op still
+                # gets a back-translation or a swap in the next round).
+                method = methods[(pos + round_) % n_methods]
+                pivot = None
+                if method == BACKTRANSLATE:
+                    # Pivots take turns over the back-translated parents (every pivot is used even
+                    # when the cap is reached within the first round) and over a parent's rounds.
+                    pivot = pivots[(pos // n_methods + bt_done[pos]) % len(pivots)]
+                    bt_done[pos] += 1
+                yield round_, pos, method, pivot
 
     def _augment_type(self, tt: str, parents: list[dict], cap: int, methods: list[str], translator,
                       added: list[dict], stats: dict) -> int:

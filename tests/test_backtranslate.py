@@ -315,3 +315,26 @@ def test_sampling_is_fixed_by_its_seed(tiny_model, parallel_rows):
     b = _translator(tiny_model, decoding={**sample, "seed": 1}).translate(sents, "en", "de")
     c = _translator(tiny_model, decoding={**sample, "seed": 2}).translate(sents, "en", "de")
     assert a == b and a != c
+
+
+def test_mixed_methods_batch_the_back_translations(tiny_model, parallel_rows):
+    from schemas.config import AugmentConfig
+
+    recs = _records(parallel_rows[40:56])
+    bt = {"models": {"en-de": str(tiny_model), "de-en": str(tiny_model), "en-fr": str(tiny_model), "fr-en": str(tiny_model)},
+          "pivots": ["de", "fr"], "decoding": GREEDY, "batch_size": 8, "device": "cpu", "threads": 1,
+          "min_length_ratio": 0.01, "max_length_ratio": 100.0, "check_language": False, "too_far_chrf": 0.0, "too_close_chrf": 100.0}
+    cfg = AugmentConfig(methods=["backtranslate", "synonym"], max_ratio=1.0, task_types=["instruction"], min_words=3, backtranslate=bt)
+    tr = augment.make_translator(cfg, None)
+    cands = augment.Candidates(cfg)
+    for r in recs:
+        cands.add(r)
+    added, stats = cands.augment(tr)
+    assert len(added) == 16
+    n_bt, n_syn = stats["methods"]["backtranslate"], stats["methods"]["synonym"]
+    # Round 0: 8 of each method; a parent whose synonym edit was a no-op gets back-translated in round 1.
+    assert n_bt + n_syn == 16 and n_syn >= 4 and stats["no_change"] > 0 and n_bt > 8
+    assert sum(stats["pivots"].values()) == n_bt and min(stats["pivots"].values()) >= 4
+    # The back-translations of a round are requested in one window: per pivot and hop one generate
+    # call (within a batch of 8), not one call per record and hop (2 * n_bt = 22 calls).
+    assert 0 < tr.stats.model_calls <= 8
