@@ -116,3 +116,29 @@ def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_pat
     merged, _ = load_causal_lm(out / "merged")
     with torch.inference_mode():
         assert torch.allclose(shared, merged(input_ids=x).logits, atol=1e-5)
+
+    # Serving: a version folder as the registry lays it out (model/ = merged, adapter/ with the task
+    # subfolders); /generate picks the adapter per request and names the choices on a bad one.
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from tasks.serve import create_app
+
+    vdir = tmp_path / "registry" / "m" / "v1"
+    shutil.copytree(out / "merged", vdir / "model")
+    shutil.copytree(out / "adapter", vdir / "adapter")
+    (vdir / "serve.json").write_text(json.dumps({"serve_variant": "tuned", "variants": {"tuned": "model"},
+                                                "prompt_template": "{input}", "task": "causal_lm"}))
+    client = TestClient(create_app(tmp_path / "registry", "m", ref="v1"))
+    texts = {}
+    for adapter in (None, "math_qa", "text"):
+        body = {"prompt": "What is 3 plus 4?", "max_new_tokens": 6, **({"adapter": adapter} if adapter else {})}
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        texts[adapter] = r.json()["text"]
+    model.set_adapter("math_qa")
+    assert texts["math_qa"] == generate_text(model, tok, ["What is 3 plus 4?"], max_new_tokens=6)[0]
+    bad = client.post("/generate", json={"prompt": "hi", "adapter": "nope"})
+    assert bad.status_code == 400 and "math_qa" in bad.text
