@@ -381,6 +381,9 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         (out_dir / "report").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(cands.report, schema=REPORT_SCHEMA), out_dir / rel)
         files.append(FileEntry(rel, role="report", records=len(cands.report)))
+        t = stats["translation"]
+        ctx.info("augment: back-translation on %s: %d sentences translated, %d from the cache, %d candidates rejected %s",
+                 t["device"], t["translated"], t["cache_hits"], len(cands.report), stats["bt_rejected"])
     counters = {"in": n_in, "added": len(added), "out": n_in + len(added), "rejected": {}, "duplicates": 0}
     stats["parts"] = len([f for f in files if f.role == "data"])
     ctx.info("augment: %d originals, %d augmented", n_in, len(added))
