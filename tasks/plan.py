@@ -164,6 +164,8 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
         else:
             why = "first run" if not last else "not in store"
         detail = _ingest_detail(source, cfg, store) if stage == "ingest" and not ok else ""
+        if stage == "quantize" and not ok:  # each variant is cached on its own: say which ones are new
+            detail = mod.plan_detail(cfg.quantize, store, keys["finetune"], keys.get("tokenize"))
         steps.append(StepPlan(stage, key, ok, why, sections, upstream, detail))
     return steps
 

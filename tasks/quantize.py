@@ -122,6 +122,15 @@ def variant_key(method: str, qc, finetune_key: str, tokenize_key: str | None) ->
     return cache_key(f"{STAGE}-{method}", VARIANT_VERSION[method], variant_options(method, qc), upstream)
 
 
+def plan_detail(qc, store, finetune_key: str, tokenize_key: str | None) -> str:
+    """What ``c2m status`` says about a quantize stage that will run: which variants are new."""
+    todo = [m for m in qc.methods
+            if store.unit_lookup(f"{STAGE}-variant", variant_key(m, qc, finetune_key, tokenize_key)) is None]
+    if not qc.methods:
+        return "no variants"
+    return f"{len(todo)} of {len(qc.methods)} variants to make" + (f": {', '.join(todo)}" if todo else "")
+
+
 class _Maker:
     """Makes (or finds) one variant unit; knows the merged model, its probe logits and the calibration source."""
 

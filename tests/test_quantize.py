@@ -116,6 +116,16 @@ def test_adding_a_variant_computes_only_that_variant(quantized):
     assert m2.stats["computed_files"] == ["onnx_int8_static"]
 
 
+def test_plan_names_the_variants_a_run_would_make(quantized):
+    cfg, ms = quantized
+    store, ft = Store(cfg.paths.store), ms["finetune"]
+    qc = cfg.quantize.model_copy(update={"methods": METHODS + ["onnx_int8_dynamic"]})
+    assert quantize.plan_detail(qc, store, ft.key, ft.upstream["tokenize"]) == "1 of 4 variants to make: onnx_int8_dynamic"
+    # onnx_fp32 was made once already, as the static variant's starting point
+    qc = cfg.quantize.model_copy(update={"methods": ["onnx_fp32"]})
+    assert quantize.plan_detail(qc, store, ft.key, ft.upstream["tokenize"]) == "0 of 1 variants to make"
+
+
 def test_quantize_names_a_missing_merged_model(quantized, tmp_path):
     import shutil
     import types
