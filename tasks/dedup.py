@@ -39,7 +39,7 @@ from schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, n
 from tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
-VERSION = "3"
+VERSION = "4"
 SECTIONS = ("dedup",)
 
 BATCH_ROWS = 4096
@@ -502,7 +502,12 @@ def _run_minhash(upstream: Manifest, c, out_dir: Path, ctx: StageContext) -> Man
             out.append(None if d is None else (index.meta[d[0]][2], d[1]))
         return out
 
-    files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], decide, c, out_dir)
+    if c.eval_files:  # contamination looks at every kept record: one streaming pass
+        files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], decide, c, out_dir)
+        written = len(parts)
+    else:
+        files, n_out, n_removed, written = _write_kept_parts(parts, index, decisions, c, ctx.store, out_dir)
+        rejected, cont = {}, {}
     t3 = time.perf_counter()
     counters = {"in": index.n, "out": n_out, "rejected": rejected, "duplicates": n_removed}
     stats = {
@@ -511,11 +516,74 @@ def _run_minhash(upstream: Manifest, c, out_dir: Path, ctx: StageContext) -> Man
         "sketch_units": len(unit_dirs), "sketch_units_computed": computed,
         "sketch_units_reused": len(unit_dirs) - computed,
         "seconds_sketch": round(t1 - t0, 3), "seconds_decide": round(t2 - t1, 3), "seconds_write": round(t3 - t2, 3),
-        "parts": len([f for f in files if f.role == "data"]), **cont,
+        "parts": len([f for f in files if f.role == "data"]), "parts_written": written, **cont,
     }
     ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed",
              index.n, n_out, dstats["exact_duplicates"], dstats["near_duplicates"], computed, len(unit_dirs))
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+
+
+OUT_UNIT = "dedup-out"
+
+
+def _kept_key(part_sha256: str, keep) -> str:
+    """A part's kept records depend on its bytes and on which of its rows are kept."""
+    import numpy as np
+
+    return cache_key(OUT_UNIT, VERSION, {}, [part_sha256, hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(), str(len(keep))])
+
+
+def _kept_part_unit(args) -> dict:
+    """One upstream part filtered to its kept rows, streamed in batches, stored as a unit."""
+    store_root, src, key, keep = args
+
+    def write(tmp: Path) -> dict:
+        w = PartWriter(tmp, max_bytes=1 << 62)
+        start = 0
+        for batch in iter_record_batches([Path(src)], STAGE):
+            w.write(batch.filter(pa.array(keep[start:start + batch.num_rows])))
+            start += batch.num_rows
+        (entry,) = w.close()
+        return {"files": [entry], "records": entry.records, "path": entry.path}
+
+    return Store(store_root).unit_write(OUT_UNIT, key, write)
+
+
+def _write_kept_parts(parts: list[tuple[Path, str]], index: SketchIndex, decisions: list, c, store: Store, out_dir: Path):
+    """Pass two without contamination checks: one kept part per upstream part, stored per (part,
+    kept mask), so a rerun that adds parts rewrites only the parts whose decisions changed
+    (usually just the new ones); removed rows come from the index, no record is read for them."""
+    import numpy as np
+
+    from tasks.stage import link_or_copy
+
+    keep_all = np.fromiter((d is None for d in decisions), dtype=bool, count=index.n)
+    keys, found, todo = [], [], []
+    for u, (p, sha) in enumerate(parts):
+        keep = keep_all[index.starts[u]:index.starts[u + 1]]
+        keys.append(_kept_key(sha, keep))
+        found.append(store.unit_lookup(OUT_UNIT, keys[-1]))
+        if found[-1] is None:
+            todo.append((str(store.root), str(p), keys[-1], keep))
+    if c.workers > 1 and len(todo) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(c.workers, len(todo))) as pool:
+            done = {info["key"]: info for info in pool.map(_kept_part_unit, todo)}
+    else:
+        done = {info["key"]: info for info in map(_kept_part_unit, todo)}
+    files = []
+    for u, (k, f) in enumerate(zip(keys, found)):
+        info = f or done[k]
+        rel = f"parts/part-{u:05d}.parquet"
+        link_or_copy(Path(info["dir"]) / info["path"], out_dir / rel)
+        files.append(FileEntry(rel, role="data", records=info["records"]))
+    removed = [{"id": index.meta[i][2], "duplicate_of": index.meta[d[0]][2], "kind": d[1], "source_path": index.meta[i][0]}
+               for i, d in enumerate(decisions) if d is not None]
+    if removed:
+        pq.write_table(pa.Table.from_pylist(removed, schema=REMOVED_SCHEMA), out_dir / "removed.parquet")
+        files.append(FileEntry("removed.parquet", role="removed", records=len(removed)))
+    return files, sum(f.records for f in files if f.role == "data"), len(removed), len(todo)
 
 
 def _write_output(paths: list[Path], decide, c, out_dir: Path):

@@ -236,6 +236,8 @@ def test_incremental_index_sketches_only_new_parts(make_cfg, ctx, records_manife
     up.files.append(FileEntry("parts/000003.parquet", p.stat().st_size, sha256_file(p), "data", 2))
     m2 = run_stage(dedup, [up], cfg, ctx)
     assert m2.stats["sketch_units_computed"] == 1 and m2.stats["sketch_units_reused"] == 3
+    # the old parts keep their decisions: their kept parts are reused, only the new one is written
+    assert m1.stats["parts_written"] == 3 and m2.stats["parts_written"] == 1
     removed = pq.read_table(m2.file("removed.parquet")).to_pylist()
     assert [(r["id"], r["duplicate_of"], r["kind"]) for r in removed] == [("new0", "old3", "near")]
     assert m2.counters == {"in": 8, "out": 7, "rejected": {}, "duplicates": 1}
