@@ -13,7 +13,8 @@ measures both: speed and per-document agreement):
 - ``words``: spaCy's English tokenizer (prefix/suffix/infix rules, special cases, the special-case
   matcher) replayed in Python over whitespace chunks with a per-process chunk cache, so a word
   seen before costs one dict lookup; the token list equals ``spacy.blank("en")``'s (whitespace
-  tokens dropped, as datatrove does).
+  tokens dropped, as datatrove does). spaCy itself is imported only once per spaCy version, to
+  extract its rules into ``.cache/spacy/`` (importing it costs seconds: thinc, torch).
 - ``gopher_repetition``: duplicate paragraphs/lines by count and by characters (over the whole
   text's length), the character share of the most common 2/3/4-gram, and the share of
   characters in repeated 5..10-grams.
@@ -21,9 +22,10 @@ measures both: speed and per-document agreement):
   ellipsis lines, alphabetic words, English stop words (only when the document is English).
 - ``c4_quality``: C4's line rules (terminal punctuation, >= 3 words, no "javascript", no policy
   phrases, citations removed) then lorem ipsum, curly bracket and >= ``cfg.c4_min_sentences``
-  sentences over the kept lines (skipped for languages written without spaces). Sentences are counted with spaCy's sentencizer only when fewer
-  than that many lines are kept: every kept line holds at least one sentence, so with enough
-  lines the answer is known without it.
+  sentences over the kept lines (skipped for languages written without spaces). Sentences are
+  counted (spaCy's sentencizer rule, replayed on ``words``) only when fewer than that many lines
+  are kept: every kept line holds at least one sentence, so with enough lines the answer is
+  known without counting.
 - ``language_filter``: py3langid (langid.py's bundled model, offline) against
   ``cfg.allowed_languages``.
 - ``strip_gutenberg``: a transform, not a filter: removes the Project Gutenberg header and
@@ -35,10 +37,13 @@ spaces skip the word rules (every Chinese article would be "one word").
 """
 from __future__ import annotations
 
+import os
 import re
+import unicodedata
 from collections import Counter
 from functools import lru_cache
 from itertools import accumulate
+from pathlib import Path
 
 Decision = tuple[bool, str | None, float | None]
 KEEP: Decision = (True, None, None)
@@ -103,21 +108,61 @@ _ELLIPSES = ("...", "…")
 # ---------------------------------------------------------------------------------------------
 # words: spaCy's English tokenizer, replayed with a chunk cache
 # ---------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _spacy_rules():
-    """The compiled affix regexes and special cases of ``spacy.blank("en")`` (loaded once per
-    process). ``affixed`` are the special cases spaCy's special-case matcher restores after affix
-    splitting ("d." split into "d" "." is "d." again)."""
+_RULES_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "spacy"
+
+
+def _extract_spacy_rules() -> dict:
+    """Pattern strings and special cases of ``spacy.blank("en")``'s tokenizer and the
+    sentencizer's punctuation (importing spaCy pulls in thinc and torch: seconds to a minute, so
+    this runs once per spaCy version and the result is cached as a pickle)."""
     import spacy
+    from spacy.pipeline import Sentencizer
 
     tok = spacy.blank("en").tokenizer
+
+    def pat(fn):
+        p = getattr(fn, "__self__", None)  # a bound re.Pattern method, or None
+        return None if p is None else (p.pattern, p.flags)
+
+    return {"prefix": pat(tok.prefix_search), "suffix": pat(tok.suffix_search), "infix": pat(tok.infix_finditer),
+            "token_match": pat(tok.token_match), "url_match": pat(tok.url_match),
+            "special": {k: [d[65] for d in v] for k, v in tok.rules.items()},  # 65 = spacy.attrs.ORTH
+            "punct_chars": sorted(Sentencizer.default_punct_chars)}
+
+
+@lru_cache(maxsize=1)
+def _spacy_rules():
+    """The compiled affix regexes and special cases of ``spacy.blank("en")``, loaded once per
+    process from ``.cache/spacy/en-<spaCy version>.pkl`` (written on first use). ``affixed``
+    are the special cases spaCy's special-case matcher restores after affix splitting ("d."
+    split into "d" "." is "d." again)."""
+    import pickle
+    from importlib.metadata import version
+
+    cached = _RULES_CACHE / f"en-{version('spacy')}-v1.pkl"
+    try:
+        with cached.open("rb") as f:
+            raw = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError):
+        raw = _extract_spacy_rules()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            with tmp.open("wb") as f:
+                pickle.dump(raw, f)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # read-only checkout: extracted again by the next process
     never = re.compile("a^")
-    prefix = (tok.prefix_search or never.search)
-    suffix = (tok.suffix_search or never.search)
-    infix = (tok.infix_finditer or never.finditer)
-    special = {k: [d[65] for d in v] for k, v in tok.rules.items()}  # 65 = spacy.attrs.ORTH
+
+    def comp(p):
+        return never if p is None else re.compile(p[0], p[1])
+
+    prefix, suffix, infix = comp(raw["prefix"]).search, comp(raw["suffix"]).search, comp(raw["infix"]).finditer
+    special = raw["special"]
     affixed = {k: v for k, v in special.items() if prefix(k) or suffix(k) or any(True for _ in infix(k))}
-    return prefix, suffix, infix, (tok.token_match or never.match), (tok.url_match or never.match), special, affixed
+    return (prefix, suffix, infix, comp(raw["token_match"]).match, comp(raw["url_match"]).match, special, affixed,
+            frozenset(raw["punct_chars"]))
 
 
 def _merge_affixed(tokens: list[str], affixed: dict) -> list[str]:
@@ -136,7 +181,7 @@ def _merge_affixed(tokens: list[str], affixed: dict) -> list[str]:
 
 def _split_chunk(chunk: str) -> list[str]:
     """One whitespace-free chunk into spaCy tokens (the algorithm of spaCy's Tokenizer.explain)."""
-    prefix_search, suffix_search, infix_finditer, token_match, url_match, special, affixed = _spacy_rules()
+    prefix_search, suffix_search, infix_finditer, token_match, url_match, special, affixed, _ = _spacy_rules()
     tokens: list[str] = []
     suffixes: list[str] = []
     s = chunk
@@ -301,13 +346,15 @@ def top_ngram_char_fraction(words: list[str], n: int, text_len: int | None = Non
     return (sum(map(len, gram)) + n - 1) * count / max(total, 1)
 
 
-def dup_ngram_chars(words: list[str], n: int, cum: list[int] | None = None) -> int:
+def dup_ngram_chars(words: list[str], n: int, cum: list[int] | None = None, keys: list[tuple] | None = None) -> int:
     """Characters in repeated n-grams, scanning left to right and jumping past each repeat
     (datatrove's ``find_all_duplicate``). datatrove keys an n-gram by its words concatenated
     without spaces; this keys it by the word tuple, which differs only when two different word
     sequences concatenate to the same string ("ab" "c" / "a" "bc" at one n), and is ~5x faster.
-    ``cum`` are the cumulative word lengths (computed when not given)."""
-    keys = list(zip(*(words[i:] for i in range(n))))
+    ``cum`` are the cumulative word lengths and ``keys`` the n-gram tuples (computed when not
+    given)."""
+    if keys is None:
+        keys = list(zip(*(words[i:] for i in range(n))))
     if len(set(keys)) == len(keys):
         return 0
     if cum is None:
@@ -357,11 +404,22 @@ def gopher_repetition(text: str, cfg, lang: str | None = None, toks: Tokens | No
         f = top_ngram_char_fraction(toks, n, size)
         if f > limit:
             return False, f"gopher_top_{n}gram", round(f, 4)
-    cum = list(accumulate(map(len, toks), initial=0))
+    cum = None
+    max_tok = max(map(len, toks), default=0)
     for n, limit in MAX_DUP_NGRAM_CHAR_FRAC.items():
-        chars = dup_ngram_chars(toks, n, cum)
-        if chars == 0:  # no repeated n-gram: no repeated longer one either
+        if len(toks) < n:
             break
+        keys = list(zip(*(toks[i:] for i in range(n))))
+        repeats = len(keys) - len(set(keys))
+        if repeats == 0:  # no repeated n-gram: no repeated longer one either
+            break
+        # The scan counts a subset of the positions whose n-gram occurred before, each at most
+        # n * longest-token characters: when even that is under the limit, skip the scan.
+        if repeats * n * max_tok <= limit * size:
+            continue
+        if cum is None:
+            cum = list(accumulate(map(len, toks), initial=0))
+        chars = dup_ngram_chars(toks, n, cum, keys)
         if chars / size > limit:
             return False, f"gopher_dup_{n}gram", round(chars / size, 4)
     return KEEP
@@ -370,21 +428,31 @@ def gopher_repetition(text: str, cfg, lang: str | None = None, toks: Tokens | No
 # ---------------------------------------------------------------------------------------------
 # C4
 # ---------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _sentencizer():
-    import spacy
-
-    nlp = spacy.blank("en")
-    nlp.add_pipe("sentencizer")
-    return nlp
+@lru_cache(maxsize=65536)
+def _is_punct(token: str) -> bool:
+    # spaCy's IS_PUNCT lexical attribute: every character in a Unicode punctuation category.
+    return all(unicodedata.category(ch).startswith("P") for ch in token)
 
 
 def count_sentences(line: str) -> int:
     """Sentences in one line by spaCy's rule-based sentencizer (datatrove's
-    ``split_into_sentences``)."""
-    nlp = _sentencizer()
-    nlp.max_length = max(nlp.max_length, len(line) + 10)
-    return sum(1 for _ in nlp(line).sents)
+    ``split_into_sentences``), replayed on ``words``: a sentence ends at a token in the
+    sentencizer's punctuation list and the next one starts at the first following token that
+    is not punctuation. (spaCy also has whitespace tokens for runs of spaces; inside a
+    stripped line they start a sentence exactly where the next word would.)"""
+    punct_chars = _spacy_rules()[7]
+    toks = words(line)
+    if not toks:
+        return 0
+    n, seen_period = 1, False
+    for t in toks:
+        in_chars = t in punct_chars
+        if seen_period and not in_chars and not _is_punct(t):
+            n += 1
+            seen_period = False
+        elif in_chars:
+            seen_period = True
+    return n
 
 
 def c4_lines(text: str, min_sentences: int = 5) -> tuple[Decision, list[str]]:

@@ -76,9 +76,9 @@ def train(text: str) -> dict:
         n_v[v] += 1
         uni_cont[w] += 1
     total_cont = sum(uni_cont.values())
-    n_vocab = len(vocab)
+    targets = vocab - {BOS}  # what can be predicted: never the start symbol
     # Unigram continuation probability, interpolated with uniform so every word is > 0.
-    p_uni = {w: (max(uni_cont.get(w, 0) - DISCOUNT, 0) + DISCOUNT * len(uni_cont) / n_vocab) / total_cont for w in vocab}
+    p_uni = {w: (max(uni_cont.get(w, 0) - DISCOUNT, 0) + DISCOUNT * len(uni_cont) / len(targets)) / total_cont for w in targets}
     p_bi = {}
     for (v, w), c in bi_cont.items():
         p_bi[(v, w)] = (c - DISCOUNT) / c_v[v]

@@ -300,6 +300,14 @@ def test_stage_accounting_quarantine_scores_and_cache(make_cfg, ctx, records_man
     kept = [r for p in m.files_with("data") for r in pq.read_table(p).to_pylist()]
     assert {r["metadata"]["task_type"] for r in kept} == {"text", "instruction"}
     assert next(r for r in kept if r["metadata"]["task_type"] == "text")["metadata"]["lang"] == "en"
+    # Per-filter report: drop counts per filter family and reason, score quantiles, a PNG.
+    report = json.loads(m.file("filter_stats.json").read_text(encoding="utf-8"))
+    assert report["documents_in"] == 6
+    assert report["filters"]["gopher"] == {"dropped": 3, "reasons": {"gopher_short_doc": 2, "gopher_top_2gram": 1}}
+    assert report["filters"]["c4"] == {"dropped": 1, "reasons": {"c4_lorem_ipsum": 1}}
+    assert report["scores"]["gopher_short_doc"]["n"] == 2 and report["scores"]["gopher_top_2gram"]["min"] > 0.2
+    assert m.file("filter_scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert {e.path for e in m.entries("report")} == {"filter_stats.json", "filter_scores.png"}
     assert run_stage(clean, [up], cfg, ctx).stats["cache"] == "hit"
     # Config changes the key: only English allowed drops nothing more here (the German text is
     # already a short doc), but the German snippet is now reported by its language.

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import ingest
-from tasks.ingest import DecodeError, decode_bytes, html_to_text, parse_file, scan_raw
+from tasks.ingest import DecodeError, decode_bytes, extract_html, html_to_text, parse_file, scan_raw
 from tasks.stage import run_stage
 from tests.conftest import SHARED
 
@@ -36,6 +36,28 @@ def test_html_main_text_drops_navigation():
     html = "<html><head><title>t</title><script>var x=1</script></head><body><nav>Home | About</nav>" \
            "<h1>Title</h1><p>First   paragraph.</p><footer>cookie banner</footer></body></html>"
     assert html_to_text(html) == "Title\nFirst paragraph."
+
+
+def test_trafilatura_main_text_on_a_real_manual_page():
+    path = SHARED / "raw_text_corpus" / "raw" / "html" / "page_00330f8c.html"  # httpd manual, Turkish
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    html, _ = decode_bytes(path.read_bytes(), html=True)
+    text, method = extract_html(html)
+    assert method == "trafilatura"
+    assert "yapılandırma bölümü taşıyıcılarınının" in text  # the article body
+    # The page chrome the stdlib fallback keeps is gone: top menu, breadcrumb, language bar.
+    fallback = html_to_text(html)
+    for chrome in ("Modüller | Yönergeler | SSS", "Apache > HTTP Sunucusu > Belgeleme", "Mevcut Diller:"):
+        assert chrome in fallback and chrome not in text
+
+
+def test_html_fallback_when_trafilatura_finds_nothing(make_cfg):
+    html = b"<html><body><ul><li>Home</li><li>About us</li></ul></body></html>"  # a menu, no main text
+    stats: dict = {}
+    records, rejects, _ = parse_file(html, "tiny.html", "sha", make_cfg().ingest, stats)
+    assert rejects == [] and records[0]["target"] == "Home\nAbout us"
+    assert stats == {"html_stdlib": 1}
 
 
 def test_jsonl_bad_lines_are_quarantined_with_reasons(make_cfg):
