@@ -140,6 +140,7 @@ class RunLog:
             raise
         if note:
             row.detail = f"{row.detail}; {note}" if row.detail else note
+            self.echo(f"[{name}] {note}")
         return m
 
 
