@@ -318,10 +318,12 @@ def plot_scores(scores: dict[str, list[float]], path: Path) -> None:
 def _publish(report: dict, png: Path) -> None:
     from tasks.artifacts import publish_image, publish_table
 
-    rows = [{"filter": fam, "reason": reason, "dropped": n, **{k: q.get(k) for k in ("p10", "p50", "p90")}}
+    # One column set for every row (a table artifact is rendered from the first row's keys).
+    rows = [{"filter": fam, "reason": reason, "dropped": n, "masked": 0, **{k: q.get(k) for k in ("p10", "p50", "p90")}}
             for fam, f in report["filters"].items() for reason, n in f["reasons"].items()
             for q in [report["scores"].get(reason, {})]]
-    rows += [{"filter": "pii", "reason": f"masked {k}", "dropped": 0, "masked": n} for k, n in report["pii_masked"].items()]
+    rows += [{"filter": "pii", "reason": k, "dropped": 0, "masked": n, "p10": None, "p50": None, "p90": None}
+             for k, n in report["pii_masked"].items()]
     publish_table("clean-filters", rows, f"clean: documents dropped per filter and reason of {report['documents_in']}")
     publish_image("clean-filter-scores", str(png), "histogram of each filter's scores")
 
