@@ -491,6 +491,10 @@ def training_hours(ft: Manifest) -> tuple[float | None, str]:
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    if len(inputs) == 4 and inputs[2].stats.get("task") == "classification":  # tasks/classify.py
+        from tasks.classify import evaluate_run
+
+        return evaluate_run(inputs, cfg, out_dir, ctx)
     import torch
 
     from tasks.artifacts import publish_image, publish_markdown, publish_table

@@ -66,11 +66,19 @@ def _metric(rows: dict[str, dict], variant: str, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
-    """Lower-is-better gate on ``gate.metric`` (perplexity):
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "exact_match", "rouge_l", "preference_accuracy", "token_accuracy"}
 
+
+def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
+    """The deploy gate on ``gate.metric``.
+
+    Lower-is-better (perplexity), relative bounds:
     - tuned <= base * (1 - min_improvement_over_base)   (fine-tuning must have helped)
     - served <= tuned * (1 + max_quantized_degradation) (quantization must not have undone it)
+
+    Higher-is-better (accuracy, macro_f1: classifiers), absolute bounds (0.01 = 1 point):
+    - tuned >= base + min_improvement_over_base
+    - served >= tuned - max_quantized_degradation
 
     A missing or non-finite value fails its check, and the reason names the variant.
     """
@@ -85,15 +93,20 @@ def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
                            "reason": f"no finite {metric} for variant(s) {', '.join(missing)} in eval.json "
                                      f"(variants present: {sorted(k for k in rows if k)})"})
             return
-        ok = value <= threshold
+        ok = value >= threshold if higher else value <= threshold
+        sign = (">=" if ok else "<") if higher else ("<=" if ok else ">")
         checks.append({"name": name, "value": round(value, 6), "threshold": round(threshold, 6), "passed": ok,
-                       "reason": f"{name.split('_vs_')[0]} {metric} {value:.4g} {'<=' if ok else '>'} {threshold:.4g}"})
+                       "reason": f"{name.split('_vs_')[0]} {metric} {value:.4g} {sign} {threshold:.4g}"})
 
+    higher = metric in HIGHER_IS_BETTER
     missing = [v for v, x in (("tuned", tuned), ("base", base)) if x is None]
-    add("tuned_vs_base", tuned, None if missing else base * (1 - gate.min_improvement_over_base), missing)
+    bound = None if missing else (base + gate.min_improvement_over_base if higher
+                                  else base * (1 - gate.min_improvement_over_base))
+    add("tuned_vs_base", tuned, bound, missing)
     missing = [v for v, x in ((serve_variant, served), ("tuned", tuned)) if x is None]
-    add(f"{serve_variant}_vs_tuned", served,
-        None if missing else tuned * (1 + gate.max_quantized_degradation), list(dict.fromkeys(missing)))
+    bound = None if missing else (tuned - gate.max_quantized_degradation if higher
+                                  else tuned * (1 + gate.max_quantized_degradation))
+    add(f"{serve_variant}_vs_tuned", served, bound, list(dict.fromkeys(missing)))
     passed = all(c["passed"] for c in checks)
     reason = "all gate checks passed" if passed else "; ".join(c["reason"] for c in checks if not c["passed"])
     return {"passed": passed, "metric": metric, "serve_variant": serve_variant, "checks": checks, "reason": reason}
@@ -213,8 +226,14 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+CLASSIFIER_COLUMNS = ["variant", "accuracy", "macro_f1", "latency_p50_ms", "latency_p95_ms", "size_mb",
+                      "speedup_vs_tuned", "size_ratio_vs_tuned", "accuracy_drop_points", "records"]
+
+
 def eval_table(rows: list[dict]) -> str:
     cols = ["variant", "perplexity", "token_accuracy", "exact_match", "latency_p50_ms", "latency_p95_ms", "size_mb", "records"]
+    if rows and all("accuracy" in r and "perplexity" not in r for r in rows):
+        cols = CLASSIFIER_COLUMNS
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -226,6 +245,127 @@ def gate_table(gate_result: dict) -> str:
     for c in gate_result["checks"]:
         lines.append(f"| {c['name']} | {_fmt(c['value'])} | {_fmt(c['threshold'])} | {'yes' if c['passed'] else 'no'} |")
     return "\n".join(lines)
+
+
+def _stage_lines(lineage: dict) -> list[str]:
+    """The records-per-stage table of the model card (lineage.json holds the same counters)."""
+    stage_lines = ["| stage | key | in | added | out | rejected | duplicates |", "|---|---|---|---|---|---|---|"]
+    for s, info in lineage["stages"].items():
+        c = info["counters"] or {}
+        rej = sum((c.get("rejected") or {}).values()) if c else None
+        stage_lines.append(f"| {s} | `{info['key']}` | {_fmt(c.get('in'))} | {_fmt(c.get('added', 0 if c else None))} | "
+                           f"{_fmt(c.get('out'))} | {_fmt(rej)} | "
+                           f"{_fmt(c.get('duplicates'))} |")
+    return stage_lines
+
+
+def classifier_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict], gate_result: dict,
+                    model_cfg: dict, ft_stats: dict, n_params: int, variants: list[str], has_adapter: bool) -> str:
+    """Model card for a sequence classifier (model.task: classification, tasks/classify.py)."""
+    import yaml
+
+    serve_variant = cfg.registry.serve_variant
+    labels = ft_stats["labels"]
+    metrics = [{"type": m, "name": f"{m} ({r['variant']})", "value": r[m]}
+               for r in rows for m in ("accuracy", "macro_f1") if r.get(m) is not None]
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2" if "minilm" in str(cfg.model.pretrained).lower()
+        else str(cfg.model.pretrained),
+        "tags": ["corpus2model", "text-classification", cfg.finetune.method],
+        "model-index": [{
+            "name": f"{name}-{version}",
+            "results": [{
+                "task": {"type": "text-classification", "name": f"classification of metadata.{ft_stats['label_field']}"},
+                "dataset": {"name": f"corpus2model {cfg.evaluate.split} split", "type": "corpus2model",
+                            "split": cfg.evaluate.split},
+                "metrics": metrics,
+            }],
+        }],
+    }
+    raw = lineage["raw_files"]
+    raw_bytes = sum(f["bytes"] or 0 for f in raw)
+    arch = ", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")])
+    gate = cfg.registry.gate
+    method = cfg.finetune.method
+    lora = cfg.finetune.lora
+    how = (f"LoRA (r={lora.r}, alpha={lora.alpha}, targets {', '.join(lora.target_modules)}; pooler and head trained "
+           f"in full), merged into `model/`, the adapter kept in `adapter/`") if method == "lora" else "full fine-tuning"
+    peft_snippet = f"""
+# or the adapter on the pretrained encoder (its trained head travels in the adapter):
+from peft import PeftModel
+base = AutoModelForSequenceClassification.from_pretrained(PRETRAINED_ENCODER_FOLDER, num_labels={len(labels)})
+model = PeftModel.from_pretrained(base, "{name}/{version}/adapter")""" if has_adapter else ""
+    body = f"""
+# {name} {version}
+
+A {len(labels)}-way text classifier ({', '.join(labels)}) produced by the corpus2model pipeline (config
+`{cfg.name}`, config hash `{lineage['config_hash'][:16]}`). Served variant: **{serve_variant}** (folder
+`{VARIANT_DIRS[serve_variant]}/`). Variants in this version: {', '.join(variants)}.
+
+## Model description
+
+- Architecture: {arch} ({model_cfg.get('num_hidden_layers')} layers, hidden size {model_cfg.get('hidden_size')},
+  vocabulary {model_cfg.get('vocab_size')}), {n_params:,} parameters
+- Base model: `{cfg.model.pretrained}`, loaded offline
+- Labels: `metadata.{ft_stats['label_field']}` of each record, ids {dict(enumerate(labels))}
+- Training: first the encoder frozen and only the pooler and classification head trained
+  ({cfg.model.classifier.head_epochs} epochs; that model is the `base` row below), then {how};
+  {cfg.finetune.max_steps} steps, learning rate {cfg.finetune.learning_rate}, batch {cfg.finetune.batch_size},
+  inputs truncated to {ft_stats['max_length']} tokens; {ft_stats['train_records']} training records.
+- `dynamic_int8/`: per-channel int8 Linear weights (activations quantized at run time) and an int8
+  word-embedding table (one scale per row, dequantized at load); loads with
+  `tasks.classify.load_classifier`.
+
+## Training data
+
+Lineage key `{lineage['lineage_key']}`: {len(raw)} raw files, {raw_bytes:,} bytes in total, each listed with its
+sha256 in `lineage.json`. Records per stage:
+
+{chr(10).join(_stage_lines(lineage))}
+
+## Evaluation
+
+On the held-out `{cfg.evaluate.split}` split (up to {cfg.evaluate.max_records} labelled records); latency is one
+batch-1 forward pass of the longest scored record, on CPU:
+
+{eval_table(rows)}
+
+Deploy gate ({gate.metric}; tuned at least {gate.min_improvement_over_base} above base, {serve_variant} at most
+{gate.max_quantized_degradation} below tuned, absolute): **{'PASSED' if gate_result['passed'] else 'FAILED'}**
+({gate_result['reason']}).
+
+{gate_table(gate_result)}
+
+## Intended use
+
+Classifying short texts into the labels above, as the pipeline's training data defines them, and
+exercising the pipeline's classification path (training, quantization, registry, serving).
+
+## Limitations
+
+Trained on a small slice of one source ({ft_stats['train_records']} records); accuracy on other domains,
+on very short or mixed-language texts, or on labels outside ({', '.join(labels)}) is unknown: every
+input gets one of these labels, whatever it is. The base encoder's tokenizer is an English uncased
+WordPiece vocabulary: scripts it covers poorly (most CJK characters map to few pieces) are
+recognised by their script, not their content. Inputs longer than {ft_stats['max_length']} tokens are truncated.
+
+## How to load
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+# paths are relative to the registry folder (paths.registry in the run config)
+model = AutoModelForSequenceClassification.from_pretrained("{name}/{version}/model")
+tokenizer = AutoTokenizer.from_pretrained("{name}/{version}/model")
+logits = model(**tokenizer(["some text"], return_tensors="pt")).logits
+print(model.config.id2label[int(logits.argmax())]){peft_snippet}
+```
+
+The server (`c2m serve`) resolves the `production` alias and answers `POST /classify`.
+"""
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
 
 
 def model_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict], gate_result: dict,
@@ -251,14 +391,7 @@ def model_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict],
             }],
         }],
     }
-    stages = lineage["stages"]
-    stage_lines = ["| stage | key | in | added | out | rejected | duplicates |", "|---|---|---|---|---|---|---|"]
-    for s, info in stages.items():
-        c = info["counters"] or {}
-        rej = sum((c.get("rejected") or {}).values()) if c else None
-        stage_lines.append(f"| {s} | `{info['key']}` | {_fmt(c.get('in'))} | {_fmt(c.get('added', 0 if c else None))} | "
-                           f"{_fmt(c.get('out'))} | {_fmt(rej)} | "
-                           f"{_fmt(c.get('duplicates'))} |")
+    stage_lines = _stage_lines(lineage)
     raw = lineage["raw_files"]
     raw_bytes = sum(f["bytes"] or 0 for f in raw)
     arch = ", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")])
@@ -408,7 +541,9 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
 
     merged, adapter = finetune.stats.get("merged_dir", "merged"), finetune.stats.get("adapter_dir", "adapter")
     _copy_tree(_need_dir(finetune.dir / merged, f"finetune {merged}/"), tmp / "model")
-    _copy_tree(_need_dir(finetune.dir / adapter, f"finetune {adapter}/"), tmp / "adapter")
+    if adapter:  # full fine-tuning has no adapter (its stats say adapter_dir: null)
+        _copy_tree(_need_dir(finetune.dir / adapter, f"finetune {adapter}/"), tmp / "adapter")
+    classifier = finetune.stats.get("task") == "classification"
     variants = ["tuned"]
     quant = manifests.get("quantize")
     if quant is not None and (quant.dir / "dynamic_int8").is_dir():
@@ -451,13 +586,22 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     prompt_template = (tok.stats.get("prompt_template") if tok else None) or cfg.tokenize.prompt_template
     serve_info = {"model": name, "version": version, "serve_variant": serve_variant, "prompt_template": prompt_template,
                   "variants": {v: VARIANT_DIRS[v] for v in variants}}
+    if classifier:
+        serve_info.update(task="classification", labels=finetune.stats["labels"],
+                          max_length=finetune.stats["max_length"])
     (tmp / "serve.json").write_text(json.dumps(serve_info, indent=1, ensure_ascii=False), encoding="utf-8")
 
     model_cfg_path = tmp / "model" / "config.json"
     model_cfg = json.loads(model_cfg_path.read_text(encoding="utf-8")) if model_cfg_path.is_file() else {}
-    card = model_card(name=name, version=version, cfg=cfg, lineage=lineage, rows=rows, gate_result=gate_result,
-                      model_cfg=model_cfg, n_params=safetensors_params(tmp / "model"),
-                      prompt_template=prompt_template, variants=variants)
+    if classifier:
+        card = classifier_card(name=name, version=version, cfg=cfg, lineage=lineage, rows=rows,
+                               gate_result=gate_result, model_cfg=model_cfg, ft_stats=finetune.stats,
+                               n_params=safetensors_params(tmp / "model"), variants=variants,
+                               has_adapter=bool(adapter))
+    else:
+        card = model_card(name=name, version=version, cfg=cfg, lineage=lineage, rows=rows, gate_result=gate_result,
+                          model_cfg=model_cfg, n_params=safetensors_params(tmp / "model"),
+                          prompt_template=prompt_template, variants=variants)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     return gate_result
 
@@ -563,7 +707,7 @@ def list_versions(registry_root: str | Path, name: str) -> list[dict]:
         rows = json.loads((folder / "eval.json").read_text(encoding="utf-8")).get("rows", [])
         out.append({
             "version": v, "created": lineage.get("created"), "gate_passed": gate["passed"],
-            "perplexity": {r["variant"]: r.get("perplexity") for r in rows},
+            gate["metric"]: {r["variant"]: r.get(gate["metric"]) for r in rows},
             "serve_variant": serve["serve_variant"], "lineage_key": lineage["lineage_key"],
             "is_production": v == production,
         })

