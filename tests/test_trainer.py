@@ -62,7 +62,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_loss_curve(tmp_
 
 
 def test_a_half_written_checkpoint_is_ignored(tmp_path):
-    ft = tiny_lm.ft_config(max_steps=4, checkpoint_every=2)
+    ft = tiny_lm.ft_config(max_steps=3, checkpoint_every=2, eval_every=3)
     with pytest.raises(trainer.SimulatedCrash):
         _run(ft, ckpt=tmp_path, crash_after=2)
     (tmp_path / "step-00000004.tmp").mkdir()  # a kill while writing the next one
