@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_datatrove:
         with tempfile.TemporaryDirectory(prefix="quality_bench_") as tmp:
             theirs, dt = run_datatrove(args.corpus, args.workers, Path(tmp))
-        texts = {}
-        for shard in _shards(args.corpus):
-            texts.update(_read(shard))
+        # Texts only of the documents the two disagree on (the corpus may be 200 MB).
+        differ = {i for i, r in ours.items() if (r is None) != (theirs.get(i) is None)}
+        texts = {i: t for shard in _shards(args.corpus) for i, t in _read(shard) if i in differ}
         agreement, disagreements = compare(ours, theirs, texts)
         dt_config = f"{dt['mb']:.3f} MB, {dt['docs']} docs, {args.workers} workers; datatrove {dt['datatrove']} {'+'.join(dt['filters'])}"
         rows += [
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"# quality bench ({mb:.3f} MB, {len(ours)} docs, {args.workers} workers)", "",
           "| system | metric | value | unit |", "|---|---|---|---|"]
     md += [f"| {r['system']} | {r['metric']} | {r['value']} | {r['unit']} |" for r in rows]
+    if "disagreements" in result and not result["disagreements"]:
+        md += ["", "Disagreements (ours vs datatrove): none, every document got the same keep/drop decision."]
     if result.get("disagreements"):
         md += ["", "Disagreements (ours vs datatrove):", "", "| ours | datatrove | docs | example |", "|---|---|---|---|"]
         md += [f"| {d['ours']} | {d['datatrove']} | {d['count']} | {d['example']['id']} |" for d in result["disagreements"]]
