@@ -7,6 +7,9 @@ per-file, per-part and sketch caches exactly as the pipeline does. OUT_DIR then 
 
 * ``parts/*.parquet`` the stage's records, ``quarantine/*.parquet`` its drops (with reasons),
 * ``stats.json`` counters + stats of every stage run, ``manifest.json`` of the last stage,
+A folder of JSONL files only is deduplicated without the ingest stage (``tasks.dedup_jsonl``: same
+records, rejects and decisions, one pass per file, per-file caches in the same store).
+
 * dedup only: ``removed.jsonl``, one ``{"id", "duplicate_of", "kind", "source_path", "record_id"}``
   per removed record. ``id``/``duplicate_of`` are the ids the input gave its records
   (``metadata.source_id``, e.g. the ``"id"`` of a JSONL line) when it gave one, else the record
