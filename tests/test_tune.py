@@ -39,3 +39,40 @@ def test_search_writes_the_best_trials_config(tmp_path):
     assert best.finetune.lora.r == res["best"]["lora_r"] and best.finetune.lora.alpha == 2 * res["best"]["lora_r"]
     assert best.finetune.max_steps == 40  # the final run keeps its own length
     assert tune.trial_key(tok, best) != tune.trial_key(tok, cfg)
+
+
+def test_trials_are_cached_prefect_tasks(tmp_path, monkeypatch, prefect_harness):
+    """Run the same search twice in Prefect flows: the second replays every trial from the cache
+    (the trainer is not called again); one more trial computes only the new one. The trainer is
+    replaced by a fake here: this test is about the caching, the one above about training."""
+    import uuid
+
+    from prefect import flow
+
+    from tasks import finetune
+    from tasks.stage import Manifest
+    from test_finetune import chain_config
+
+    calls = []
+
+    def fake_train_only(tok, ft, mc, on_eval=None, work_dir=None):
+        calls.append(ft.learning_rate)
+        loss = abs(ft.learning_rate - 3e-3) * 100 + ft.lora.r / 100
+        on_eval and on_eval(3, loss)
+        return {"final_eval_loss": loss, "best_eval_loss": loss, "pruned": False, "steps": 6,
+                "history": [{"step": 3, "eval_loss": loss}]}
+
+    monkeypatch.setattr(finetune, "train_only", fake_train_only)
+    tok = Manifest(stage="tokenize", key=uuid.uuid4().hex[:24], stats={"seq_len": 64})
+    cfg = chain_config(tmp_path, tune={"trials": 3, "max_steps": 6, "pruner_startup_trials": 3})
+
+    @flow(name="tune-cache-test")
+    def search(trials: int):
+        return tune.run_study(tok, cfg, tmp_path / "tune", tune._prefect_trial, trials, log=lambda m: None)
+
+    first = search(3)
+    assert len(calls) == 3
+    again = search(3)
+    assert len(calls) == 3 and again["best"] == first["best"]  # all three from the cache
+    search(4)
+    assert len(calls) == 4  # only the new trial trained
