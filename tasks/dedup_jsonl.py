@@ -56,7 +56,7 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
     from tasks.ingest import json_to_record
 
     stage = "ingest"  # the rejects are ingest's (same reasons as the pipeline's ingest stage)
-    cols = {k: [] for k in ("id", "input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang")}
+    cols = _empty_columns()
     digests, rejects = [], []
     encoding = "utf-8"
     if data.startswith(codecs.BOM_UTF8):
@@ -112,6 +112,31 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
     return cols, digests, rejects, encoding
 
 
+def read_jsonl_file(path: Path, rel: str, sha: str, ingest_cfg):
+    """A JSONL(.gz) file -> ``parse_jsonl``'s (columns, digests, rejects, encoding), with ingest's
+    file-level rejects (corrupt_gzip, file_too_large). ``records_from_columns`` then gives the
+    records table ingest would write for it."""
+    import gzip
+    import zlib
+
+    from schemas.records import quarantine_row
+
+    data = Path(path).read_bytes()
+    if rel.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            return _empty_columns(), [], [quarantine_row("ingest", "corrupt_gzip", detail=str(e), source_path=rel)], "utf-8"
+    if len(data) > ingest_cfg.max_file_bytes:
+        return _empty_columns(), [], [quarantine_row("ingest", "file_too_large", detail=f"{len(data)} bytes > ingest.max_file_bytes",
+                                                     source_path=rel)], "utf-8"
+    return parse_jsonl(data, rel, sha, ingest_cfg)
+
+
+def _empty_columns() -> dict:
+    return {k: [] for k in ("id", "input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang")}
+
+
 def records_from_columns(cols: dict, rel: str, sha: str, encoding: str):
     """RECORD_SCHEMA table from column lists (no per-record dicts)."""
     import pyarrow as pa
@@ -134,33 +159,14 @@ def _file_unit(args) -> dict:
     from tasks.stage import FileEntry, Store
 
     def write(tmp: Path) -> dict:
-        import gzip
-        import zlib
-
         import numpy as np
         import pyarrow.parquet as pq
 
-        from schemas.records import RECORD_SCHEMA, quarantine_row, quarantine_table
+        from schemas.records import RECORD_SCHEMA, quarantine_table
         from tasks.dedup import dictionary_columns, sketch_params
         from tasks.minhash import sketch
 
-        data = Path(path).read_bytes()
-        rejects, encoding = [], "utf-8"
-        cols = None
-        if rel.lower().endswith(".gz"):
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as e:
-                rejects, data = [quarantine_row("ingest", "corrupt_gzip", detail=str(e), source_path=rel)], None
-        if data is not None and len(data) > ingest_cfg.max_file_bytes:
-            rejects = [quarantine_row("ingest", "file_too_large", detail=f"{len(data)} bytes > ingest.max_file_bytes", source_path=rel)]
-            data = None
-        digests = []
-        if data is not None:
-            cols, digests, rejects, encoding = parse_jsonl(data, rel, sha, ingest_cfg)
-            del data
-        if cols is None:
-            cols = {k: [] for k in ("id", "input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang")}
+        cols, digests, rejects, encoding = read_jsonl_file(Path(path), rel, sha, ingest_cfg)
         n = len(cols["id"])
         pq.write_table(records_from_columns(cols, rel, sha, encoding), tmp / "records.parquet", compression="none",
                        use_dictionary=dictionary_columns(RECORD_SCHEMA))

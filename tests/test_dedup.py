@@ -312,6 +312,7 @@ def _jsonl_folder(tmp_path):
     ind.mkdir()
     (ind / "a.jsonl").write_text("\n".join(lines_a) + "\n")
     (ind / "b.jsonl").write_text("\n".join(lines_b) + "\n")
+    (ind / "c.jsonl.gz").write_bytes(b"not gzip at all")
     return ind
 
 
@@ -331,7 +332,7 @@ def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
         # the direct path's counters are ingest's (in, rejected) and dedup's (out, duplicates)
         assert fast.counters == {"in": up.counters["in"], "out": slow.counters["out"], "rejected": up.counters["rejected"],
                                  "duplicates": slow.counters["duplicates"]}
-        assert fast.counters["rejected"] == {"blank_line": 1, "invalid_json": 1, "wrong_type": 2}
+        assert fast.counters["rejected"] == {"blank_line": 1, "invalid_json": 1, "wrong_type": 2, "corrupt_gzip": 1}
         # rows identical, field by field, in the same order
         assert _read(fast.files_with("data")) == _read(slow.files_with("data"))
         rm = lambda d: sorted((r["id"], r["duplicate_of"], r["kind"]) for r in  # noqa: E731
@@ -342,5 +343,6 @@ def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
         expected += [("a2", "a1", "near")] if method == "minhash" else []
         assert rm(tmp_path / f"fast-{method}") == sorted(expected)
         q = _read(fast.files_with("quarantine"))
-        assert sorted((r["source_path"], r["source_line"], r["reason"]) for r in q) == [
-            ("a.jsonl", 2, "blank_line"), ("a.jsonl", 3, "invalid_json"), ("a.jsonl", 5, "wrong_type"), ("a.jsonl", 8, "wrong_type")]
+        assert sorted((r["source_path"], r["source_line"] or -1, r["reason"]) for r in q) == [
+            ("a.jsonl", 2, "blank_line"), ("a.jsonl", 3, "invalid_json"), ("a.jsonl", 5, "wrong_type"), ("a.jsonl", 8, "wrong_type"),
+            ("c.jsonl.gz", -1, "corrupt_gzip")]
