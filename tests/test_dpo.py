@@ -66,7 +66,7 @@ def test_load_pairs_validates_and_reads_the_shared_preference_file(tmp_path):
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_short_dpo_run_widens_the_heldout_margin():
     tok = tiny_lm.tokenizer()
-    ft = tiny_lm.ft_config(max_steps=15, batch_size=8, learning_rate=1e-2, eval_every=5, checkpoint_every=0,
+    ft = tiny_lm.ft_config(max_steps=10, batch_size=8, learning_rate=1.5e-2, eval_every=5, checkpoint_every=0,
                            lora={"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["lm_head"]})
     model = peft_methods.prepare(tiny_lm.model(), ft)
     enc = lambda ps: dpo.encode_pairs(ps, tok, 24, 16)  # noqa: E731
