@@ -173,14 +173,12 @@ class AugmentConfig(Section):
 
 
 class ValidateConfig(Section):
-    # One suite per boundary (tasks/validate.py BOUNDARIES); `suite` is the final one, before shard.
+    """The final boundary (training records, before shard), and the distribution checks of all."""
+
     suite: Path = Path("schemas/suites/training_records.yaml")
-    raw_suite: Path = Path("schemas/suites/raw_documents.yaml")
-    clean_suite: Path = Path("schemas/suites/cleaned_records.yaml")
-    augment_suite: Path = Path("schemas/suites/augmented_records.yaml")
     max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
-    # "<expectation>:<column>" or "<boundary>:<expectation>:<column>" -> error|warn: relax (or tighten)
-    # one expectation for this config without editing the reviewed suite.
+    # "<expectation>:<column>" -> error|warn: relax (or tighten) one expectation of the final suite
+    # for this config without editing the reviewed suite.
     severity_overrides: dict[str, Literal["error", "warn"]] = {}
     # Distribution checks against the last successful run of the same config name; computed by the
     # flow after each boundary, never part of a stage's output, so not hashed.
@@ -190,6 +188,20 @@ class ValidateConfig(Section):
                                  json_schema_extra=NOT_HASHED)
     max_task_type_tvd: float = Field(0.2, ge=0.0, le=1.0, description="total variation distance of the task_type mix",
                                      json_schema_extra=NOT_HASHED)
+
+
+class ChecksConfig(Section):
+    """The check_raw / check_clean / check_augment boundary nodes (tasks/validate.py BOUNDARIES).
+    A section of its own: relaxing a raw check reruns the report-only check nodes, not the final
+    validate node, shard and training."""
+
+    raw_suite: Path = Path("schemas/suites/raw_documents.yaml")
+    clean_suite: Path = Path("schemas/suites/cleaned_records.yaml")
+    augment_suite: Path = Path("schemas/suites/augmented_records.yaml")
+    max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
+    # "<boundary>:<expectation>:<column>" (boundary raw, clean or augment) or "<expectation>:<column>"
+    # (every boundary) -> error|warn.
+    severity_overrides: dict[str, Literal["error", "warn"]] = {}
 
 
 class ShardConfig(Section):
@@ -531,6 +543,7 @@ class PipelineConfig(Section):
     dedup: DedupConfig = DedupConfig()
     augment: AugmentConfig = AugmentConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    checks: ChecksConfig = ChecksConfig()
     shard: ShardConfig = ShardConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     model: ModelConfig = ModelConfig()

@@ -218,9 +218,16 @@ def apply_severity(entries: list[SuiteEntry], overrides: dict | None, boundary: 
     stale = [k for k in overrides if k not in used and k.count(":") == 2 and k.split(":", 1)[0] == boundary]
     if stale:
         names = sorted({f"{e.expectation}:{e.column or 'table'}" for e in entries})
-        raise ValueError(f"validate.severity_overrides {stale} match no expectation of the {boundary} suite; "
+        raise ValueError(f"{_overrides_field(boundary)} {stale} match no expectation of the {boundary} suite; "
                          f"keys look like one of {names} (optionally prefixed by the boundary, e.g. raw:)")
     return out
+
+
+def _overrides_field(boundary: str) -> str:
+    """Where a boundary's severity overrides live in the config."""
+    if boundary == "pairs":
+        return "the severity_overrides argument (or validate.severity_overrides for c2m validate)"
+    return "checks.severity_overrides" if boundary in ("raw", "clean", "augment") else "validate.severity_overrides"
 
 
 def _gx_expectation(entry: SuiteEntry, path: Path):
@@ -998,7 +1005,7 @@ def _index_html(report: ValidationReport, pages: dict[str, str]) -> str:
         if where:
             sample += f"<br>first rows: {e(where)}"
         relaxed = (f"<br><span class=\"text-muted\">suite says {r.suite_severity}; set by "
-                   f"validate.severity_overrides</span>") if r.suite_severity else ""
+                   f"{_overrides_field(report.boundary)}</span>") if r.suite_severity else ""
         rows.append(
             f"<tr><td><code>{e(r.expectation)}</code><br><span class=\"text-muted\">{e(kwargs)}</span></td>"
             f"<td>{e(r.column or '(table)')}</td><td class=\"c2m-sev-{r.severity}\">{r.severity}{relaxed}</td>"
@@ -1118,12 +1125,14 @@ def _read_records(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, 
 
 
 # The boundaries: node name, suite config field, upstream stages (the last one holds the records).
+# The final one reads the `validate` section, the check_* nodes the `checks` section.
 BOUNDARIES = {
     "raw": ("check_raw", "raw_suite", ("source", "ingest")),
     "clean": ("check_clean", "clean_suite", ("dedup",)),
     "augment": ("check_augment", "augment_suite", ("augment",)),
     "final": ("validate", "suite", ("augment",)),
 }
+CHECK_SECTIONS = ("checks",)
 BOUNDARY_TITLES = {"raw": "raw documents (ingest)", "clean": "cleaned records (clean + dedup)",
                    "augment": "augmented records", "final": "final training records", "pairs": "preference pairs"}
 
@@ -1138,7 +1147,7 @@ def _run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx
     stage, _, ups = BOUNDARIES[boundary]
     if len(inputs) != len(ups):
         raise StageError(f"{stage} takes upstream manifests {list(ups)}, got {[u.stage for u in inputs]}")
-    vcfg = cfg.validate
+    vcfg = cfg.validate if boundary == "final" else cfg.checks
     suite_path = _suite_for(vcfg, boundary)
     table, parts = _read_records(inputs[-1], stage)
     raw = raw_columns(table, file_reader(Path(inputs[0].path))) if boundary == "raw" else None
@@ -1211,8 +1220,8 @@ def _failure_message(report: ValidationReport, suite_path: Path, stage: str, fol
                          + (f" [{r.exception}]" if r.exception else "") for r in report.failed("error"))
     return (f"{stage}: validation failed: {report.error_failed} error-severity expectation(s) of suite {suite_path} "
             f"failed: {failures}. Report: {folder} (data_docs/index.html, report.md, failing_rows.parquet). Fix the data "
-            "upstream or, if the expectation is wrong, edit the suite (or relax it for this config with "
-            "validate.severity_overrides).")
+            f"upstream or, if the expectation is wrong, edit the suite (or relax it for this config with "
+            f"{_overrides_field(report.boundary)}).")
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
@@ -1247,9 +1256,9 @@ def boundary_module(boundary: str) -> types.ModuleType:
     if boundary not in _BOUNDARY_MODULES:
         stage = BOUNDARIES[boundary][0]
         mod = types.ModuleType(f"tasks.validate[{stage}]", f"{stage}: the {BOUNDARY_TITLES[boundary]} boundary check")
-        mod.STAGE, mod.VERSION, mod.SECTIONS = stage, VERSION, SECTIONS
+        mod.STAGE, mod.VERSION, mod.SECTIONS = stage, VERSION, CHECK_SECTIONS
         mod.run = lambda inputs, cfg, out_dir, ctx, _b=boundary: _run_boundary(_b, inputs, cfg, out_dir, ctx)
-        mod.key_extra = lambda cfg, _b=boundary: {"suite_sha256": sha256_bytes(_suite_for(cfg.validate, _b).read_bytes())}
+        mod.key_extra = lambda cfg, _b=boundary: {"suite_sha256": sha256_bytes(_suite_for(cfg.checks, _b).read_bytes())}
         _BOUNDARY_MODULES[boundary] = mod
     return _BOUNDARY_MODULES[boundary]
 

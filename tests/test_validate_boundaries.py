@@ -139,7 +139,7 @@ def test_flow_refuses_dirty_file_unless_config_relaxes_the_suite(make_cfg, tmp_p
     assert len(e.value.failing_ids()) == 20 + 6 + 8 + 10 + 4  # each schema defect on its own line
     assert not (store.root / "clean").exists() and not (store.root / "shard").exists()  # nothing downstream ran
 
-    relaxed = make_cfg({"validate": {"severity_overrides": RAW_SCHEMA_ERRORS}})
+    relaxed = make_cfg({"checks": {"severity_overrides": RAW_SCHEMA_ERRORS}})
     done = _run_until("tokenize", relaxed, store)
     check = done["check_raw"]
     assert not check.files_with("data") and check.stats["errors_failed"] == 0 and check.stats["warns_failed"] == 10
@@ -148,7 +148,7 @@ def test_flow_refuses_dirty_file_unless_config_relaxes_the_suite(make_cfg, tmp_p
     assert {r["stage"] for r in failing} == {"check_raw"} and {r["detail"] for r in failing} == {"warn"}
     md, docs = (check.dir / "report.md").read_text(), (check.dir / "data_docs" / "index.html").read_text()
     assert "invalid_json 7" in md and "<td><code>invalid_json</code></td><td>7</td>" in docs  # ingest's rejects, too
-    assert "first rows: dirty.jsonl lines " in docs and "suite says error; set by validate.severity_overrides" in docs
+    assert "first rows: dirty.jsonl lines " in docs and "suite says error; set by checks.severity_overrides" in docs
     assert done["validate"].stats["errors_failed"] == 0 and sum(e.records for e in done["shard"].entries("data")) > 0
     for stage in ("check_clean", "check_augment"):
         assert done[stage].stats["errors_failed"] == 0 and not done[stage].files_with("data")
@@ -160,10 +160,15 @@ def test_check_node_key_follows_its_suite(make_cfg, records_manifest, tmp_path):
                            for i in range(4)], stage="dedup")
     suite = tmp_path / "clean.yaml"
     shutil.copy(SUITES / "cleaned_records.yaml", suite)
-    cfg = make_cfg({"validate": {"clean_suite": str(suite)}})
+    cfg = make_cfg({"checks": {"clean_suite": str(suite)}})
     mod = validate.boundary_module("clean")
     key = stage_key(mod, cfg, [up])[0]
-    assert stage_key(validate.boundary_module("augment"), make_cfg({"validate": {"clean_suite": str(suite), "augment_suite": str(suite)}}), [up])[0] != key
+    assert stage_key(validate.boundary_module("augment"), make_cfg({"checks": {"clean_suite": str(suite), "augment_suite": str(suite)}}), [up])[0] != key
+    # Relaxing a boundary check reruns the check nodes only: the final validate node (and so shard and
+    # training) keeps its key.
+    relaxed = make_cfg({"checks": {"clean_suite": str(suite), "severity_overrides": RAW_SCHEMA_ERRORS}})
+    assert stage_key(mod, relaxed, [up])[0] != key
+    assert stage_key(validate, relaxed, [up])[0] == stage_key(validate, cfg, [up])[0]
     suite.write_text(suite.read_text().replace("min_value: 1, max_value: 32768", "min_value: 100, max_value: 32768"))
     assert stage_key(mod, cfg, [up])[0] != key  # an edited suite reruns its node, and only its node's key moves
     with pytest.raises(ValidationFailed, match=r"expect_column_value_lengths_to_be_between\(target\): 4 unexpected"):
