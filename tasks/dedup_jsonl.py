@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -281,9 +282,7 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store) -> dict:
     decisions, dstats = decide_clusters(index, c.threshold)
     t2 = time.perf_counter()
 
-    for sub in ("parts", "quarantine"):
-        import shutil
-
+    for sub in ("parts", "quarantine"):  # an earlier result in out_dir is replaced, not merged
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_all = np.fromiter((d is None for d in decisions), dtype=bool, count=index.n)
