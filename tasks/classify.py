@@ -173,7 +173,9 @@ def load_pretrained_classifier(ref: str, labels: list[str], seed: int):
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={lab: i for i, lab in enumerate(labels)}, use_safetensors=True, trust_remote_code=False,
-        dtype=torch.float32)
+        dtype=torch.float32,
+        # A checkpoint that already has a head for other labels gets a new one, like an encoder without.
+        ignore_mismatched_sizes=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return model, tokenizer
 

@@ -208,3 +208,27 @@ def test_wrong_lora_targets_are_a_clear_error(pipeline, tmp_path):
     with pytest.raises(StageError, match=r"\['q_proj'\] are not modules of BertForSequenceClassification"):
         finetune.run([tok], types.SimpleNamespace(finetune=ft_cfg, model=cfg.model), tmp_path,
                      StageContext(store=Store(cfg.paths.store)))
+
+
+def test_full_finetuning_trains_every_weight_and_saves_no_adapter(pipeline, tmp_path):
+    """method: full on a tiny BERT (the registry tests' 2-layer model) over the same shard records."""
+    from test_registry import tiny_bert_classifier
+
+    from tasks import finetune
+
+    tiny_bert_classifier(tmp_path / "tiny")
+    cfg = pipeline.cfg
+    model_cfg = cfg.model.model_copy(update={"pretrained": str(tmp_path / "tiny"), "classifier": cfg.model.classifier.model_copy(
+        update={"labels": ["de", "en", "fr", "zh"], "head_epochs": 2})})
+    ft_cfg = cfg.finetune.model_copy(update={"method": "full", "max_steps": 4, "threads": 1})
+    shard_key = next(p.name for p in (pipeline.root / "store" / "shard").iterdir() if not p.name.startswith((".", "_")))
+    out = tmp_path / "ft"
+    out.mkdir()
+    m = finetune.run([Manifest(stage="tokenize", key="tok0003", upstream={"shard": shard_key})],
+                     types.SimpleNamespace(finetune=ft_cfg, model=model_cfg), out,
+                     StageContext(store=Store(cfg.paths.store)))
+    assert m.stats["method"] == "full" and m.stats["adapter_dir"] is None
+    assert m.stats["trainable_params"] == m.stats["total_params"]
+    assert not (out / "adapter").exists() and (out / "merged" / "model.safetensors").is_file()
+    # the tiny model's labels were replaced by the configured ones
+    assert json.loads((out / "merged" / "config.json").read_text())["id2label"] == {"0": "de", "1": "en", "2": "fr", "3": "zh"}
