@@ -110,7 +110,7 @@ def cmd_serve(args) -> int:
     _project_env(cfg)
     from tasks.serve import serve
 
-    serve(cfg, host=args.host, port=args.port, ref=args.ref)
+    serve(cfg, host=args.host, port=args.port, ref=args.ref, variant=args.variant)
     return 0
 
 
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default=None)
     sp.add_argument("--port", type=int, default=None)
     sp.add_argument("--ref", default="production", help="alias or version (v1, v2, ...)")
+    sp.add_argument("--variant", default=None, help="tuned or dynamic_int8 (default: serve.variant, else the registered one)")
     sp.set_defaults(fn=cmd_serve)
     sp = sub.add_parser("models", help="list, promote or roll back registered model versions")
     sp.add_argument("action", choices=["list", "promote", "rollback"])
