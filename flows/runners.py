@@ -69,10 +69,11 @@ def prefect_api(cfg, echo=print):
 
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_API_URL"] = os.environ["C2M_TEMPORARY_API_URL"] = server.api_url
     echo(f"temporary Prefect server for this Dask run: {server.api_url}")
     try:
         yield server.api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        os.environ.pop("C2M_TEMPORARY_API_URL", None)
         server.stop()

@@ -8,6 +8,8 @@ before the run and passes ``refresh_cache=True`` for any that failed, so the sta
 """
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -72,9 +74,22 @@ def stage_options(stage: str, runtime) -> dict:
     return opts
 
 
+def talks_to_real_server() -> bool:
+    """True when PREFECT_API_URL names a server the user runs (`c2m server`), not the temporary one
+    Prefect (or flows/runners.py for Dask) starts for a single run."""
+    url = os.environ.get("PREFECT_API_URL")
+    return bool(url) and url != os.environ.get("C2M_TEMPORARY_API_URL")
+
+
 def ensure_gpu_limit(runtime, log=print) -> int | None:
     """Make sure the tag concurrency limit for accelerator stages exists on the server the flow talks to
-    (idempotent: an existing limit is left as the operator set it). Returns the limit in force."""
+    (idempotent: an existing limit is left as the operator set it). Returns the limit in force.
+
+    Only on a real server: a temporary server keeps slot leases in memory, so a run killed while it held
+    the slot would leave the slot counted in the project's database with no lease to expire, and every
+    later run would wait for it forever. A real server's lease reaper frees a dead run's slot."""
+    if not talks_to_real_server():
+        return None
     from prefect.client.orchestration import get_client
 
     try:

@@ -63,6 +63,9 @@ def test_deploy_creates_a_cron_deployment(server, tmp_path):
     assert dep["name"] == "demo" and dep["entrypoint"] == "flows/pipeline.py:pipeline"
     assert dep["parameters"] == {"config_path": str(config.resolve())}
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    # Accelerator stages share one slot on the real server (runtime.gpu_tag / gpu_concurrency).
+    limit = httpx.get(f"{api}/concurrency_limits/tag/c2m-gpu", timeout=10).json()
+    assert limit["concurrency_limit"] == 1 and "concurrency limit 'c2m-gpu': 1" in ok.stdout
 
 
 def test_deploy_without_a_server_says_how_to_start_one():
