@@ -58,8 +58,10 @@ def main() -> None:
     rows.append({"system": "prefect-dask LocalCluster (2 workers)", "metric": "wall time change %", "value": round(change, 1),
                  "unit": "%", "config": "vs the thread runner, same machine, same run of this script"})
     notes = ("The DAG is a chain and every data stage already uses a process pool over its files, so on 2 cores "
-             "Dask adds its cluster start and task shipping and cannot overlap stages; it pays off when stages "
-             "fan out (quantize variants) on a machine or cluster with spare cores.")
+             "Dask adds its cluster start and task shipping and cannot overlap stages. Most of the extra time is "
+             "finetune: torch in a Dask worker process trains ~2x slower here than in the flow process (106 s vs "
+             "47 s in an earlier run of this script), and the workers' imports and cluster start add the rest. The "
+             "option is for a scheduler on a bigger machine or a cluster, where several runs share the workers.")
     print(json.dumps(rows, indent=1))
     write_results("dask", rows, notes, Path(args.out), "Task runner: threads vs Dask (demo DAG, cold)")
 

@@ -31,7 +31,17 @@ def task_runner(runtime):
         return DaskTaskRunner(address=runtime.dask_address)
     import dask
 
-    dask.config.set({"distributed.worker.daemon": False})
+    # Dask pins each worker's BLAS/OpenMP pools to one thread so that workers do not oversubscribe the
+    # cores. Our DAG is a chain: one stage (one worker) runs at a time, so that pinning only halves
+    # finetune on 2 cores. Give every worker the machine's threads instead.
+    threads = str(os.cpu_count() or 1)
+    dask.config.set({
+        "distributed.worker.daemon": False,
+        "distributed.nanny.pre-spawn-environ": {
+            "MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            "OPENBLAS_NUM_THREADS": threads,
+        },
+    })
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
@@ -74,6 +84,16 @@ def prefect_api(cfg, echo=print):
     try:
         yield server.api_url
     finally:
+        # Send the queued logs and events while the server is still up: at interpreter exit Prefect
+        # would otherwise keep retrying them against the stopped server.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (APILogWorker, EventsWorker):
+            try:
+                service.drain_all(timeout=10)
+            except Exception:
+                pass
         os.environ.pop("PREFECT_API_URL", None)
         os.environ.pop("C2M_TEMPORARY_API_URL", None)
         server.stop()

@@ -127,6 +127,9 @@ class BacktranslateConfig(Section):
     # Passed to model.generate ("seed" seeds sampling); part of the translation cache key.
     decoding: dict[str, int | float | bool] = {"num_beams": 4, "max_new_tokens": 256}
     max_input_tokens: int = Field(512, ge=8, description="longer sentences are truncated")
+    # Weights are loaded as safetensors; a model that only ships pickle checkpoints (pytorch_model.bin, as
+    # many opus-mt repos do) is refused with the fix unless this is set (unpickling runs arbitrary code).
+    allow_pickle: bool = False
     batch_size: int = Field(32, ge=1, description="sentences per generate call", json_schema_extra=NOT_HASHED)
     device: str = Field("auto", description="auto = cuda when available, else cpu", json_schema_extra=NOT_HASHED)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)

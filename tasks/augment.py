@@ -165,7 +165,8 @@ def make_translator(cfg, cache_dir: Path | None):
     bt = cfg.backtranslate
     return Translator(models=dict(bt.models), decoding=dict(bt.decoding), batch_size=bt.batch_size, device=bt.device,
                       cache=TranslationCache(cache_dir / CACHE_FILE) if cache_dir else None,
-                      lang_codes=dict(bt.lang_codes), max_input_tokens=bt.max_input_tokens, threads=bt.threads)
+                      lang_codes=dict(bt.lang_codes), max_input_tokens=bt.max_input_tokens, threads=bt.threads,
+                      allow_pickle=bt.allow_pickle)
 
 
 class Candidates:

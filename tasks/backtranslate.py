@@ -225,6 +225,7 @@ class Translator:
     lang_codes: dict[str, str] = field(default_factory=dict)
     max_input_tokens: int = 512
     threads: int = 0  # torch CPU threads (process-wide); 0 keeps torch's default
+    allow_pickle: bool = False  # many opus-mt repos ship only pytorch_model.bin: refused unless allowed
     stats: TranslateStats = field(default_factory=TranslateStats)
     _loaded: dict = field(default_factory=dict, repr=False)
 
@@ -245,9 +246,12 @@ class Translator:
             import torch
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+            from tasks.security import load_kwargs
+
             folder = resolve_model_dir(name)
-            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True)
+            safe = load_kwargs(folder, self.allow_pickle)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True, **safe)
             dev = pick_device(self.device)
             if self.threads and dev == "cpu":
                 torch.set_num_threads(self.threads)

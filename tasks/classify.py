@@ -162,21 +162,24 @@ def _offline() -> None:
     offline()
 
 
-def load_pretrained_classifier(ref: str, labels: list[str], seed: int):
+def load_pretrained_classifier(ref: str, labels: list[str], seed: int, allow_pickle: bool = False,
+                               trust_remote_code: bool = False):
     """(model, tokenizer): the pretrained encoder with a freshly initialised (seeded) head."""
     _offline()
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tasks.security import load_kwargs
+
     path = resolve_pretrained(ref)
     torch.manual_seed(seed)  # the new head's init
+    safe = load_kwargs(path, allow_pickle, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, use_safetensors=True, trust_remote_code=False,
-        dtype=torch.float32,
+        label2id={lab: i for i, lab in enumerate(labels)}, dtype=torch.float32, **safe,
         # A checkpoint that already has a head for other labels gets a new one, like an encoder without.
         ignore_mismatched_sizes=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=safe["trust_remote_code"])
     return model, tokenizer
 
 
@@ -359,7 +362,8 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
         torch.set_num_threads(ft.threads)
     t_start = time.perf_counter()
     try:
-        model, tokenizer = load_pretrained_classifier(mc.pretrained, labels, mc.seed)
+        model, tokenizer = load_pretrained_classifier(mc.pretrained, labels, mc.seed, mc.allow_pickle,
+                                                      mc.trust_remote_code)
         if ft.method == "lora":  # fail before the head is trained, not after
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             absent = [t for t in ft.lora.target_modules if t not in names]

@@ -37,8 +37,12 @@ def build_model(model_cfg, tokenizer, seq_len: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if model_cfg.pretrained:
+        from tasks.security import load_kwargs
+
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.pretrained, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+            model_cfg.pretrained, dtype=torch.float32,
+            **load_kwargs(model_cfg.pretrained, getattr(model_cfg, "allow_pickle", False),
+                          getattr(model_cfg, "trust_remote_code", False)),
         )
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))

@@ -64,6 +64,13 @@ def check_weights(folder: str | Path, allow_pickle: bool = False) -> bool:
     return not pickled
 
 
+def load_kwargs(ref: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments for an external model (hub id or folder): safetensors unless
+    pickle is explicitly allowed and is all the folder has; remote code only when asked for."""
+    use_safetensors = check_weights(ref, allow_pickle)
+    return {"use_safetensors": True if use_safetensors else None, "trust_remote_code": bool(trust_remote_code)}
+
+
 def secret_values(environ: dict | None = None) -> list[str]:
     """Values of environment variables whose names say they are secrets (longest first)."""
     env = os.environ if environ is None else environ

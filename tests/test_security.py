@@ -47,3 +47,13 @@ def test_log_records_are_redacted(monkeypatch):
     log.removeHandler(h)
     assert records == [f"connecting with {MASK}"]
 
+
+
+def test_a_pretrained_model_with_only_pickle_weights_is_refused_by_the_loader(tmp_path, make_cfg):
+    from tasks.modeling import build_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 would run code when unpickled")
+    cfg = make_cfg({"model": {"pretrained": str(tmp_path)}})
+    with pytest.raises(SecurityError, match="model.allow_pickle"):
+        build_model(cfg.model, tokenizer=None, seq_len=16)
