@@ -31,7 +31,7 @@ from tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_fi
 from tasks.trainer import lr_at  # noqa: F401
 
 STAGE = "finetune"
-VERSION = "2"
+VERSION = "3"  # 3: DPO runs write heldout_pairs.jsonl for evaluate
 SECTIONS = ("finetune", "model")
 
 COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask")
@@ -195,6 +195,9 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
     if ft.dpo.max_pairs:
         pairs = pairs[:ft.dpo.max_pairs]
     train_pairs, held = dpo.split_pairs(pairs, ft.dpo.heldout_fraction, ft.seed)
+    # The evaluate stage scores preference accuracy on exactly these pairs (never trained on).
+    with open(out_dir / "heldout_pairs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in held)
     enc = lambda ps: dpo.encode_pairs(ps, tokenizer, ft.dpo.max_prompt_tokens, ft.dpo.max_response_tokens)  # noqa: E731
     device = next(model.parameters()).device
     train_data = {k: v.to(device) for k, v in enc(train_pairs).items()}
@@ -416,6 +419,8 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         if p.is_file():
             files.append(FileEntry(p.relative_to(out_dir).as_posix(), role="report"))
     files += [FileEntry("loss.json", role="report"), FileEntry("loss.png", role="report")]
+    if (out_dir / "heldout_pairs.jsonl").is_file():
+        files.append(FileEntry("heldout_pairs.jsonl", role="report"))
     bad = [f.path for f in files if f.path.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     if bad:
         raise StageError(f"finetune wrote pickled weights {bad}: only safetensors may leave this stage")

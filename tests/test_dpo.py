@@ -98,6 +98,11 @@ def test_finetune_stage_runs_dpo_on_a_pairs_file(tmp_path):
     assert s["objective"] == "dpo" and s["eval_blocks"] == 10 and s["train_blocks"] == 30
     assert s["dpo_heldout_after"]["loss"] < s["dpo_heldout_before"]["loss"]
     assert s["merged_dir"] == "merged" and s["adapter_dir"] == "adapter"
+    # The held-out pairs are written for the evaluate stage's preference accuracy, and none was trained on.
+    from tasks.evaluate import heldout_pairs
+
+    held = heldout_pairs(m, [])
+    assert len(held) == 10 and all(p["chosen"] and p["rejected"] for p in held)
     # Editing the pairs file changes the key: the stage reruns.
     from tasks import finetune
 
