@@ -495,40 +495,19 @@ def quantize_folder(src: Path, dst: Path, skip_modules=()) -> dict:
 
 
 def load_dynamic_int8_classifier(folder: Path):
-    """Rebuild the float classifier from config, quantize it the same way, load the stored int8 weights."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """The shared int8 loader (tasks/modeling.py) with the sequence-classification class, after turning
+    the int8 word-embedding table back into float weights."""
+    from transformers import AutoModelForSequenceClassification
 
-    from tasks.modeling import INT8_WEIGHTS, QUANT_CONFIG, _quantized_linears, quantize_dynamic_int8
+    from tasks.modeling import load_dynamic_int8
 
-    folder = Path(folder)
-    qcfg = json.loads((folder / QUANT_CONFIG).read_text(encoding="utf-8"))
-    if qcfg.get("method") != "dynamic_int8":
-        raise ValueError(f"{folder / QUANT_CONFIG}: unknown method {qcfg.get('method')!r}")
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False, dtype=torch.float32)
-    tensors = load_file(str(folder / qcfg.get("weights", INT8_WEIGHTS)))
-    modules = set(qcfg["modules"])
-    embeds = set(qcfg.get(EMBED_QUANT, []))
-    for name in embeds:
-        q, scale = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales")
-        tensors[f"{name}.weight"] = q.float() * scale[:, None]
-    quantized = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] in modules}
-    floats = {k: v for k, v in tensors.items() if k not in quantized}
-    missing, unexpected = model.load_state_dict(floats, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in modules and not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"{folder / INT8_WEIGHTS}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    qmodel = quantize_dynamic_int8(model, modules)
-    linears = _quantized_linears(qmodel)
-    if set(linears) != modules:
-        raise ValueError(f"{folder}: quantized modules differ from {QUANT_CONFIG} (config and weights disagree)")
-    for name, mod in linears.items():
-        qweight = torch._make_per_channel_quantized_tensor(
-            quantized[f"{name}.qweight"], quantized[f"{name}.scales"], quantized[f"{name}.zero_points"], 0)
-        mod.set_weight_bias(qweight, quantized.get(f"{name}.bias"))
-    return qmodel.eval()
+    def dequantize_embeddings(tensors: dict, qcfg: dict) -> None:
+        for name in qcfg.get(EMBED_QUANT, []):
+            q, scale = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales")
+            tensors[f"{name}.weight"] = q.float() * scale[:, None]
+
+    return load_dynamic_int8(folder, AutoModelForSequenceClassification, dequantize_embeddings,
+                             ignore_missing=("position_ids",))
 
 
 def quantize_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:

@@ -241,28 +241,10 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], template: str) -> t
     return wins / len(pairs), sum(margins) / len(margins), len(pairs)
 
 
-def forward_latency_ms(model, ids: list[int], runs: int, warmup: int = WARMUP_RUNS) -> tuple[float, float]:
-    """(p50, p95) milliseconds of one batch-1 forward pass."""
+def _forward_seconds(model, x, runs: int, warmup: int) -> list[float]:
+    """Wall seconds of ``runs`` forward passes over ``x`` after ``warmup`` untimed ones."""
     import torch
 
-    x = torch.tensor([ids], device=_device(model))
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(input_ids=x, use_cache=False)
-            _sync(model)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    return _percentile(times, 50), _percentile(times, 95)
-
-
-def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 1) -> tuple[float, float]:
-    """(requests/s, tokens/s) of forward passes over ``batch_size`` copies of ``ids`` (equal lengths, so
-    no padding decides the figure), median batch time."""
-    import torch
-
-    x = torch.tensor([ids] * batch_size, device=_device(model))
     times = []
     with torch.inference_mode():
         for i in range(warmup + runs):
@@ -271,7 +253,23 @@ def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 
             _sync(model)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    t = _percentile(times, 50)
+    return times
+
+
+def forward_latency_ms(model, ids: list[int], runs: int, warmup: int = WARMUP_RUNS) -> tuple[float, float]:
+    """(p50, p95) milliseconds of one batch-1 forward pass."""
+    import torch
+
+    times = [t * 1000.0 for t in _forward_seconds(model, torch.tensor([ids], device=_device(model)), runs, warmup)]
+    return _percentile(times, 50), _percentile(times, 95)
+
+
+def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 1) -> tuple[float, float]:
+    """(requests/s, tokens/s) of forward passes over ``batch_size`` copies of ``ids`` (equal lengths, so
+    no padding decides the figure), median batch time."""
+    import torch
+
+    t = _percentile(_forward_seconds(model, torch.tensor([ids] * batch_size, device=_device(model)), runs, warmup), 50)
     return batch_size / t, batch_size * len(ids) / t
 
 

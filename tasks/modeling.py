@@ -185,8 +185,12 @@ def save_dynamic_int8(qmodel, tokenizer, folder: Path, float_config) -> dict:
     return qcfg
 
 
-def load_dynamic_int8(folder: Path):
-    """Rebuild the float model from config, quantize it the same way, then load the stored int8 weights."""
+def load_dynamic_int8(folder: Path, model_class=None, prepare=None, ignore_missing: tuple[str, ...] = ()):
+    """Rebuild the float model from config, quantize it the same way, then load the stored int8 weights.
+
+    ``model_class`` defaults to AutoModelForCausalLM (tasks/classify.py passes the sequence-classification
+    class); ``prepare(tensors, qcfg)`` may rewrite the stored tensors first (the classifier's int8
+    embedding table); missing keys ending in ``ignore_missing`` are buffers the config rebuilds."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -196,15 +200,17 @@ def load_dynamic_int8(folder: Path):
     if qcfg.get("method") != "dynamic_int8":
         raise ValueError(f"{folder / QUANT_CONFIG}: unknown method {qcfg.get('method')!r}")
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    model = (model_class or AutoModelForCausalLM).from_config(config, trust_remote_code=False, dtype=torch.float32)
     tensors = load_file(str(folder / qcfg.get("weights", INT8_WEIGHTS)))
+    if prepare is not None:
+        prepare(tensors, qcfg)
     modules = set(qcfg["modules"])
     quantized = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] in modules}
     floats = {k: v for k, v in tensors.items() if k not in quantized}
     # The float tensors go in before quantizing (a quantized Linear's state_dict wants packed params);
     # the Linear weights they leave missing are replaced by the stored int8 ones below.
     missing, unexpected = model.load_state_dict(floats, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in modules]
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in modules and not k.endswith(ignore_missing)]
     if missing or unexpected:
         raise ValueError(f"{folder / INT8_WEIGHTS}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     qmodel = quantize_dynamic_int8(model, modules)
