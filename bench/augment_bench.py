@@ -5,7 +5,7 @@ translates one sentence per ``generate`` call, on the same sentences and the sam
     python bench/augment_bench.py --n 16 --no-write    # smoke test
 
 No translation model is reachable offline, so the model is a randomly initialised MarianMT
-(``tasks.backtranslate.build_tiny_marian``: ``--d-model``, ``--layers``, a Unigram tokenizer trained
+(``tasks.text.backtranslate.build_tiny_marian``: ``--d-model``, ``--layers``, a Unigram tokenizer trained
 on the NTREX parallel sentences). Random weights rarely emit end-of-sequence early, so every
 sentence decodes ``--max-new-tokens`` tokens: the cost per sentence is close to a real model's
 worst case for that length, and the comparison batched vs naive is like for like. The GPU is used
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import write_results  # noqa: E402
-from tasks.backtranslate import (  # noqa: E402
+from corpus2model.tasks.text.backtranslate import (  # noqa: E402
     TranslateStats,
     TranslationCache,
     Translator,

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_once(runner: str, work: Path, config: str) -> dict:
     store, registry = work / runner / "store", work / runner / "registry"
-    cmd = [sys.executable, "-m", "flows.cli", "run", config, "--set", f"paths.store={store}",
+    cmd = [sys.executable, "-m", "corpus2model.flows.cli", "run", config, "--set", f"paths.store={store}",
            "--set", f"paths.registry={registry}", "--set", f"runtime.task_runner={runner}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

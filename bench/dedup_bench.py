@@ -71,7 +71,7 @@ def standalone_incremental(c: Path, workers: int, new_fraction: float) -> dict:
 
     def run(store: Path) -> float:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.standalone", "dedup", str(raw), str(work / "out"), "--store", str(store),
+        subprocess.run([sys.executable, "-m", "corpus2model.flows.standalone", "dedup", str(raw), str(work / "out"), "--store", str(store),
                         "--workers", str(workers), "--set", "dedup.method=minhash"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         return time.perf_counter() - t0
 
@@ -93,10 +93,10 @@ def incremental(c: Path, workers: int, new_fraction: float) -> dict:
     """Cold ingest+clean+dedup (minhash) on all shards but the last ones (~new_fraction of the
     docs), then add them and rerun against the same store."""
     sys.path.insert(0, str(ROOT))
-    from schemas.config import parse_config
-    from tasks import clean, dedup, ingest
-    from tasks.ingest import scan_raw
-    from tasks.stage import StageContext, Store, run_stage
+    from corpus2model.schemas.config import parse_config
+    from corpus2model.tasks import clean, dedup, ingest
+    from corpus2model.tasks.ingest import scan_raw
+    from corpus2model.tasks.stage import StageContext, Store, run_stage
 
     shards = sorted((c / "docs").glob("*.jsonl*"))
     n_new = max(1, round(len(shards) * new_fraction))

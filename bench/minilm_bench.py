@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from results_io import RESULTS, write_results
-    from schemas.config import load_config
-    from tasks import registry
+    from corpus2model.schemas.config import load_config
+    from corpus2model.tasks import registry
 
     cfg = load_config(args.config)
     name = cfg.registry.model_name

@@ -6,7 +6,7 @@
 Corpus: a directory written by /work/shared/bench/anchors/gen_corpus.py (docs/*.jsonl.gz with
 id/text, quality_truth.jsonl with the planted low-quality documents).
 
-Ours: ``tasks.filters.quality_filters`` (the pure function the clean stage calls after language
+Ours: ``tasks.text.filters.quality_filters`` (the pure function the clean stage calls after language
 ID; here with lang="en", as datatrove is configured for English) over the corpus shards in a
 pool of ``--workers`` processes; wall time includes reading and decompressing the shards, as
 datatrove's does. Theirs: the anchor kit's datatrove_quality.py (GopherRepetition ->
@@ -57,8 +57,8 @@ def _read(path: Path):
 
 def _filter_shard(path: str) -> list[tuple[str, str | None, int]]:
     """(id, drop reason or None, text bytes) for every document of one shard."""
-    from schemas.config import CleanConfig
-    from tasks.filters import quality_filters
+    from corpus2model.schemas.config import CleanConfig
+    from corpus2model.tasks.text.filters import quality_filters
 
     cfg = CleanConfig()
     out = []

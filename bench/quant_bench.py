@@ -1,6 +1,6 @@
 """Quantization benchmark: fp32 PyTorch vs torch.ao dynamic INT8 vs ONNX Runtime (fp32, dynamic INT8,
 static INT8 with calibration) on one Llama-shaped causal LM on CPU, with this project's code paths
-(tasks/modeling.py, tasks/export.py), so the figures describe what the pipeline ships.
+(tasks/model/modeling.py, tasks/model/export.py), so the figures describe what the pipeline ships.
 
     python bench/quant_bench.py                      # ~48M-parameter Llama, 2 threads (lead, quiet machine)
     python bench/quant_bench.py --tiny --out /tmp/qb # smoke test on a tiny shape (not a result)
@@ -102,8 +102,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from tasks import export
-    from tasks.modeling import quantize_dynamic_int8, save_dynamic_int8
+    from corpus2model.tasks.model import export
+    from corpus2model.tasks.model.modeling import quantize_dynamic_int8, save_dynamic_int8
 
     torch.set_num_threads(a.threads)
     shape = TINY if a.tiny else FULL

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def percentile(values: list[float], q: float) -> float:
-    from tasks.classify import percentile as pct
+    from corpus2model.tasks.model.classify import percentile as pct
 
     return pct(values, q)
 
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     import torch
 
     from results_io import RESULTS, write_results
-    from schemas.config import load_config
-    from tasks.serve import create_app
+    from corpus2model.schemas.config import load_config
+    from corpus2model.flows.serve import create_app
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)

@@ -66,8 +66,8 @@ def make_corpus(work: Path, mb: float, seed: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.records import RECORD_SCHEMA, make_record
-    from tasks.stage import sha256_file
+    from corpus2model.schemas.records import RECORD_SCHEMA, make_record
+    from corpus2model.tasks.stage import sha256_file
 
     corpus = work / f"corpus-{mb:g}-{seed}"
     info_path = corpus / "parts.json"
@@ -105,7 +105,7 @@ def make_corpus(work: Path, mb: float, seed: int) -> dict:
 
 
 def upstream(info: dict, n_parts: int):
-    from tasks.stage import FileEntry, Manifest
+    from corpus2model.tasks.stage import FileEntry, Manifest
 
     parts = info["parts"][:n_parts]
     n = sum(p["records"] for p in parts)
@@ -118,9 +118,9 @@ def upstream(info: dict, n_parts: int):
 # children: one system each, JSON on stdout
 # ---------------------------------------------------------------------------------------------
 def child_c2m(args) -> dict:
-    from schemas.config import parse_config
-    from tasks import shard
-    from tasks.stage import StageContext, Store, run_stage
+    from corpus2model.schemas.config import parse_config
+    from corpus2model.tasks import shard
+    from corpus2model.tasks.stage import StageContext, Store, run_stage
 
     info = json.loads(Path(args.info).read_text())
     store = Path(args.store)
@@ -157,7 +157,7 @@ def child_arrow(args) -> dict:
 
 
 def child_tokenize(args) -> dict:
-    from tasks.tokenize import load_tokenizer, pack_shard, render
+    from corpus2model.tasks.tokenize import load_tokenizer, pack_shard, render
 
     tok = load_tokenizer(args.tokenizer)
     sample = Path(args.sample)
@@ -268,7 +268,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.tokenize import render, train_tokenizer
+    from corpus2model.tasks.tokenize import render, train_tokenizer
 
     sample = work / "tokenize-sample.parquet"
     first_train = Path(cold["path"]) / cold["shards"]["train"][0]["path"]

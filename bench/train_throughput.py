@@ -10,7 +10,7 @@ Same work for every system: the anchor's data (4000 random-token documents, logn
 ``exp(N(log 220, 0.8))`` clamped to [16, 1024], mean about 287 tokens, loss on every token) and
 8 documents per optimizer step, lr 2e-4, LoRA r=16/alpha=32 on the 7 projection matrices.
 
-Ours (``corpus2model``) runs the code the finetune stage runs (tasks/losses.py, tasks/trainer.py):
+Ours (``corpus2model``) runs the code the finetune stage runs (tasks/model/losses.py, tasks/model/trainer.py):
 - packing: the step's 8 documents flattened into one row with restarted ``position_ids``; with
   flash-attention (``--attn flash_attention_2``, default when flash_attn imports) the varlen
   boundaries (``losses.varlen_kwargs``) keep documents apart with no padding and no mask; with
@@ -101,7 +101,7 @@ def run_ours(method: str, shape: dict, steps: int, docs_per_step: int = 8, chunk
     """Time ``steps`` optimizer steps of the finetune stage's loop on packed random documents."""
     import torch
 
-    from tasks import losses, trainer
+    from corpus2model.tasks.model import losses, trainer
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":

@@ -46,7 +46,7 @@ def _parse_set(values: list[str]) -> dict:
 
 
 def _load(args):
-    from schemas.config import ConfigError, load_config
+    from corpus2model.schemas.config import ConfigError, load_config
 
     try:
         return load_config(args.config, _parse_set(getattr(args, "set", None)))
@@ -57,10 +57,10 @@ def _load(args):
 def cmd_run(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from flows.runners import flow_for, prefect_api
-    from schemas.config import ConfigError
-    from tasks.plan import check_runtime
-    from tasks.stage import StageError
+    from corpus2model.flows.runners import flow_for, prefect_api
+    from corpus2model.schemas.config import ConfigError
+    from corpus2model.flows.plan import check_runtime
+    from corpus2model.tasks.stage import StageError
 
     try:
         check_runtime(cfg.runtime)
@@ -82,9 +82,9 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from tasks.ingest import scan_raw
-    from tasks.plan import plan
-    from tasks.stage import StageError, Store
+    from corpus2model.tasks.ingest import scan_raw
+    from corpus2model.flows.plan import plan
+    from corpus2model.tasks.stage import StageError, Store
 
     store = Store(cfg.paths.store)
     try:
@@ -108,7 +108,7 @@ def cmd_status(args) -> int:
 def cmd_serve(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from tasks.serve import serve
+    from corpus2model.flows.serve import serve
 
     serve(cfg, host=args.host, port=args.port, ref=args.ref, variant=args.variant)
     return 0
@@ -116,8 +116,8 @@ def cmd_serve(args) -> int:
 
 def cmd_models(args) -> int:
     cfg = _load(args)
-    from tasks import registry
-    from tasks.stage import StageError
+    from corpus2model.tasks import registry
+    from corpus2model.tasks.stage import StageError
 
     root, name = cfg.paths.registry, cfg.registry.model_name
     try:
@@ -144,8 +144,8 @@ def cmd_tune(args) -> int:
     """Optuna search over finetune settings; writes the best trial's config (flows/tune.py)."""
     cfg = _load(args)
     _project_env(cfg)
-    from flows.tune import tune_flow
-    from tasks.stage import StageError
+    from corpus2model.flows.tune import tune_flow
+    from corpus2model.tasks.stage import StageError
 
     try:
         result = tune_flow()(config_path=str(args.config), overrides=_parse_set(args.set), trials=args.trials)
@@ -162,7 +162,7 @@ def cmd_tune(args) -> int:
 def cmd_deploy(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from flows.deploy import DeployError, deploy
+    from corpus2model.flows.deploy import DeployError, deploy
 
     try:
         deploy(args.config, args.cron, name=args.name, serve=not args.no_serve)
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default=None, help="deployment name (default: the config's name)")
     sp.add_argument("--no-serve", action="store_true", help="only register the deployment; do not run scheduled runs here")
     sp.set_defaults(fn=cmd_deploy)
-    from flows.standalone import add_subcommands  # c2m ingest/clean/dedup IN OUT: one stage on a folder
+    from corpus2model.flows.standalone import add_subcommands  # c2m ingest/clean/dedup IN OUT: one stage on a folder
 
     add_subcommands(sub)
     sp = sub.add_parser("server", help="start the Prefect server and UI for this project")

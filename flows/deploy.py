@@ -16,8 +16,8 @@ class DeployError(RuntimeError):
 
 
 def deployment_for(config_path: str | Path, cron: str, name: str | None = None):
-    from flows.runners import flow_for
-    from schemas.config import load_config
+    from corpus2model.flows.runners import flow_for
+    from corpus2model.schemas.config import load_config
 
     cfg = load_config(config_path)  # refuse a bad config now, not at 3 a.m.
     path = str(Path(config_path).resolve())
@@ -46,8 +46,8 @@ def deploy(config_path: str | Path, cron: str, name: str | None = None, serve: b
         raise DeployError(f"--cron {cron!r} is not a valid cron expression (e.g. '0 3 * * *' for 03:00 daily)") from None
     deployment = deployment_for(config_path, cron, name)
     deployment_id = str(deployment.apply())
-    from schemas.config import load_config
-    from tasks.prefect_tasks import ensure_gpu_limit
+    from corpus2model.schemas.config import load_config
+    from corpus2model.flows.prefect_tasks import ensure_gpu_limit
 
     runtime = load_config(config_path).runtime
     limit = ensure_gpu_limit(runtime)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from schemas.config import load_config
-from tasks.artifacts import publish_link, publish_markdown, publish_table
-from tasks.plan import RunRecord, check_runtime, plan
-from tasks.prefect_tasks import ensure_gpu_limit, register_task, scan_task
-from tasks.security import install_log_redaction
-from tasks.stage import Store
-from tasks.summary import RunLog, as_markdown, as_text, write_summary
-from tasks.validate import save_stats
+from corpus2model.schemas.config import load_config
+from corpus2model.tasks.common.artifacts import publish_link, publish_markdown, publish_table
+from corpus2model.flows.plan import RunRecord, check_runtime, plan
+from corpus2model.flows.prefect_tasks import ensure_gpu_limit, register_task, scan_task
+from corpus2model.tasks.common.security import install_log_redaction
+from corpus2model.tasks.stage import Store
+from corpus2model.flows.summary import RunLog, as_markdown, as_text, write_summary
+from corpus2model.tasks.validate import save_stats
 
 
 @flow(name="corpus2model", log_prints=True)

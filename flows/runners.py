@@ -56,7 +56,7 @@ def task_runner(runtime):
 
 def flow_for(cfg):
     """The pipeline flow with the task runner the config asks for."""
-    from flows.pipeline import pipeline
+    from corpus2model.flows.pipeline import pipeline
 
     runner = task_runner(cfg.runtime)
     return pipeline if runner is None else pipeline.with_options(task_runner=runner)

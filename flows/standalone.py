@@ -7,7 +7,7 @@ per-file, per-part and sketch caches exactly as the pipeline does. OUT_DIR then 
 
 * ``parts/*.parquet`` the stage's records, ``quarantine/*.parquet`` its drops (with reasons),
 * ``stats.json`` counters + stats of every stage run, ``manifest.json`` of the last stage,
-A folder of JSONL files only is deduplicated without the ingest stage (``tasks.dedup_jsonl``: same
+A folder of JSONL files only is deduplicated without the ingest stage (``tasks.text.dedup_jsonl``: same
 records, rejects and decisions, one pass per file, per-file caches in the same store).
 
 * dedup only: ``removed.jsonl``, one ``{"id", "duplicate_of", "kind", "source_path", "record_id"}``
@@ -26,7 +26,7 @@ SUBCOMMANDS = ("ingest", "clean", "dedup")
 
 
 def _store(out_dir: Path, store: str | Path | None):
-    from tasks.stage import Store
+    from corpus2model.tasks.stage import Store
 
     return Store(Path(store) if store else Path(out_dir) / ".store")
 
@@ -34,7 +34,7 @@ def _store(out_dir: Path, store: str | Path | None):
 def _ctx(store):
     import logging
 
-    from tasks.stage import StageContext
+    from corpus2model.tasks.stage import StageContext
 
     return StageContext(store=store, log=logging.getLogger("corpus2model"))
 
@@ -43,8 +43,8 @@ def _parquet_manifest(in_dir: Path):
     """Record parts already on disk (RECORD_SCHEMA) as an upstream manifest, or None."""
     import pyarrow.parquet as pq
 
-    from schemas.records import RECORD_SCHEMA
-    from tasks.stage import FileEntry, Manifest, cache_key, sha256_file
+    from corpus2model.schemas.records import RECORD_SCHEMA
+    from corpus2model.tasks.stage import FileEntry, Manifest, cache_key, sha256_file
 
     paths = sorted(p for p in in_dir.rglob("*.parquet") if ".store" not in p.parts and "quarantine" not in p.parts)
     if not paths:
@@ -53,7 +53,7 @@ def _parquet_manifest(in_dir: Path):
     for p in paths:
         pf = pq.ParquetFile(p)
         if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
-            from tasks.stage import StageError
+            from corpus2model.tasks.stage import StageError
 
             raise StageError(f"{p} is Parquet but not RECORD_SCHEMA (schemas/records.py): give raw files or record parts")
         files.append(FileEntry(p.relative_to(in_dir).as_posix(), bytes=p.stat().st_size, sha256=sha256_file(p),
@@ -72,7 +72,7 @@ def _records(in_dir: Path, cfg, store, runs: list):
 
 
 def _source(in_dir: Path, cfg, store):
-    from tasks.ingest import scan_raw
+    from corpus2model.tasks.ingest import scan_raw
 
     return scan_raw(Path(in_dir), cfg.ingest.include, store)
 
@@ -80,11 +80,11 @@ def _source(in_dir: Path, cfg, store):
 def _mod(name: str):
     import importlib
 
-    return importlib.import_module(f"tasks.{name}")
+    return importlib.import_module(f"corpus2model.tasks.{name}")
 
 
 def _run(module, inputs, cfg, store, runs: list):
-    from tasks.stage import run_stage
+    from corpus2model.tasks.stage import run_stage
 
     m = run_stage(module, inputs, cfg, _ctx(store))
     runs.append(m)
@@ -93,7 +93,7 @@ def _run(module, inputs, cfg, store, runs: list):
 
 def _publish(m, out_dir: Path, runs: list) -> None:
     """Link the stage's files into OUT_DIR (replacing an earlier result) and write stats.json."""
-    from tasks.stage import link_or_copy
+    from corpus2model.tasks.stage import link_or_copy
 
     out_dir = Path(out_dir)
     for sub in ("parts", "quarantine"):
@@ -132,13 +132,13 @@ def clean_folder(in_dir, out_dir, cfg, store=None):
 def dedup_folder(in_dir, out_dir, cfg, store=None):
     """Raw files or record parts in ``in_dir`` -> deduplicated records + removed.jsonl in ``out_dir``.
 
-    A folder of JSONL files only (no record parts) takes the direct path (``tasks.dedup_jsonl``):
+    A folder of JSONL files only (no record parts) takes the direct path (``tasks.text.dedup_jsonl``):
     records and sketches in one pass per file, no ingest Parquet in between (and without
     ``dedup.eval_files`` contamination checks, which need the stage: a folder with them set takes
     the stage path)."""
     in_dir = Path(in_dir)
     if not cfg.dedup.eval_files and _parquet_manifest(in_dir) is None:
-        from tasks.dedup_jsonl import dedup_jsonl_folder, jsonl_only
+        from corpus2model.tasks.text.dedup_jsonl import dedup_jsonl_folder, jsonl_only
 
         st = _store(out_dir, store)
         src = _source(in_dir, cfg, st)
@@ -184,7 +184,7 @@ def write_removed_jsonl(m, upstream, path: Path) -> int:
         else:
             own.append(name)
     if len(own) != len(removed):
-        from tasks.stage import StageError
+        from corpus2model.tasks.stage import StageError
 
         raise StageError(f"dedup output {m.path}: {len(removed)} removed rows but {len(own)} input records are not kept; "
                          f"the output does not match its input, rerun dedup")
@@ -202,9 +202,9 @@ def write_removed_jsonl(m, upstream, path: Path) -> int:
 # argparse wiring (flows/cli.py: ``from flows.standalone import add_subcommands; add_subcommands(sub)``)
 # ---------------------------------------------------------------------------------------------
 def _config(args):
-    from schemas.config import ConfigError, apply_overrides, load_config, parse_config
+    from corpus2model.schemas.config import ConfigError, apply_overrides, load_config, parse_config
 
-    from flows.cli import _parse_set
+    from corpus2model.flows.cli import _parse_set
 
     overrides = _parse_set(args.set)
     workers = args.workers or os.cpu_count() or 1
@@ -221,7 +221,7 @@ def _config(args):
 def cmd_standalone(args) -> int:
     import sys
 
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     cfg = _config(args)
     fn = {"ingest": ingest_folder, "clean": clean_folder, "dedup": dedup_folder}[args.command]
@@ -247,10 +247,10 @@ def validate_path(path, out_dir, cfg, suite=None, store=None) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.records import RECORD_SCHEMA, quarantine_table, records_table
-    from tasks.ingest import parse_file
-    from tasks.stage import StageError, sha256_file
-    from tasks.validate import (failing_rows_table, file_reader, raw_columns, resolve_suite_path, suite_boundary,
+    from corpus2model.schemas.records import RECORD_SCHEMA, quarantine_table, records_table
+    from corpus2model.tasks.ingest import parse_file
+    from corpus2model.tasks.stage import StageError, sha256_file
+    from corpus2model.tasks.validate import (failing_rows_table, file_reader, raw_columns, resolve_suite_path, suite_boundary,
                                 suite_kind, validate_pairs_path, validate_table)
 
     path, out_dir = Path(path), Path(out_dir)
@@ -294,7 +294,7 @@ def validate_path(path, out_dir, cfg, suite=None, store=None) -> dict:
 
 
 def cmd_validate(args) -> int:
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     cfg = _config(args)
     try:

@@ -20,8 +20,8 @@ from typing import Callable
 
 import yaml
 
-from schemas.config import apply_overrides, parse_config
-from tasks.stage import Manifest, canonical_json, sha256_bytes
+from corpus2model.schemas.config import apply_overrides, parse_config
+from corpus2model.tasks.stage import Manifest, canonical_json, sha256_bytes
 
 # Trials hand their Optuna trial to the running task through this table (keyed by trial number):
 # a trial object is live state, not a task parameter to hash or persist.
@@ -53,7 +53,7 @@ def trial_key(tok: Manifest, cfg) -> str:
 
 def run_trial_local(tok: Manifest, cfg, number: int) -> dict:
     """Train one trial; report each evaluation to the live Optuna trial (pruning)."""
-    from tasks import finetune
+    from corpus2model.tasks import finetune
 
     trial = _LIVE.get(number)
 
@@ -134,11 +134,11 @@ def _prefect_trial(tok: Manifest, cfg, number: int) -> dict:
 
 def tune_flow_fn(config_path: str, overrides: dict | None = None, trials: int | None = None) -> dict:
     """The data stages (cached, as in ``c2m run``) up to tokenize, then the search."""
-    from schemas.config import load_config
-    from tasks.plan import plan
-    from tasks.prefect_tasks import scan_task
-    from tasks.stage import Store
-    from tasks.summary import RunLog
+    from corpus2model.schemas.config import load_config
+    from corpus2model.flows.plan import plan
+    from corpus2model.flows.prefect_tasks import scan_task
+    from corpus2model.tasks.stage import Store
+    from corpus2model.flows.summary import RunLog
 
     cfg = load_config(config_path, overrides)
     store = Store(cfg.paths.store)
@@ -153,7 +153,7 @@ def tune_flow_fn(config_path: str, overrides: dict | None = None, trials: int | 
     validate = run.check("validate", [augment], store.root)
     tok = run.stage("tokenize", [run.stage("shard", [validate])])
     result = run_study(tok, cfg, store.root / "_tune" / cfg.name, _prefect_trial, trials)
-    from tasks.artifacts import publish_table
+    from corpus2model.tasks.common.artifacts import publish_table
 
     publish_table("tune-trials", result["rows"], description=f"{cfg.name}: Optuna trials (best: trial {result['best']['trial']})")
     return result

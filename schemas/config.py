@@ -59,7 +59,7 @@ class CleanConfig(Section):
     # Off: every run of spaces/tabs becomes one space, leading ones too. On: a line's leading
     # indentation is left as it is (code in targets keeps its structure); inner runs still collapse.
     keep_indentation: bool = False
-    # Gopher quality/repetition rules, C4 lorem-ipsum and language ID (tasks/filters.py) run on
+    # Gopher quality/repetition rules, C4 lorem-ipsum and language ID (tasks/text/filters.py) run on
     # records whose metadata.task_type is listed: documents, not short SFT pairs, which would all
     # fail the 50-word minimum.
     quality_filters: bool = True
@@ -68,7 +68,7 @@ class CleanConfig(Section):
     allowed_languages: list[str] | None = None
     # Project Gutenberg header/licence footer removal (a transform on every record; no-op without the markers).
     strip_gutenberg: bool = True
-    # C4 rules next to Gopher's (tasks/filters.py c4_quality): lorem ipsum, curly bracket, and at
+    # C4 rules next to Gopher's (tasks/text/filters.py c4_quality): lorem ipsum, curly bracket, and at
     # least this many sentences in lines ending in terminal punctuation (0 turns the count off).
     c4_filters: bool = True
     c4_min_sentences: int = Field(5, ge=0)
@@ -76,10 +76,10 @@ class CleanConfig(Section):
     # ("tokens", datatrove/FineWeb), or over words only ("words", the paper's wording), which
     # keeps tokenised dumps such as WikiText whose " @-@ " and " ( " tokens sink the share.
     gopher_alpha_basis: Literal["tokens", "words"] = "tokens"
-    # Word-trigram LM perplexity filter (tasks/lmscore.py, trained on data/reference/): English
+    # Word-trigram LM perplexity filter (tasks/text/lmscore.py, trained on data/reference/): English
     # quality-filtered documents above this perplexity are dropped as lm_perplexity. None: off.
     lm_max_perplexity: float | None = Field(None, gt=1.0)
-    # PII masking on every record's input and target (tasks/pii.py): each listed kind is replaced
+    # PII masking on every record's input and target (tasks/text/pii.py): each listed kind is replaced
     # by a placeholder (<EMAIL>, <PHONE>, <IP>, <CARD>); [] turns masking off.
     pii_mask: list[Literal["email", "phone", "ip", "card"]] = ["email", "phone", "ip", "card"]
     workers: int = Field(1, ge=1, description="process pool size for per-part work", json_schema_extra=NOT_HASHED)
@@ -133,7 +133,7 @@ class BacktranslateConfig(Section):
     batch_size: int = Field(32, ge=1, description="sentences per generate call", json_schema_extra=NOT_HASHED)
     device: str = Field("auto", description="auto = cuda when available, else cpu", json_schema_extra=NOT_HASHED)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
-    # Filters on each candidate (tasks/backtranslate.py); a rejected candidate is reported, never a record.
+    # Filters on each candidate (tasks/text/backtranslate.py); a rejected candidate is reported, never a record.
     min_length_ratio: float = Field(0.5, gt=0.0)
     max_length_ratio: float = Field(2.0, gt=0.0)
     check_language: bool = True
@@ -279,7 +279,7 @@ class TokenizeConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """Labels and head training for ``model.task: classification`` (tasks/classify.py)."""
+    """Labels and head training for ``model.task: classification`` (tasks/model/classify.py)."""
 
     # Where a record's class label is: metadata.<label_field> (or a top-level field of that name).
     label_field: str = "lang"
@@ -296,7 +296,7 @@ class ModelConfig(Section):
 
     # causal_lm: the tiny Llama above (or `pretrained`), trained on the tokenize stage's packed blocks.
     # classification: `pretrained` (a folder or pkg:<package>) with a sequence-classification head,
-    # trained on the shard records' labels (tasks/classify.py); finetune/quantize/evaluate dispatch on it.
+    # trained on the shard records' labels (tasks/model/classify.py); finetune/quantize/evaluate dispatch on it.
     task: Literal["causal_lm", "classification"] = "causal_lm"
     classifier: ClassifierConfig = ClassifierConfig()
     arch: Literal["llama"] = "llama"
@@ -340,7 +340,7 @@ class IA3Config(Section):
 
 
 class BottleneckConfig(Section):
-    """Houlsby-style bottleneck adapters (tasks/peft_methods.py), one after each decoder layer's MLP."""
+    """Houlsby-style bottleneck adapters (tasks/model/peft_methods.py), one after each decoder layer's MLP."""
 
     size: int = Field(16, ge=1, description="bottleneck width")
     activation: Literal["gelu", "relu", "silu"] = "gelu"
@@ -349,7 +349,7 @@ class BottleneckConfig(Section):
 
 
 class DpoConfig(Section):
-    """DPO on preference pairs (finetune.objective: dpo), tasks/dpo.py."""
+    """DPO on preference pairs (finetune.objective: dpo), tasks/model/dpo.py."""
 
     # JSONL with prompt/chosen/rejected (../shared/datasets/preference_pairs format).
     pairs_path: Path | None = None
@@ -390,7 +390,7 @@ class FinetuneConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
-    # Tokens per chunk of the output-head cross-entropy (tasks/losses.py); 0 = the model's own loss.
+    # Tokens per chunk of the output-head cross-entropy (tasks/model/losses.py); 0 = the model's own loss.
     loss_chunk_tokens: int = Field(0, ge=0)
     merge: bool = Field(True, description="also write merged/ (base + adapter folded in) for mergeable methods")
     # Multi-task (lora): after the shared adapter, one more LoRA adapter per task_type on top of merged/
@@ -413,7 +413,7 @@ class FinetuneConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
 
 
-# Variants quantize/export can make from the merged model (tasks/quantize.py, tasks/export.py).
+# Variants quantize/export can make from the merged model (tasks/quantize.py, tasks/model/export.py).
 QUANT_VARIANTS = ("dynamic_int8", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "fp16", "bf16",
                   "bnb_8bit", "bnb_4bit")
 GPU_ONLY_VARIANTS = ("bnb_8bit", "bnb_4bit")

@@ -3,11 +3,11 @@
 Methods (``augment.methods``, taking turns over the parents):
 
 * ``backtranslate``: source -> pivot -> source through Hugging Face seq2seq models
-  (tasks/backtranslate.py: batched generate, sentence splitting, a content-addressed translation
+  (tasks/text/backtranslate.py: batched generate, sentence splitting, a content-addressed translation
   cache in the run store, filters with named reasons). Pivots take turns over the back-translated
   parents. A candidate that fails a filter is never a record: it is counted in ``stats.bt_rejected``
   by reason and kept in ``report/backtranslate_rejected.parquet`` (role "report").
-* ``synonym``: WordNet 3.0 synonym replacement (tasks/thesaurus.py, table bundled in data/thesaurus).
+* ``synonym``: WordNet 3.0 synonym replacement (tasks/text/thesaurus.py, table bundled in data/thesaurus).
 * ``word_swap`` / ``word_dropout``: EDA noise (baseline: no paraphrase, just word-level noise).
 
 Only the input is changed: the target must stay a valid answer to it (for ``text`` records the
@@ -44,10 +44,10 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import records_table
-from tasks.dedup import PartWriter, iter_record_batches
-from tasks.stage import FileEntry, Manifest, StageContext
-from tasks.thesaurus import synonym_replace
+from corpus2model.schemas.records import records_table
+from corpus2model.tasks.dedup import PartWriter, iter_record_batches
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext
+from corpus2model.tasks.text.thesaurus import synonym_replace
 
 STAGE = "augment"
 # 2: synonym and backtranslate methods, per-task-type ratios, the report of rejected back-translations.
@@ -114,7 +114,7 @@ def word_dropout(text: str, p: float, rng: random.Random) -> str:
 
 
 def synonym(text: str, p: float, rng: random.Random) -> str:
-    """WordNet synonym replacement (tasks/thesaurus.py) with per-word probability ``p``."""
+    """WordNet synonym replacement (tasks/text/thesaurus.py) with per-word probability ``p``."""
     return synonym_replace(text, p, rng)
 
 
@@ -151,7 +151,7 @@ def _parent_order(seed: int, record: dict) -> tuple:
 
 def filter_config(bt):
     """The back-translation filter thresholds of the augment.backtranslate section."""
-    from tasks.backtranslate import FilterConfig
+    from corpus2model.tasks.text.backtranslate import FilterConfig
 
     return FilterConfig(min_length_ratio=bt.min_length_ratio, max_length_ratio=bt.max_length_ratio,
                         check_language=bt.check_language, language_min_chars=bt.language_min_chars,
@@ -160,7 +160,7 @@ def filter_config(bt):
 
 def make_translator(cfg, cache_dir: Path | None):
     """The Translator for ``cfg`` (the augment section), caching in ``cache_dir`` (None: no cache)."""
-    from tasks.backtranslate import CACHE_FILE, TranslationCache, Translator
+    from corpus2model.tasks.text.backtranslate import CACHE_FILE, TranslationCache, Translator
 
     bt = cfg.backtranslate
     return Translator(models=dict(bt.models), decoding=dict(bt.decoding), batch_size=bt.batch_size, device=bt.device,
@@ -194,7 +194,7 @@ class Candidates:
     def augment(self, translator=None) -> tuple[list[dict], dict]:
         """(augmented records, stats). Per task type: parents in sha256(seed:id) order, one edit
         each per round with methods round-robin (shifted by one each round), until the cap is reached. ``translator`` (a
-        tasks.backtranslate.Translator) is required when ``backtranslate`` is a method."""
+        tasks.text.backtranslate.Translator) is required when ``backtranslate`` is a method."""
         cfg = self.cfg
         methods = list(cfg.methods)
         if BACKTRANSLATE in methods and translator is None:
@@ -248,7 +248,7 @@ class Candidates:
         bt_cfg = cfg.backtranslate
         filters = filter_config(bt_cfg) if BACKTRANSLATE in methods else None
         if filters is not None:
-            from tasks.backtranslate import check_candidate
+            from corpus2model.tasks.text.backtranslate import check_candidate
         per_parent: dict[str, int] = {}
         outputs: dict[int, set[str]] = {}
         translations: dict[tuple[int, str], tuple[str, str]] = {}
@@ -334,13 +334,13 @@ def key_extra(cfg) -> dict:
     aug = cfg.augment
     extra = {}
     if "synonym" in aug.methods:
-        from tasks.stage import sha256_file
-        from tasks.thesaurus import TABLE
+        from corpus2model.tasks.stage import sha256_file
+        from corpus2model.tasks.text.thesaurus import TABLE
 
         extra["thesaurus"] = sha256_file(TABLE)
     if BACKTRANSLATE not in aug.methods:
         return extra
-    from tasks.backtranslate import model_identity
+    from corpus2model.tasks.text.backtranslate import model_identity
 
     src = aug.backtranslate.source_lang
     directions = [f"{a}-{b}" for p in aug.backtranslate.pivots for a, b in ((src, p), (p, src))]
@@ -375,7 +375,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         writer.write(records_table(added[i:i + 4096]))
     files = writer.close()
     if translator is not None:
-        from tasks.backtranslate import pick_device
+        from corpus2model.tasks.text.backtranslate import pick_device
 
         stats["translation"] = {**translator.stats.as_dict(), "device": pick_device(aug.backtranslate.device)}
         rel = "report/backtranslate_rejected.parquet"

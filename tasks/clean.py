@@ -14,10 +14,10 @@ Order per record: Project Gutenberg header/footer strip (a transform, counted as
 then ``empty_target`` / ``too_short``), then, for records whose ``metadata.task_type`` is in
 ``clean.quality_task_types``, language ID (``language:<code>`` when ``clean.allowed_languages`` is
 set; ``metadata.lang`` is filled on kept records), the Gopher / C4 document filters of
-``tasks.filters`` (reasons ``gopher_*``, ``c4_*``) and, when ``clean.lm_max_perplexity`` is set,
-the LM-score filter of ``tasks.lmscore`` (``lm_perplexity``), each drop with its measured score.
+``tasks.text.filters`` (reasons ``gopher_*``, ``c4_*``) and, when ``clean.lm_max_perplexity`` is set,
+the LM-score filter of ``tasks.text.lmscore`` (``lm_perplexity``), each drop with its measured score.
 PII (``clean.pii_mask``: e-mail, phone, IP, Luhn-valid card numbers) is masked in every record's
-input and target after ``clean_text`` and before the filters (``tasks.pii``), counted per kind.
+input and target after ``clean_text`` and before the filters (``tasks.text.pii``), counted per kind.
 
 Per-filter statistics: ``filter_stats.json`` (documents dropped per filter and reason, PII
 masked per kind, score quantiles) and ``filter_scores.png`` (a histogram of each filter's scores:
@@ -33,10 +33,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.filters import filter_document, strip_gutenberg
-from tasks.pii import mask_pii
-from schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
-from tasks.stage import (
+from corpus2model.tasks.text.filters import filter_document, strip_gutenberg
+from corpus2model.tasks.text.pii import mask_pii
+from corpus2model.schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
+from corpus2model.tasks.stage import (
     FileEntry,
     Manifest,
     StageContext,
@@ -151,7 +151,7 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
         text = f"{inp}\n\n{tgt}" if inp else tgt
         (keep, reason, score), lang = filter_document(text, cfg)
         if keep and cfg.lm_max_perplexity is not None:
-            from tasks.lmscore import lm_filter
+            from corpus2model.tasks.text.lmscore import lm_filter
 
             keep, reason, score = lm_filter(text, cfg, lang)
             if stats is not None and score is not None:
@@ -162,7 +162,7 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
             langs = stats.setdefault("languages", {})
             langs[lang] = langs.get(lang, 0) + 1
         if not keep:
-            return None, reason, f"{reason} = {score} (tasks/filters.py thresholds; lang {lang})", score
+            return None, reason, f"{reason} = {score} (tasks/text/filters.py thresholds; lang {lang})", score
         if lang and not md.get("lang"):
             md = {**md, "lang": lang}
     return {**record, "input": inp, "target": tgt, "metadata": md}, None, "", None
@@ -316,7 +316,7 @@ def plot_scores(scores: dict[str, list[float]], path: Path) -> None:
 
 
 def _publish(report: dict, png: Path) -> None:
-    from tasks.artifacts import publish_image, publish_table
+    from corpus2model.tasks.common.artifacts import publish_image, publish_table
 
     # One column set for every row (a table artifact is rendered from the first row's keys).
     rows = [{"filter": fam, "reason": reason, "dropped": n, "masked": 0, **{k: q.get(k) for k in ("p10", "p50", "p90")}}
@@ -346,7 +346,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers,
                                           ("chars_in", "chars_out", "gutenberg_stripped", *pii_fields))
     stats["rejected"] = dict(sorted(counters["rejected"].items()))
-    # Per-filter drop counts (reasons from tasks/filters.py) next to the length rules' counts.
+    # Per-filter drop counts (reasons from tasks/text/filters.py) next to the length rules' counts.
     stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:", "lm_"))}
     stats["pii_masked"] = {k: stats.pop(f"pii_{k}") for k in PII_KINDS}
     stats["languages"], scores = _sum_unit_infos(units, ctx)

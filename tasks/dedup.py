@@ -11,7 +11,7 @@ Memory is bounded by the number of distinct keys, not by the corpus: pass one st
 input and keeps, per key, a 32-byte digest and the representative's sort key; pass two streams
 it again and writes the kept records in input order.
 
-``dedup.method: minhash`` adds near-duplicates (``tasks.minhash``): every upstream part gets a
+``dedup.method: minhash`` adds near-duplicates (``tasks.text.minhash``): every upstream part gets a
 sketch (exact digests, LSH band keys, shingle hashes for verification) cached in
 ``<store>/_units/dedup/<key>/`` keyed by (sketch settings, part sha256). That cache is the
 persisted index: a run that adds parts sketches only the new ones and compares them against the
@@ -34,9 +34,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, normalize_for_hash, quarantine_row,
+from corpus2model.schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, normalize_for_hash, quarantine_row,
                              quarantine_table)
-from tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
 VERSION = "4"
@@ -233,7 +233,7 @@ def record_text(record: dict) -> str:
 
 
 def sketch_params(cfg):
-    from tasks.minhash import Params
+    from corpus2model.tasks.text.minhash import Params
 
     return Params(ngram=cfg.ngram, bands=cfg.bands, rows=cfg.rows, seed=cfg.seed)
 
@@ -249,7 +249,7 @@ def sketch_records(records: list[dict], cfg) -> dict:
     """Pure: the index entries of a list of records (arrays + per-record representative keys)."""
     import numpy as np
 
-    from tasks.minhash import sketch
+    from corpus2model.tasks.text.minhash import sketch
 
     sk = sketch([record_text(r) for r in records], sketch_params(cfg))
     digests = np.frombuffer(b"".join(_digest(r.get("input") or "", r.get("target") or "", cfg.normalize)[:16] for r in records),
@@ -329,7 +329,7 @@ def decide_clusters(index: SketchIndex, threshold: float) -> tuple[list, dict]:
     Returns (decisions, stats): decisions[i] is None for a kept row or (kept_row, kind)."""
     import numpy as np
 
-    from tasks.minhash import UnionFind, near_duplicate_pairs
+    from corpus2model.tasks.text.minhash import UnionFind, near_duplicate_pairs
 
     t0 = time.perf_counter()
     uf = UnionFind(index.n)
@@ -393,7 +393,7 @@ def load_eval_ngrams(paths: list[Path], ngram: int):
     """Sorted unique uint64 hashes of the word n-grams of every evaluation record."""
     import numpy as np
 
-    from tasks.minhash import doc_words, shingle_hashes
+    from corpus2model.tasks.text.minhash import doc_words, shingle_hashes
 
     texts = []
     for p in paths:
@@ -420,7 +420,7 @@ def contaminated_mask(records: list[dict], eval_hashes, ngram: int) -> list[int]
     """Per record the number of its word n-grams that occur in the evaluation sets."""
     import numpy as np
 
-    from tasks.minhash import doc_words, shingle_hashes
+    from corpus2model.tasks.text.minhash import doc_words, shingle_hashes
 
     if not records or len(eval_hashes) == 0:
         return [0] * len(records)
@@ -555,7 +555,7 @@ def _write_kept_parts(parts: list[tuple[Path, str]], index: SketchIndex, decisio
     (usually just the new ones); removed rows come from the index, no record is read for them."""
     import numpy as np
 
-    from tasks.stage import link_or_copy
+    from corpus2model.tasks.stage import link_or_copy
 
     keep_all = np.fromiter((d is None for d in decisions), dtype=bool, count=index.n)
     keys, found, todo = [], [], []

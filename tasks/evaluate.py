@@ -3,7 +3,7 @@
 Rows: ``base`` (finetune's base/, the model before training), ``tuned`` (base + the LoRA adapter,
 unmerged, through peft), ``merged`` (finetune's merged/, what quantization starts from) and one per
 quantize variant (``dynamic_int8``, ``onnx_fp32``, ``onnx_int8_static``, ``fp16``...). Each is loaded
-through ``tasks.export.load_variant``, the loader the registry and the server use, so the numbers
+through ``tasks.model.export.load_variant``, the loader the registry and the server use, so the numbers
 describe the files that ship. An ONNX variant runs in ONNX Runtime: perplexity and top-1 come from
 its logits, and generation is a greedy loop over its logits (no KV cache in the exported graph, so
 each new token recomputes the sequence: correct, slower than the PyTorch ``generate``).
@@ -41,7 +41,7 @@ import re
 import time
 from pathlib import Path
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 STAGE = "evaluate"
 VERSION = "2"
@@ -87,7 +87,7 @@ def answers_match(predicted: str, reference: str, tol: float = 1e-6) -> bool:
 def encode_for_scoring(record: dict, tokenizer, template: str, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one record, exactly as tokenize encodes it; over-long ones keep their end
     (the target is what is scored, and it comes last)."""
-    from tasks.tokenize import encode_example, render
+    from corpus2model.tasks.tokenize import encode_example, render
 
     prompt, target = render(record, template)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
@@ -147,8 +147,8 @@ def agreement(preds: list[int], reference: list[int]) -> float | None:
 
 def exact_match(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
     """(share of math_qa records whose generated final number equals the reference's, records tried)."""
-    from tasks.modeling import generate_text
-    from tasks.tokenize import render
+    from corpus2model.tasks.model.modeling import generate_text
+    from corpus2model.tasks.tokenize import render
 
     math_records = [r for r in records if (r.get("metadata") or {}).get("task_type") == MATH_TASK]
     if not math_records:
@@ -168,8 +168,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def generation_rouge(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
     """(mean ROUGE-L F1 of greedy generations against the targets, records tried)."""
-    from tasks.modeling import generate_text
-    from tasks.tokenize import render
+    from corpus2model.tasks.model.modeling import generate_text
+    from corpus2model.tasks.tokenize import render
 
     if not records:
         return None, 0
@@ -211,7 +211,7 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
 def classification_scores(model, tokenizer, records: list[dict], template: str) -> tuple[float | None, float | None, int]:
     """(accuracy, macro-F1, records): each record's label is the candidate (the distinct targets among
     ``records``) the model gives the highest log-probability after the prompt."""
-    from tasks.tokenize import render
+    from corpus2model.tasks.tokenize import render
 
     if not records:
         return None, None, 0
@@ -341,7 +341,7 @@ def held_out_records(shard: Manifest, split: str, max_records: int) -> tuple[lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.tokenize import shard_files
+    from corpus2model.tasks.tokenize import shard_files
 
     files = shard_files(shard)
     notes = []
@@ -385,11 +385,11 @@ def variant_folders(finetune: Manifest, quantize: Manifest) -> dict[str, Path | 
 
 def load_row_model(source, threads: int = 0):
     """(model, tokenizer, bytes on disk) for a variant_folders() entry."""
-    from tasks.export import load_variant
-    from tasks.modeling import folder_size_bytes
+    from corpus2model.tasks.model.export import load_variant
+    from corpus2model.tasks.model.modeling import folder_size_bytes
 
     if isinstance(source, tuple):  # base + adapter, unmerged: what serving an adapter costs
-        from tasks.peft_methods import load_tuned
+        from corpus2model.tasks.model.peft_methods import load_tuned
 
         base, adapter = source
         model, tokenizer = load_tuned(base, adapter)
@@ -424,7 +424,7 @@ def task_groups(records: list[dict], limit: int, pairs: list[dict] | None = None
 def evaluate_variant(source, records: list[dict], groups: dict[str, list[dict]], template: str, ec,
                      latency_ids: list[int]) -> tuple[dict, list[int]]:
     """One row of the table, and the argmax predictions (for top-1 agreement)."""
-    from tasks.modeling import count_params
+    from corpus2model.tasks.model.modeling import count_params
 
     t0 = time.perf_counter()
     with PeakMemory() as mem:
@@ -489,15 +489,15 @@ def training_hours(ft: Manifest) -> tuple[float | None, str]:
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if len(inputs) == 4 and inputs[2].stats.get("task") == "classification":  # tasks/classify.py
-        from tasks.classify import evaluate_run
+    if len(inputs) == 4 and inputs[2].stats.get("task") == "classification":  # tasks/model/classify.py
+        from corpus2model.tasks.model.classify import evaluate_run
 
         return evaluate_run(inputs, cfg, out_dir, ctx)
     import torch
 
-    from tasks.artifacts import publish_image, publish_markdown, publish_table
-    from tasks.finetune import final_path
-    from tasks.tokenize import load_tokenizer
+    from corpus2model.tasks.common.artifacts import publish_image, publish_markdown, publish_table
+    from corpus2model.tasks.finetune import final_path
+    from corpus2model.tasks.tokenize import load_tokenizer
 
     if len(inputs) != 4:
         raise StageError(f"evaluate takes four upstream manifests (shard, tokenize, finetune, quantize), "

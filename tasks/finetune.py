@@ -3,16 +3,16 @@
 A recipe that reads top to bottom (torchtune's single-device recipes, nanoGPT's loop):
 build the base model from ``model`` (seeded random init, or ``model.pretrained``), save it as
 ``base/`` so evaluation can compare against it, make the parameters of ``finetune.method`` trainable
-(tasks/peft_methods.py: full, LoRA, QLoRA, prefix, IA3, bottleneck adapters), train with the shared
-loop (tasks/trainer.py: warmup + cosine to a floor, clipping, mixed precision, accumulation,
+(tasks/model/peft_methods.py: full, LoRA, QLoRA, prefix, IA3, bottleneck adapters), train with the shared
+loop (tasks/model/trainer.py: warmup + cosine to a floor, clipping, mixed precision, accumulation,
 evaluation, early stopping, resumable checkpoints), then save the adapter and, for mergeable
 methods, the merged model. Everything is safetensors.
 
 SFT reads the tokenize stage's packed blocks through Hugging Face ``datasets``; labels are -100
 on prompt tokens (tasks/tokenize.py), so the loss is on target tokens only, and each block's
-restarted ``position_ids`` keep its documents from attending to each other (tasks/losses.py).
+restarted ``position_ids`` keep its documents from attending to each other (tasks/model/losses.py).
 DPO (``objective: dpo``) reads ``finetune.dpo.pairs_path`` and tokenizes the pairs with the
-tokenize stage's tokenizer (tasks/dpo.py explains the reference model).
+tokenize stage's tokenizer (tasks/model/dpo.py explains the reference model).
 
 Checkpoints go to ``<store>/_checkpoints/finetune/<key>/`` (outside the temp folder that a killed
 run loses): running the same config again resumes from the newest one, and they are removed once
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.losses import forward_kwargs, target_tokens  # noqa: F401  (re-exported: tests and evaluate use them)
-from tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_file
-from tasks.trainer import lr_at  # noqa: F401
+from corpus2model.tasks.model.losses import forward_kwargs, target_tokens  # noqa: F401  (re-exported: tests and evaluate use them)
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_file
+from corpus2model.tasks.model.trainer import lr_at  # noqa: F401
 
 STAGE = "finetune"
 VERSION = "3"  # 3: DPO runs write heldout_pairs.jsonl for evaluate
@@ -53,7 +53,7 @@ def sft_loss_fn(chunk_tokens: int = 0, prefix: bool = False):
 
     Prefix tuning prepends learned keys/values, which transformers cannot fold into a mask derived
     from position restarts; it gets the 2D padding mask (documents in a block then see each other)."""
-    from tasks.losses import causal_lm_loss
+    from corpus2model.tasks.model.losses import causal_lm_loss
 
     def loss_fn(model, batch):
         extra = {"attention_mask": batch["attention_mask"].long()} if prefix else None
@@ -176,7 +176,7 @@ def checkpoint_dir(ctx: StageContext) -> Path | None:
 def _sft_setup(tok: Manifest, ft, model, cache_dir: Path):
     from torch.utils.data import DataLoader
 
-    from tasks.trainer import Batches
+    from corpus2model.tasks.model.trainer import Batches
 
     train, val, notes = _datasets(packed_files(tok), cache_dir, ft.eval_blocks)
     loss_fn = sft_loss_fn(ft.loss_chunk_tokens, prefix=ft.method == "prefix")
@@ -186,8 +186,8 @@ def _sft_setup(tok: Manifest, ft, model, cache_dir: Path):
 
 
 def _dpo_setup(ft, model, tokenizer, out_dir: Path):
-    from tasks import dpo
-    from tasks.trainer import Batches
+    from corpus2model.tasks.model import dpo
+    from corpus2model.tasks.model.trainer import Batches
 
     if ft.dpo.pairs_path is None:
         raise StageError("finetune.objective dpo needs finetune.dpo.pairs_path (a preference-pairs JSONL file)")
@@ -220,7 +220,7 @@ def task_type_blocks(tok: Manifest, store, tokenizer, split: str, task_types: li
     import datasets
     import torch
 
-    from tasks.tokenize import encode_records, pack
+    from corpus2model.tasks.tokenize import encode_records, pack
 
     shard_key = tok.upstream.get("shard")
     if not shard_key:
@@ -259,7 +259,7 @@ def train_task_adapters(merged, tok: Manifest, store, tokenizer, ft, ckpt: Path 
     from peft import get_peft_model
     from torch.utils.data import DataLoader
 
-    from tasks import peft_methods, trainer
+    from corpus2model.tasks.model import peft_methods, trainer
 
     if ft.method != "lora":
         raise StageError(f"finetune.adapter_per_task_type needs method lora (got {ft.method})")
@@ -299,12 +299,12 @@ def train_task_adapters(merged, tok: Manifest, store, tokenizer, ft, ckpt: Path 
 
 def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None) -> dict:
     """Train exactly as the stage does and keep no files: one hyperparameter-search trial
-    (flows/tune.py). Returns tasks.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
+    (flows/tune.py). Returns tasks.model.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
     import torch
 
-    from tasks import peft_methods, trainer
-    from tasks.modeling import build_model, save_model
-    from tasks.tokenize import load_tokenizer
+    from corpus2model.tasks.model import peft_methods, trainer
+    from corpus2model.tasks.model.modeling import build_model, save_model
+    from corpus2model.tasks.tokenize import load_tokenizer
 
     seq_len = int(tok.stats.get("seq_len") or 0)
     tokenizer = load_tokenizer(tokenizer_dir(tok))
@@ -330,8 +330,8 @@ def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if cfg.model.task == "classification":  # encoder classifiers (model.task): tasks/classify.py
-        from tasks.classify import finetune_run
+    if cfg.model.task == "classification":  # encoder classifiers (model.task): tasks/model/classify.py
+        from corpus2model.tasks.model.classify import finetune_run
 
         return finetune_run(inputs, cfg, out_dir, ctx)
     import os
@@ -339,10 +339,10 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from tasks import peft_methods, trainer
-    from tasks.artifacts import publish_image, publish_markdown
-    from tasks.modeling import build_model, save_model
-    from tasks.tokenize import load_tokenizer
+    from corpus2model.tasks.model import peft_methods, trainer
+    from corpus2model.tasks.common.artifacts import publish_image, publish_markdown
+    from corpus2model.tasks.model.modeling import build_model, save_model
+    from corpus2model.tasks.tokenize import load_tokenizer
 
     if len(inputs) != 1:
         raise StageError(f"finetune takes one upstream manifest (tokenize), got {len(inputs)}")
@@ -377,7 +377,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
                 batches, evaluate, loss_fn, n_train, n_val, notes, extra = _sft_setup(tok, ft, model, Path(cache_dir))
             result = trainer.train(model, batches, evaluate, ft, loss_fn, ckpt_dir=ckpt, log=ctx.info)
             if ft.objective == "dpo":
-                from tasks import dpo
+                from corpus2model.tasks.model import dpo
 
                 extra["after"] = dpo.evaluate(model, extra["held_data"], ft.dpo.beta, ft.batch_size)
 
@@ -460,7 +460,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         stats["dpo_heldout_after"] = {k: round(v, 6) for k, v in extra["after"].items()}
     if merged_dir is None:
         notes.append(f"method {ft.method} cannot be merged into the base: load base/ + adapter/ with "
-                     "tasks.peft_methods.load_tuned")
+                     "corpus2model.tasks.model.peft_methods.load_tuned")
     if ckpt is not None:
         # The output is complete and cached: the checkpoints have nothing left to resume.
         shutil.rmtree(ckpt, ignore_errors=True)

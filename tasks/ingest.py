@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from schemas.records import make_record, quarantine_row, quarantine_table, records_table
-from tasks.stage import (
+from corpus2model.schemas.records import make_record, quarantine_row, quarantine_table, records_table
+from corpus2model.tasks.stage import (
     FileEntry,
     Manifest,
     StageContext,

@@ -1,7 +1,7 @@
 """quantize: the merged fine-tuned model -> one folder per variant in ``quantize.methods``, each
-loading on its own (``tasks.export.load_variant``), each cached on its own.
+loading on its own (``tasks.model.export.load_variant``), each cached on its own.
 
-Variants (the heavy lifting is in tasks/export.py and tasks/modeling.py):
+Variants (the heavy lifting is in tasks/model/export.py and tasks/model/modeling.py):
 
 * ``dynamic_int8``: torch.ao eager dynamic quantization, per-channel symmetric int8 weights on every
   ``nn.Linear`` except ``quantize.skip_modules``; activations quantized per batch at run time. The
@@ -31,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError, cache_key, link_or_copy
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, cache_key, link_or_copy
 
 STAGE = "quantize"
 VERSION = "2"
@@ -63,7 +63,7 @@ def logits(model, ids):
 
 def quantize_folder(src: Path, dst: Path, skip_modules: tuple[str, ...] | list[str] = ()) -> dict:
     """Dynamic INT8 of the model in ``src`` into ``dst``; returns what the stage reports about it."""
-    from tasks.modeling import folder_size_bytes, linear_names, load_causal_lm, quantize_dynamic_int8, save_dynamic_int8
+    from corpus2model.tasks.model.modeling import folder_size_bytes, linear_names, load_causal_lm, quantize_dynamic_int8, save_dynamic_int8
 
     model, tokenizer = load_causal_lm(src)
     ids = probe_inputs(model.config.vocab_size, length=min(CHECK_LEN, model.config.max_position_embeddings))
@@ -143,7 +143,7 @@ class _Maker:
     def reference(self):
         """(probe ids, fp32 PyTorch logits) of the merged model."""
         if self._ref is None:
-            from tasks.modeling import load_causal_lm
+            from corpus2model.tasks.model.modeling import load_causal_lm
 
             model, _ = load_causal_lm(self.merged)
             ids = probe_inputs(model.config.vocab_size, length=min(CHECK_LEN, model.config.max_position_embeddings))
@@ -163,7 +163,7 @@ class _Maker:
             info = self.make(method, tmp / "model", deps)
             info.update(variant=method, seconds=round(time.perf_counter() - t0, 3),
                         options=variant_options(method, self.qc))
-            from tasks.export import write_variant_info
+            from corpus2model.tasks.model.export import write_variant_info
 
             write_variant_info(tmp / "model", {k: info[k] for k in ("variant", "kind", "dtype") if k in info})
             files = [FileEntry(p.relative_to(tmp).as_posix(), role="model")
@@ -176,7 +176,7 @@ class _Maker:
         return info
 
     def make(self, method: str, dst: Path, deps: dict) -> dict:
-        from tasks import export
+        from corpus2model.tasks.model import export
 
         ids, ref = self.reference()
         if method == "dynamic_int8":
@@ -184,7 +184,7 @@ class _Maker:
             return {"kind": "hf", "dtype": "int8", **{k: info[k] for k in ("modules", "max_abs_logit_diff",
                                                                           "top1_agreement", "reload_exact")}}
         if method == "onnx_fp32":
-            from tasks.modeling import load_causal_lm
+            from corpus2model.tasks.model.modeling import load_causal_lm
 
             model, _ = load_causal_lm(self.merged)
             export.export_onnx(model, dst / export.ONNX_FILE, self.qc.onnx_opset)
@@ -235,19 +235,19 @@ class _Maker:
 
 def dst_with_info(dst: Path, method: str, dtype: str, kind: str = "hf") -> Path:
     """Write the variant description early, so load_variant can read the folder for the check."""
-    from tasks.export import write_variant_info
+    from corpus2model.tasks.model.export import write_variant_info
 
     write_variant_info(dst, {"variant": method, "kind": kind, "dtype": dtype})
     return dst
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if len(inputs) == 1 and inputs[0].stats.get("task") == "classification":  # tasks/classify.py
-        from tasks.classify import quantize_run
+    if len(inputs) == 1 and inputs[0].stats.get("task") == "classification":  # tasks/model/classify.py
+        from corpus2model.tasks.model.classify import quantize_run
 
         return quantize_run(inputs, cfg, out_dir, ctx)
-    from tasks.artifacts import publish_markdown
-    from tasks.export import ExportError, check_supported
+    from corpus2model.tasks.common.artifacts import publish_markdown
+    from corpus2model.tasks.model.export import ExportError, check_supported
 
     if len(inputs) != 1:
         raise StageError(f"quantize takes one upstream manifest (finetune), got {len(inputs)}")

@@ -12,7 +12,7 @@ Layout under ``paths.registry``::
       v1/ v2/ ...         immutable version folders, each renamed into place in one step:
         model/            the merged tuned model (plain transformers from_pretrained)
         adapter/          the PEFT adapter it was merged from
-        dynamic_int8/     the quantized variant (tasks.modeling.load_causal_lm)
+        dynamic_int8/     the quantized variant (corpus2model.tasks.model.modeling.load_causal_lm)
         eval.json eval.md eval.png loss.png
         config.yaml       the full run config
         lineage.json      lineage key, config hash, every stage's key/version/counters, raw files
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tasks.artifacts import publish_markdown
-from tasks.stage import Manifest, StageError, canonical_json, link_or_copy, write_json_atomic
+from corpus2model.tasks.common.artifacts import publish_markdown
+from corpus2model.tasks.stage import Manifest, StageError, canonical_json, link_or_copy, write_json_atomic
 
 LAYOUT_VERSION = "1"  # bump when a version folder's layout changes (part of the lineage key)
 ALIASES = "aliases.json"
@@ -261,7 +261,7 @@ def _stage_lines(lineage: dict) -> list[str]:
 
 def classifier_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict], gate_result: dict,
                     model_cfg: dict, ft_stats: dict, n_params: int, variants: list[str], has_adapter: bool) -> str:
-    """Model card for a sequence classifier (model.task: classification, tasks/classify.py)."""
+    """Model card for a sequence classifier (model.task: classification, tasks/model/classify.py)."""
     import yaml
 
     serve_variant = cfg.registry.serve_variant
@@ -316,7 +316,7 @@ A {len(labels)}-way text classifier ({', '.join(labels)}) produced by the corpus
   inputs truncated to {ft_stats['max_length']} tokens; {ft_stats['train_records']} training records.
 - `dynamic_int8/`: per-channel int8 Linear weights (activations quantized at run time) and an int8
   word-embedding table (one scale per row, dequantized at load); loads with
-  `tasks.classify.load_classifier`.
+  `tasks.model.classify.load_classifier`.
 
 ## Training data
 
@@ -467,7 +467,7 @@ out = model.generate(**ids, max_new_tokens=32, do_sample=False)
 print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-The quantized variant loads with the project's loader (`tasks.modeling.load_causal_lm("{name}/{version}/dynamic_int8")`),
+The quantized variant loads with the project's loader (`corpus2model.tasks.model.modeling.load_causal_lm("{name}/{version}/dynamic_int8")`),
 and the server with `c2m serve` (it resolves the `production` alias and serves the `{serve_variant}` variant).
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
@@ -506,7 +506,7 @@ def find_version(root: Path, key: str) -> str | None:
 
 def gated_report(folder: Path, report: dict, gate_result: dict) -> None:
     """eval.md and eval.png of a version: the evaluation table and chart with the gate's marks."""
-    from tasks.evaluate import eval_markdown, plot_eval
+    from corpus2model.tasks.evaluate import eval_markdown, plot_eval
 
     rows = report.get("rows", [])
     md = eval_markdown(rows, report.get("split", "?"), report.get("notes", []), gate_result)
@@ -516,8 +516,8 @@ def gated_report(folder: Path, report: dict, gate_result: dict) -> None:
 
 def publish_gated(folder: Path, name: str, version: str) -> None:
     """The gated evaluation table as Prefect table + markdown artifacts and the chart as an image link."""
-    from tasks.artifacts import publish_image, publish_table
-    from tasks.evaluate import gate_marks
+    from corpus2model.tasks.common.artifacts import publish_image, publish_table
+    from corpus2model.tasks.evaluate import gate_marks
 
     try:
         report = json.loads((folder / "eval.json").read_text(encoding="utf-8"))

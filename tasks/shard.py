@@ -60,8 +60,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.records import RECORD_SCHEMA
-from tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, link_or_copy
+from corpus2model.schemas.records import RECORD_SCHEMA
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, link_or_copy
 
 STAGE = "shard"
 VERSION = "2"
@@ -565,7 +565,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 
 
 def _sha_of(path: Path) -> str:
-    from tasks.stage import sha256_file
+    from corpus2model.tasks.stage import sha256_file
 
     return sha256_file(path)
 
@@ -607,6 +607,6 @@ def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: Stage
 
 
 def _publish(split_stats: dict[str, dict]) -> None:
-    from tasks.artifacts import publish_table
+    from corpus2model.tasks.common.artifacts import publish_table
 
     publish_table("shard-splits", [{"split": k, **v} for k, v in split_stats.items()], "records, bytes and shards per split")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from schemas.records import SCHEMA_VERSION
+from corpus2model.schemas.records import SCHEMA_VERSION
 
 CODE_VERSION = "0.1.0"
 MANIFEST = "manifest.json"

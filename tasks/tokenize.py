@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, sha256_file
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, sha256_file
 
 STAGE = "tokenize"
 VERSION = "2"
@@ -427,7 +427,7 @@ def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext, h
 
 
 def _publish(split_stats: dict[str, dict]) -> None:
-    from tasks.artifacts import publish_table
+    from corpus2model.tasks.common.artifacts import publish_table
 
     publish_table("tokenize-splits", [{"split": k, **v} for k, v in split_stats.items()],
                   "records, tokens, packed blocks and padding per split")

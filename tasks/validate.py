@@ -44,9 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from schemas.records import METADATA_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row
-from tasks.artifacts import publish_link, publish_markdown
-from tasks.stage import (
+from corpus2model.schemas.records import METADATA_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row
+from corpus2model.tasks.common.artifacts import publish_link, publish_markdown
+from corpus2model.tasks.common.resources import suites_dir
+from corpus2model.tasks.stage import (
     FileEntry,
     Manifest,
     StageContext,
@@ -65,7 +66,6 @@ SEVERITIES = ("error", "warn")
 _GX_SEVERITY = {"error": "critical", "warn": "warning"}
 _ENTRY_KEYS = {"expectation", "kwargs", "severity", "why"}
 SUITE_NAME = "training_records"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Long unexpected values (a 120k-character input) would otherwise be copied into the HTML verbatim.
 _MAX_HTML_TEXT = 300
 
@@ -107,15 +107,18 @@ class SuiteEntry:
 
 
 def resolve_suite_path(suite: str | Path) -> Path:
-    """A relative suite path is tried against the working directory, then the project root (the
-    folder holding ``schemas/``), so it works from a checkout and from an installed package."""
+    """A relative suite path is tried against the working directory, then against the suites shipped
+    in the package (``schemas/suites/x.yaml`` or a bare ``x``), so a config written for a checkout
+    also runs from an installed wheel."""
     p = Path(suite)
     if p.is_absolute():
         candidates = [p]
     else:
-        candidates = [Path.cwd() / p, PROJECT_ROOT / p]
+        candidates = [Path.cwd() / p]
+        if p.parts[:2] == ("schemas", "suites") and len(p.parts) == 3:
+            candidates.append(suites_dir() / p.name)
         if p.suffix == "" and len(p.parts) == 1:  # a bare name: one of ours, `--suite preference_pairs`
-            candidates.append(PROJECT_ROOT / "schemas" / "suites" / f"{p.name}.yaml")
+            candidates.append(suites_dir() / f"{p.name}.yaml")
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -334,7 +337,7 @@ def raw_shapes(data: bytes, rel: str) -> dict[int, dict]:
     ingest already quarantined them with their reason. Non-JSON files give {}."""
     import gzip
 
-    from tasks.ingest import JSON_EXT
+    from corpus2model.tasks.ingest import JSON_EXT
 
     name = rel.lower()
     if name.endswith(".gz"):
@@ -676,7 +679,7 @@ def check_drift(store_root: Path, name: str, boundary: str, manifest, vcfg) -> t
 
 def save_stats(store_root: Path, name: str, manifests: dict) -> list[Path]:
     """After a successful run: each boundary's profile becomes the baseline the next run compares with."""
-    from tasks.stage import write_json_atomic
+    from corpus2model.tasks.stage import write_json_atomic
 
     written = []
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -1059,11 +1062,15 @@ def _kwarg_text(v) -> str:
 
 
 def _display_path(path: str) -> str:
-    """Suites inside the project are shown relative to it (schemas/suites/...), others in full."""
-    try:
-        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
-    except ValueError:
-        return str(path)
+    """Our shipped suites are shown as schemas/suites/<name>, suites under the working directory
+    relative to it, others in full."""
+    p = Path(path).resolve()
+    for root, prefix in ((suites_dir().resolve(), "schemas/suites/"), (Path.cwd().resolve(), "")):
+        try:
+            return prefix + p.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _profile_html(prof: dict) -> str:
@@ -1255,7 +1262,7 @@ def boundary_module(boundary: str) -> types.ModuleType:
         raise KeyError(f"unknown validation boundary {boundary!r}; one of {[b for b in BOUNDARIES if b != 'final']}")
     if boundary not in _BOUNDARY_MODULES:
         stage = BOUNDARIES[boundary][0]
-        mod = types.ModuleType(f"tasks.validate[{stage}]", f"{stage}: the {BOUNDARY_TITLES[boundary]} boundary check")
+        mod = types.ModuleType(f"corpus2model.tasks.validate[{stage}]", f"{stage}: the {BOUNDARY_TITLES[boundary]} boundary check")
         mod.STAGE, mod.VERSION, mod.SECTIONS = stage, VERSION, CHECK_SECTIONS
         mod.run = lambda inputs, cfg, out_dir, ctx, _b=boundary: _run_boundary(_b, inputs, cfg, out_dir, ctx)
         mod.key_extra = lambda cfg, _b=boundary: {"suite_sha256": sha256_bytes(_suite_for(cfg.checks, _b).read_bytes())}

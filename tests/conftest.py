@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from schemas.config import parse_config  # noqa: E402
-from schemas.records import records_table  # noqa: E402
-from tasks.stage import FileEntry, Manifest, StageContext, Store, sha256_file  # noqa: E402
+from corpus2model.schemas.config import parse_config  # noqa: E402
+from corpus2model.schemas.records import records_table  # noqa: E402
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, Store, sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"

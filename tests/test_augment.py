@@ -9,11 +9,11 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.config import AugmentConfig
-from schemas.records import make_record
-from tasks import augment
-from tasks.augment import Candidates, augment_records, word_dropout, word_swap
-from tasks.stage import run_stage
+from corpus2model.schemas.config import AugmentConfig
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks import augment
+from corpus2model.tasks.augment import Candidates, augment_records, word_dropout, word_swap
+from corpus2model.tasks.stage import run_stage
 
 TEXT = "the quick brown fox jumps over\nthe lazy dog while the cat sleeps"
 
@@ -197,7 +197,7 @@ def test_small_ratio_adds_nothing_below_one_record(ratio):
 # --------------------------------------------------------------------------------------------
 # synonym replacement (WordNet thesaurus bundled in data/thesaurus)
 # --------------------------------------------------------------------------------------------
-from tasks.thesaurus import TABLE, load_table, replaceable, synonym_replace  # noqa: E402
+from corpus2model.tasks.text.thesaurus import TABLE, load_table, replaceable, synonym_replace  # noqa: E402
 
 SYN_TEXT = "The big dog will begin to run. BIG cars are quick, said Big Bill."
 
@@ -231,8 +231,8 @@ def test_synonym_replace_keeps_case_layout_and_other_words():
 
 
 def test_synonym_method_changes_input_only_and_split_follows_parent():
-    from schemas.records import records_table
-    from tasks.shard import split_codes
+    from corpus2model.schemas.records import records_table
+    from corpus2model.tasks.shard import split_codes
 
     recs = [make_record(f"Question {i}: the big dog began to run quickly, how far did it go?", f"{i} km",
                         task_type="math_qa") for i in range(60)]
@@ -264,7 +264,7 @@ def test_backtranslate_without_translator_is_an_error():
 
 
 def test_demo_config_augments_without_a_translation_model():
-    from schemas.config import load_config
+    from corpus2model.schemas.config import load_config
 
     cfg = load_config(augment.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert "backtranslate" not in cfg.augment.methods and "synonym" in cfg.augment.methods

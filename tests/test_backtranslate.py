@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.records import make_record
-from tasks import augment
-from tasks.backtranslate import (
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks import augment
+from corpus2model.tasks.text.backtranslate import (
     FilterConfig,
     TranslationCache,
     Translator,
@@ -27,7 +27,7 @@ from tasks.backtranslate import (
     roundtrip_band,
     split_sentences,
 )
-from tasks.stage import StageError, run_stage
+from corpus2model.tasks.stage import StageError, run_stage
 
 PARALLEL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "parallel_sentences" / "ntrex_en_de_fr_zh.public.jsonl"
 needs_parallel = pytest.mark.skipif(not PARALLEL.is_file(), reason=f"{PARALLEL} not present")
@@ -149,7 +149,7 @@ def _retrained_copy(model: Path, dst: Path, shift: float) -> Path:
 
 
 def test_cache_and_stage_key_follow_the_weights(tiny_model, parallel_rows, tmp_path, make_cfg):
-    from tasks.stage import stage_key
+    from corpus2model.tasks.stage import stage_key
 
     model = _retrained_copy(tiny_model, tmp_path / "m", 0.0)
     ident = model_identity(model)
@@ -318,7 +318,7 @@ def test_sampling_is_fixed_by_its_seed(tiny_model, parallel_rows):
 
 
 def test_mixed_methods_batch_the_back_translations(tiny_model, parallel_rows):
-    from schemas.config import AugmentConfig
+    from corpus2model.schemas.config import AugmentConfig
 
     recs = _records(parallel_rows[40:56])
     bt = {"models": {"en-de": str(tiny_model), "de-en": str(tiny_model), "en-fr": str(tiny_model), "fr-en": str(tiny_model)},

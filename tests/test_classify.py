@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas.records import make_record
-from tasks import classify, registry
-from tasks.stage import Manifest, StageContext, StageError, Store, run_stage
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks.model import classify
+from corpus2model.tasks import registry
+from corpus2model.tasks.stage import Manifest, StageContext, StageError, Store, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ROOT / "data" / "sample_langid" / "raw" / "ntrex_langid_1600.jsonl.gz"
@@ -81,10 +82,10 @@ def pipeline(tmp_path_factory):
     """shard -> (tokenize stand-in) -> finetune -> quantize -> evaluate -> register, once per module."""
     import pyarrow.parquet as pq
 
-    from schemas.config import parse_config
-    from schemas.records import records_table
-    from tasks import evaluate, finetune, quantize, shard
-    from tasks.stage import FileEntry, sha256_file
+    from corpus2model.schemas.config import parse_config
+    from corpus2model.schemas.records import records_table
+    from corpus2model.tasks import evaluate, finetune, quantize, shard
+    from corpus2model.tasks.stage import FileEntry, sha256_file
 
     root = tmp_path_factory.mktemp("classify")
     cfg = parse_config({
@@ -199,7 +200,7 @@ def test_int8_folder_reloads_to_the_same_predictions(pipeline):
 
 
 def test_wrong_lora_targets_are_a_clear_error(pipeline, tmp_path):
-    from tasks import finetune
+    from corpus2model.tasks import finetune
 
     cfg = pipeline.cfg
     ft_cfg = cfg.finetune.model_copy(update={"lora": cfg.finetune.lora.model_copy(update={"target_modules": ["q_proj"]})})
@@ -214,7 +215,7 @@ def test_full_finetuning_trains_every_weight_and_saves_no_adapter(pipeline, tmp_
     """method: full on a tiny BERT (the registry tests' 2-layer model) over the same shard records."""
     from test_registry import tiny_bert_classifier
 
-    from tasks import finetune
+    from corpus2model.tasks import finetune
 
     tiny_bert_classifier(tmp_path / "tiny")
     cfg = pipeline.cfg

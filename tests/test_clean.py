@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.config import CleanConfig
-from schemas.records import make_record
-from tasks import clean, dedup, ingest
-from tasks.clean import clean_record, clean_text
-from tasks.stage import FileEntry, Manifest, run_stage, sha256_file
+from corpus2model.schemas.config import CleanConfig
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks import clean, dedup, ingest
+from corpus2model.tasks.clean import clean_record, clean_text
+from corpus2model.tasks.stage import FileEntry, Manifest, run_stage, sha256_file
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raw_text_corpus"
 

@@ -7,10 +7,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.records import REMOVED_SCHEMA, make_record
-from tasks import dedup
-from tasks.dedup import PartWriter, exact_key, select_representatives
-from tasks.stage import run_stage
+from corpus2model.schemas.records import REMOVED_SCHEMA, make_record
+from corpus2model.tasks import dedup
+from corpus2model.tasks.dedup import PartWriter, exact_key, select_representatives
+from corpus2model.tasks.stage import run_stage
 
 
 def _rec(inp, tgt, rid, path=None, line=None, task_type="instruction"):
@@ -141,7 +141,7 @@ def test_stage_without_duplicates_writes_no_removed_file(make_cfg, ctx, records_
 
 
 def test_part_writer_rolls_over_and_keeps_order(tmp_path):
-    from schemas.records import records_table
+    from corpus2model.schemas.records import records_table
 
     recs = [_rec(f"question {i} " + "x" * 2000, f"answer {i}", f"id{i:03d}", "f.jsonl", i) for i in range(60)]
     w = PartWriter(tmp_path, max_bytes=20_000)
@@ -229,8 +229,8 @@ def test_incremental_index_sketches_only_new_parts(make_cfg, ctx, records_manife
     up = records_manifest(old, parts=3)
     folder = up.dir
     p = folder / "parts" / "000003.parquet"
-    from schemas.records import records_table
-    from tasks.stage import FileEntry, sha256_file
+    from corpus2model.schemas.records import records_table
+    from corpus2model.tasks.stage import FileEntry, sha256_file
 
     pq.write_table(records_table(new), p)
     up.files.append(FileEntry("parts/000003.parquet", p.stat().st_size, sha256_file(p), "data", 2))
@@ -267,7 +267,7 @@ def test_standalone_dedup_folder_names_input_ids(make_cfg, tmp_path):
     import gzip
     import json
 
-    from flows.standalone import dedup_folder
+    from corpus2model.flows.standalone import dedup_folder
 
     base = _text(60)
     docs = [("d1", base), ("d2", _text(61)), ("d3", base), ("d4", _near(base, 2, 62)), ("d5", "  " + base + " ")]
@@ -319,8 +319,8 @@ def _jsonl_folder(tmp_path):
 def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
     """The standalone JSONL path builds the records ingest builds, rejects the same lines with
     the same reasons, and makes the dedup stage's decisions."""
-    from flows.standalone import _stage_on_folder, dedup_folder, write_removed_jsonl
-    from schemas.records import record_id
+    from corpus2model.flows.standalone import _stage_on_folder, dedup_folder, write_removed_jsonl
+    from corpus2model.schemas.records import record_id
 
     ind = _jsonl_folder(tmp_path)
     for method in ("minhash", "exact"):

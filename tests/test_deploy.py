@@ -27,7 +27,7 @@ def server(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "corpus2model.flows.cli", "server", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
@@ -53,10 +53,10 @@ def test_deploy_creates_a_cron_deployment(server, tmp_path):
     api, env = server
     env = {**env, "PREFECT_API_URL": api}
     config = ROOT / "configs" / "demo.yaml"
-    bad = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", str(config), "--cron", "every day", "--no-serve"],
+    bad = subprocess.run([sys.executable, "-m", "corpus2model.flows.cli", "deploy", str(config), "--cron", "every day", "--no-serve"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "not a valid cron expression" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", str(config), "--cron", "0 3 * * *", "--no-serve"],
+    ok = subprocess.run([sys.executable, "-m", "corpus2model.flows.cli", "deploy", str(config), "--cron", "0 3 * * *", "--no-serve"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     (dep,) = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
@@ -70,6 +70,6 @@ def test_deploy_creates_a_cron_deployment(server, tmp_path):
 
 def test_deploy_without_a_server_says_how_to_start_one():
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "configs/demo.yaml", "--cron", "0 3 * * *"],
+    r = subprocess.run([sys.executable, "-m", "corpus2model.flows.cli", "deploy", "configs/demo.yaml", "--cron", "0 3 * * *"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "c2m server" in r.stderr

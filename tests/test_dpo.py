@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tiny_lm  # noqa: E402
-from tasks import dpo, peft_methods, trainer  # noqa: E402
+from corpus2model.tasks.model import dpo, peft_methods, trainer  # noqa: E402
 from tests.conftest import SHARED  # noqa: E402
 
 KIND = ["I am glad to help with {x}, here is a kind answer.", "Happy to help with {x}: here is what I know."]
@@ -99,12 +99,12 @@ def test_finetune_stage_runs_dpo_on_a_pairs_file(tmp_path):
     assert s["dpo_heldout_after"]["loss"] < s["dpo_heldout_before"]["loss"]
     assert s["merged_dir"] == "merged" and s["adapter_dir"] == "adapter"
     # The held-out pairs are written for the evaluate stage's preference accuracy, and none was trained on.
-    from tasks.evaluate import heldout_pairs
+    from corpus2model.tasks.evaluate import heldout_pairs
 
     held = heldout_pairs(m, [])
     assert len(held) == 10 and all(p["chosen"] and p["rejected"] for p in held)
     # Editing the pairs file changes the key: the stage reruns.
-    from tasks import finetune
+    from corpus2model.tasks import finetune
 
     k1 = finetune.key_extra(type("C", (), {"finetune": cfg.finetune})())
     pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(41, 3)), encoding="utf-8")

@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from schemas.config import ModelConfig  # noqa: E402
-from schemas.records import make_record  # noqa: E402
-from tasks import evaluate  # noqa: E402
-from tasks.evaluate import extract_final_number  # noqa: E402
-from tasks.stage import StageContext, Store, run_stage  # noqa: E402
+from corpus2model.schemas.config import ModelConfig  # noqa: E402
+from corpus2model.schemas.records import make_record  # noqa: E402
+from corpus2model.tasks import evaluate  # noqa: E402
+from corpus2model.tasks.evaluate import extract_final_number  # noqa: E402
+from corpus2model.tasks.stage import StageContext, Store, run_stage  # noqa: E402
 from test_finetune import chain_config, learnable_records, run_chain  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def test_percentile_interpolates_like_numpy():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from tasks.modeling import build_model
-    from tasks.tokenize import train_tokenizer
+    from corpus2model.tasks.model.modeling import build_model
+    from corpus2model.tasks.tokenize import train_tokenizer
 
     texts = [f"What is {a} plus {b}? {a} plus {b} is {a + b}." for a in range(15) for b in range(15)]
     tok = train_tokenizer(texts, vocab_size=280, min_frequency=1)

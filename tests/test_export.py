@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from tasks import export  # noqa: E402
+from corpus2model.tasks.model import export  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_check_supported_names_the_missing_pieces():
 
 
 def test_registry_renders_the_gated_table_and_chart(tmp_path):
-    from tasks.registry import gated_report
+    from corpus2model.tasks.registry import gated_report
 
     report = {"split": "test", "notes": ["a note"],
               "rows": [{"variant": "base", "perplexity": 300.0, "latency_p50_ms": 3.0, "latency_p95_ms": 4.0},

@@ -1,4 +1,4 @@
-"""Document quality filters (tasks/filters.py) on real corpus snippets and synthetic texts, the
+"""Document quality filters (tasks/text/filters.py) on real corpus snippets and synthetic texts, the
 Gutenberg boilerplate strip, language ID, and their integration in the clean stage."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.config import CleanConfig
-from schemas.records import make_record
-from tasks import clean
-from tasks.clean import clean_document
-from tasks.filters import (
+from corpus2model.schemas.config import CleanConfig
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks import clean
+from corpus2model.tasks.clean import clean_document
+from corpus2model.tasks.text.filters import (
     c4_lines,
     c4_quality,
     count_sentences,
@@ -27,7 +27,7 @@ from tasks.filters import (
     top_ngram_char_fraction,
     words,
 )
-from tasks.stage import run_stage
+from corpus2model.tasks.stage import run_stage
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 RAW = DATASETS / "raw_text_corpus" / "raw"

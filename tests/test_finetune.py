@@ -16,11 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from schemas.config import parse_config  # noqa: E402
-from schemas.records import make_record, records_table  # noqa: E402
-from tasks import finetune  # noqa: E402
-from tasks.plan import module  # noqa: E402
-from tasks.stage import FileEntry, Manifest, StageContext, Store, run_stage, sha256_file  # noqa: E402
+from corpus2model.schemas.config import parse_config  # noqa: E402
+from corpus2model.schemas.records import make_record, records_table  # noqa: E402
+from corpus2model.tasks import finetune  # noqa: E402
+from corpus2model.flows.plan import module  # noqa: E402
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, Store, run_stage, sha256_file  # noqa: E402
 
 UPSTREAM = {"shard": [], "tokenize": ["shard"], "finetune": ["tokenize"], "quantize": ["finetune"],
             "evaluate": ["shard", "tokenize", "finetune", "quantize"]}
@@ -177,7 +177,7 @@ def test_finetune_loss_goes_down_and_writes_safetensors_only(trained):
 def test_merged_model_equals_base_plus_adapter(trained):
     from peft import PeftModel
 
-    from tasks.modeling import load_causal_lm
+    from corpus2model.tasks.model.modeling import load_causal_lm
 
     out = Path(trained[2]["finetune"].path)
     merged, tok = load_causal_lm(out / "merged")
@@ -213,7 +213,7 @@ def test_finetune_rerun_is_a_cache_hit_and_a_new_store_reproduces_it(trained, tm
 
 
 def test_finetune_names_a_bad_target_module(trained, tmp_path):
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     root, _, ms = trained
     cfg = chain_config(tmp_path, finetune={"lora": {"target_modules": ["no_such_proj"]}})

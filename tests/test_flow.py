@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.plan import DAG, DATA_STAGES
+from corpus2model.flows.plan import DAG, DATA_STAGES
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.flow
@@ -43,7 +43,7 @@ def project(tmp_path_factory, prefect_harness):
 
 
 def run(project, **overrides):
-    from flows.pipeline import pipeline
+    from corpus2model.flows.pipeline import pipeline
 
     result = pipeline(config_path=str(project["config"]), overrides=overrides or None)
     return result, {r["stage"]: r for r in result["rows"]}

@@ -9,9 +9,9 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import ingest
-from tasks.ingest import DecodeError, decode_bytes, extract_html, html_to_text, parse_file, scan_raw
-from tasks.stage import run_stage
+from corpus2model.tasks import ingest
+from corpus2model.tasks.ingest import DecodeError, decode_bytes, extract_html, html_to_text, parse_file, scan_raw
+from corpus2model.tasks.stage import run_stage
 from tests.conftest import SHARED
 
 
@@ -109,7 +109,7 @@ def test_stage_adds_one_file_ingests_only_it(make_cfg, ctx, tmp_path):
 
 
 def test_scan_raw_errors_are_actionable(make_cfg, ctx, tmp_path):
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     with pytest.raises(StageError, match="paths.raw"):
         scan_raw(tmp_path / "nope", ["*.txt"], ctx.store)

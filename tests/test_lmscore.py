@@ -1,4 +1,4 @@
-"""The LM-score filter (tasks/lmscore.py): a Kneser-Ney trigram on the bundled reference text,
+"""The LM-score filter (tasks/text/lmscore.py): a Kneser-Ney trigram on the bundled reference text,
 its cache keyed by the reference's sha256, and the decisions it makes on real snippets."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import CleanConfig
-from schemas.records import make_record
-from tasks.clean import clean_document
-from tasks.lmscore import REFERENCE, UNK, _prob, lm_filter, load_model, perplexity, train
+from corpus2model.schemas.config import CleanConfig
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks.clean import clean_document
+from corpus2model.tasks.text.lmscore import REFERENCE, UNK, _prob, lm_filter, load_model, perplexity, train
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raw_text_corpus" / "raw"
 PROSE = ("The government said on Tuesday that it would not change the law before the election, "

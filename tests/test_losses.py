@@ -1,4 +1,4 @@
-"""tasks.losses: chunked cross-entropy equals the full-logits loss (value and gradients); the packed
+"""tasks.model.losses: chunked cross-entropy equals the full-logits loss (value and gradients); the packed
 varlen boundaries; the path bench/train_throughput.py runs on a GPU, here on the tiny model."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tiny_lm  # noqa: E402
-from tasks import losses  # noqa: E402
+from corpus2model.tasks.model import losses  # noqa: E402
 
 
 def test_chunked_cross_entropy_matches_full_logits_in_value_and_gradient():

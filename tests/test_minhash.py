@@ -1,4 +1,4 @@
-"""tasks.minhash: shingles agree with the benchmark's Jaccard, signatures estimate it, LSH finds
+"""tasks.text.minhash: shingles agree with the benchmark's Jaccard, signatures estimate it, LSH finds
 the pairs above the threshold and verification rejects the rest."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tasks import minhash as mh
+from corpus2model.tasks.text import minhash as mh
 
 VOCAB = [f"w{i}" for i in range(3000)]
 

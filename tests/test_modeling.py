@@ -1,4 +1,4 @@
-"""tasks.modeling: deterministic build, safetensors round trips (float and dynamic INT8), generation."""
+"""tasks.model.modeling: deterministic build, safetensors round trips (float and dynamic INT8), generation."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from schemas.config import ModelConfig  # noqa: E402
-from tasks import modeling  # noqa: E402
-from tasks.tokenize import train_tokenizer  # noqa: E402
+from corpus2model.schemas.config import ModelConfig  # noqa: E402
+from corpus2model.tasks.model import modeling  # noqa: E402
+from corpus2model.tasks.tokenize import train_tokenizer  # noqa: E402
 
 TEXTS = [f"What is {a} plus {b}? {a} plus {b} is {a + b}. #### {a + b}" for a in range(20) for b in range(0, 20, 3)]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)

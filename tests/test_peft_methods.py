@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tiny_lm  # noqa: E402
-from tasks import peft_methods, trainer  # noqa: E402
-from tasks.finetune import evaluate_loss, sft_loss_fn  # noqa: E402
-from tasks.modeling import generate_text, save_model  # noqa: E402
-from tasks.stage import StageError  # noqa: E402
+from corpus2model.tasks.model import peft_methods, trainer  # noqa: E402
+from corpus2model.tasks.finetune import evaluate_loss, sft_loss_fn  # noqa: E402
+from corpus2model.tasks.model.modeling import generate_text, save_model  # noqa: E402
+from corpus2model.tasks.stage import StageError  # noqa: E402
 
 # Learning rate and the eval-loss drop each method reaches in 16 steps on the tiny model; the
 # random-init lm_head trains beside every adapter (see LoraConfig.modules_to_save).
@@ -49,7 +49,7 @@ def test_method_trains_saves_reloads_and_generates(method, data, tmp_path):
         want = model(input_ids=x).logits
     if method == "full":
         save_model(model, tok, tmp_path / "merged")
-        from tasks.modeling import load_causal_lm
+        from corpus2model.tasks.model.modeling import load_causal_lm
 
         again, _ = load_causal_lm(tmp_path / "merged")
     else:
@@ -90,7 +90,7 @@ def test_bottleneck_starts_as_the_identity():
 def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_path):
     from test_finetune import chain_config, run_chain
 
-    from tasks.modeling import load_causal_lm
+    from corpus2model.tasks.model.modeling import load_causal_lm
 
     cfg = chain_config(tmp_path, finetune={"adapter_per_task_type": True, "max_steps": 10, "eval_every": 10})
     m = run_chain(tmp_path, cfg, upto="finetune")["finetune"]
@@ -124,7 +124,7 @@ def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_pat
 
     from fastapi.testclient import TestClient
 
-    from tasks.serve import create_app
+    from corpus2model.flows.serve import create_app
 
     vdir = tmp_path / "registry" / "m" / "v1"
     shutil.copytree(out / "merged", vdir / "model")

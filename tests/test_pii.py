@@ -1,13 +1,13 @@
-"""PII masking (tasks/pii.py): each kind masked, look-alikes left alone, counts per kind, and the
+"""PII masking (tasks/text/pii.py): each kind masked, look-alikes left alone, counts per kind, and the
 clean stage applying it to input and target of every task type."""
 from __future__ import annotations
 
 import pytest
 
-from schemas.config import CleanConfig
-from schemas.records import make_record
-from tasks.clean import clean_document
-from tasks.pii import luhn_ok, mask_pii
+from corpus2model.schemas.config import CleanConfig
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks.clean import clean_document
+from corpus2model.tasks.text.pii import luhn_ok, mask_pii
 
 ALL = ("email", "phone", "ip", "card")
 

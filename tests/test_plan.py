@@ -1,7 +1,7 @@
 """The plan: keys computed before running, and the 'why' wording users read."""
 from __future__ import annotations
 
-from tasks.plan import DAG, config_diff, source_diff
+from corpus2model.flows.plan import DAG, config_diff, source_diff
 
 
 def test_config_diff_names_the_dotted_field():

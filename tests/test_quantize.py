@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from schemas.config import ConfigError, parse_config  # noqa: E402
-from tasks import quantize  # noqa: E402
-from tasks.export import load_variant  # noqa: E402
-from tasks.modeling import load_causal_lm, quantize_dynamic_int8  # noqa: E402
-from tasks.stage import StageContext, StageError, Store, run_stage  # noqa: E402
+from corpus2model.schemas.config import ConfigError, parse_config  # noqa: E402
+from corpus2model.tasks import quantize  # noqa: E402
+from corpus2model.tasks.model.export import load_variant  # noqa: E402
+from corpus2model.tasks.model.modeling import load_causal_lm, quantize_dynamic_int8  # noqa: E402
+from corpus2model.tasks.stage import StageContext, StageError, Store, run_stage  # noqa: E402
 from test_finetune import chain_config, run_chain  # noqa: E402
 
 METHODS = ["dynamic_int8", "onnx_int8_static", "fp16"]
@@ -130,7 +130,7 @@ def test_quantize_names_a_missing_merged_model(quantized, tmp_path):
     import shutil
     import types
 
-    from tasks.stage import Manifest
+    from corpus2model.tasks.stage import Manifest
 
     cfg, ms = quantized
     broken = Manifest.from_dict(ms["finetune"].to_dict(), path=tmp_path / "ft")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import clean, ingest
-from tasks.ingest import DecodeError, decode_bytes
-from tasks.stage import run_stage
+from corpus2model.tasks import clean, ingest
+from corpus2model.tasks.ingest import DecodeError, decode_bytes
+from corpus2model.tasks.stage import run_stage
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raw_text_corpus"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import registry
-from tasks.stage import FileEntry, Manifest, StageError
+from corpus2model.tasks import registry
+from corpus2model.tasks.stage import FileEntry, Manifest, StageError
 
 TEMPLATE = "Q: {input}\nA:"
 BASE_ROWS = [
@@ -51,7 +51,7 @@ def fake_pipeline(root: Path) -> dict[str, Manifest]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.modeling import quantize_dynamic_int8, save_dynamic_int8, save_model
+    from corpus2model.tasks.model.modeling import quantize_dynamic_int8, save_dynamic_int8, save_model
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -339,7 +339,7 @@ def tiny_bert_classifier(folder: Path):
 
 def fake_classifier_pipeline(root: Path) -> dict[str, Manifest]:
     """Store-like outputs of a classification run: full fine-tuning (no adapter), a real INT8 folder."""
-    from tasks.classify import quantize_folder
+    from corpus2model.tasks.model.classify import quantize_folder
 
     ft = root / "store" / "finetune" / "cls0001"
     tiny_bert_classifier(ft / "merged")

@@ -3,7 +3,7 @@
 A killed process is simulated with SIGKILL from inside the victim stage, at the worst moment:
 after the stage did all its work in its temp folder, before the runner renames it into place
 (for ingest: after some per-file units are stored). The DAG runs without Prefect here
-(tasks.plan.run_local: the same keys, store and outputs as the flow)."""
+(flows.plan.run_local: the same keys, store and outputs as the flow)."""
 from __future__ import annotations
 
 import errno
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from schemas.config import load_config
-from tasks import plan
-from tasks.ingest import scan_raw
-from tasks.stage import StageContext, StageError, Store, run_stage, verify
+from corpus2model.schemas.config import load_config
+from corpus2model.flows import plan
+from corpus2model.tasks.ingest import scan_raw
+from corpus2model.tasks.stage import StageContext, StageError, Store, run_stage, verify
 from tests.conftest import ROOT
 
 TINY = {
@@ -33,8 +33,8 @@ TINY = {
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from schemas.config import load_config
-    from tasks import plan
+    from corpus2model.schemas.config import load_config
+    from corpus2model.flows import plan
     config, victim, after_units = sys.argv[1], sys.argv[2], int(sys.argv[3])
     mod = plan.module(victim)
     if after_units:  # die once that many per-file units are stored
@@ -145,7 +145,7 @@ def test_same_size_edit_of_a_cached_file_is_detected(tmp_path):
 
 
 def test_full_disk_is_a_clear_error_and_nothing_is_marked_finished(make_cfg, ctx, records_manifest):
-    from tasks import dedup
+    from corpus2model.tasks import dedup
 
     records = [{"id": "a", "input": "", "target": "some text here", "metadata": {}}]
     up = records_manifest(records)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import ConfigError
-from tasks.plan import DAG, check_runtime, module
-from tasks.prefect_tasks import stage_options
-from tasks.stage import stage_key
+from corpus2model.schemas.config import ConfigError
+from corpus2model.flows.plan import DAG, check_runtime, module
+from corpus2model.flows.prefect_tasks import stage_options
+from corpus2model.tasks.stage import stage_key
 
 
 def test_stage_options_carry_timeout_retries_and_gpu_tag(make_cfg):
@@ -45,10 +45,10 @@ def test_dask_runner_runs_a_stage_with_its_process_pool_and_matches_threads(tmp_
     from prefect import flow
     from prefect.settings import PREFECT_API_URL
 
-    from flows.runners import task_runner
-    from tasks.ingest import scan_raw
-    from tasks.prefect_tasks import stage_task
-    from tasks.stage import Store
+    from corpus2model.flows.runners import task_runner
+    from corpus2model.tasks.ingest import scan_raw
+    from corpus2model.flows.prefect_tasks import stage_task
+    from corpus2model.tasks.stage import Store
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from tasks.security import MASK, RedactingFilter, SecurityError, check_weights, redact, redact_obj
+from corpus2model.tasks.common.security import MASK, RedactingFilter, SecurityError, check_weights, redact, redact_obj
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
@@ -50,7 +50,7 @@ def test_log_records_are_redacted(monkeypatch):
 
 
 def test_a_pretrained_model_with_only_pickle_weights_is_refused_by_the_loader(tmp_path, make_cfg):
-    from tasks.modeling import build_model
+    from corpus2model.tasks.model.modeling import build_model
 
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 would run code when unpickled")

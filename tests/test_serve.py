@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from schemas.config import parse_config
-from tasks import registry, serve
-from tasks.stage import StageError
+from corpus2model.schemas.config import parse_config
+from corpus2model.tasks import registry
+from corpus2model.flows import serve
+from corpus2model.tasks.stage import StageError
 from test_registry import CLS_LABELS, TEMPLATE, fake_classifier_pipeline, fake_pipeline  # the registry tests' fake store outputs
 
 
@@ -64,7 +65,7 @@ def test_generate_rejects_bad_requests(client, payload):
 def test_prompt_is_rendered_with_the_version_template(registered, monkeypatch):
     from fastapi.testclient import TestClient
 
-    import tasks.modeling
+    from corpus2model.tasks.model import modeling
 
     seen = []
 
@@ -73,7 +74,7 @@ def test_prompt_is_rendered_with_the_version_template(registered, monkeypatch):
         return ["ok"]
 
     # create_app binds generate_text when it is called, so patch the module it imports from first.
-    monkeypatch.setattr(tasks.modeling, "generate_text", fake_generate)
+    monkeypatch.setattr(modeling, "generate_text", fake_generate)
     app = serve.create_app(registered.paths.registry, registered.registry.model_name, ref="v1", variant="tuned")
     with TestClient(app) as c:
         body = c.post("/generate", json={"prompt": "a {brace}", "max_new_tokens": 3, "temperature": 0.5}).json()

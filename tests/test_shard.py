@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.records import RECORD_SCHEMA, make_record, records_table
-from tasks import shard
-from tasks.shard import (STATISTICS_COLUMNS, RollingParquetWriter, assign_split, read_webdataset,
+from corpus2model.schemas.records import RECORD_SCHEMA, make_record, records_table
+from corpus2model.tasks import shard
+from corpus2model.tasks.shard import (STATISTICS_COLUMNS, RollingParquetWriter, assign_split, read_webdataset,
                          split_bucket, split_key)
-from tasks.stage import StageError, run_stage
+from corpus2model.tasks.stage import StageError, run_stage
 
 SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 

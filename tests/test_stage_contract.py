@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import ConfigError, load_config, parse_config
-from tasks.stage import (
+from corpus2model.schemas.config import ConfigError, load_config, parse_config
+from corpus2model.tasks.stage import (
     CounterMismatch, FileEntry, Manifest, StageContext, Store, cache_key, check_counters, run_stage, stage_key, verify,
 )
 
@@ -152,8 +152,8 @@ def test_two_writers_one_key_compute_once(make_cfg, tmp_path):
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 
-    from tasks.prefect_tasks import retry_transient
-    from tasks.stage import StageError
+    from corpus2model.flows.prefect_tasks import retry_transient
+    from corpus2model.tasks.stage import StageError
 
     def failed(exc):
         return Failed(data=exc)

@@ -6,10 +6,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.records import make_record
-from tasks import shard, tokenize
-from tasks.stage import StageContext, Store, run_stage
-from tasks.tokenize import IGNORE_INDEX, encode_example, load_tokenizer, pack, render, train_tokenizer
+from corpus2model.schemas.records import make_record
+from corpus2model.tasks import shard, tokenize
+from corpus2model.tasks.stage import StageContext, Store, run_stage
+from corpus2model.tasks.tokenize import IGNORE_INDEX, encode_example, load_tokenizer, pack, render, train_tokenizer
 
 TEMPLATE = "### Input:\n{input}\n### Response:\n"
 PAD = 0
@@ -236,7 +236,7 @@ def test_stage_shard_then_tokenize(make_cfg, ctx, records_manifest, tmp_path):
 
 
 def test_stage_needs_a_train_split(make_cfg, ctx, records_manifest):
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     cfg = make_cfg({"shard": {"splits": {"train": 0.0, "test": 1.0}}})
     sh = run_stage(shard, [records_manifest(synthetic_records(20), stage="validate")], cfg, ctx)
@@ -245,7 +245,7 @@ def test_stage_needs_a_train_split(make_cfg, ctx, records_manifest):
 
 
 def test_a_damaged_shard_is_never_read(make_cfg, ctx, records_manifest):
-    from tasks.stage import StageError
+    from corpus2model.tasks.stage import StageError
 
     cfg = _stage_cfg(make_cfg)
     sh = run_stage(shard, [records_manifest(synthetic_records(), stage="validate")], cfg, ctx)

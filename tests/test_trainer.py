@@ -1,4 +1,4 @@
-"""tasks.trainer: schedule, data order, accumulation, early stopping, and exact resume after a crash."""
+"""tasks.model.trainer: schedule, data order, accumulation, early stopping, and exact resume after a crash."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tiny_lm  # noqa: E402  (tests/ is on sys.path: pytest rootdir-relative import)
-from tasks import peft_methods, trainer  # noqa: E402
-from tasks.finetune import evaluate_loss, sft_loss_fn  # noqa: E402
+from corpus2model.tasks.model import peft_methods, trainer  # noqa: E402
+from corpus2model.tasks.finetune import evaluate_loss, sft_loss_fn  # noqa: E402
 
 
 def test_lr_has_warmup_cosine_and_a_floor():

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("optuna")
 torch = pytest.importorskip("torch")
 
-from flows import tune  # noqa: E402
-from schemas.config import load_config  # noqa: E402
+from corpus2model.flows import tune  # noqa: E402
+from corpus2model.schemas.config import load_config  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -49,8 +49,8 @@ def test_trials_are_cached_prefect_tasks(tmp_path, monkeypatch, prefect_harness)
 
     from prefect import flow
 
-    from tasks import finetune
-    from tasks.stage import Manifest
+    from corpus2model.tasks import finetune
+    from corpus2model.tasks.stage import Manifest
     from test_finetune import chain_config
 
     calls = []

@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.records import empty_metadata, make_record, records_table
-from tasks import validate
-from tasks.stage import StageError, run_stage, sha256_bytes, sha256_file, stage_config, stage_key
-from tasks.validate import ValidationFailed, load_suite, records_frame, validate_table
+from corpus2model.schemas.records import empty_metadata, make_record, records_table
+from corpus2model.tasks import validate
+from corpus2model.tasks.stage import StageError, run_stage, sha256_bytes, sha256_file, stage_config, stage_key
+from corpus2model.tasks.validate import ValidationFailed, load_suite, records_frame, validate_table
 from tests.conftest import ROOT, SHARED
 
 SUITE = ROOT / "schemas" / "suites" / "training_records.yaml"

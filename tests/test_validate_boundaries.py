@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
-from schemas.records import make_record, records_table
-from tasks import validate
-from tasks.plan import DAG, module
-from tasks.stage import StageContext, Store, run_stage, stage_key
-from tasks.validate import (ValidationFailed, apply_severity, check_drift, compare_profiles, load_suite, raw_shapes,
+from corpus2model.flows.cli import main
+from corpus2model.schemas.records import make_record, records_table
+from corpus2model.tasks import validate
+from corpus2model.flows.plan import DAG, module
+from corpus2model.tasks.stage import StageContext, Store, run_stage, stage_key
+from corpus2model.tasks.validate import (ValidationFailed, apply_severity, check_drift, compare_profiles, load_suite, raw_shapes,
                             save_stats, validate_preference_pairs)
 from tests.conftest import ROOT, SHARED
 
@@ -116,7 +116,7 @@ def test_severity_overrides():
 # the DAG: check nodes and the refusal to train on the dirty file
 # ---------------------------------------------------------------------------------------------
 def _run_until(stop: str, cfg, store: Store) -> dict:
-    from tasks.ingest import scan_raw
+    from corpus2model.tasks.ingest import scan_raw
 
     done = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, store)}
     ctx = StageContext(store=store)
@@ -190,7 +190,7 @@ def test_compare_profiles_values(make_cfg):
 
 
 def test_drift_against_last_successful_run(make_cfg, records_manifest, tmp_path):
-    from tasks.stage import Manifest
+    from corpus2model.tasks.stage import Manifest
 
     def manifest(n, task="math_qa"):
         recs = [make_record(f"q {i}", "x" * (10 + i), task_type=task) for i in range(n)]

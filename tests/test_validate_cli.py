@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
+from corpus2model.flows.cli import main
 from tests.conftest import SHARED
 
 DIRTY = SHARED / "sft_instructions" / "dirty.jsonl"

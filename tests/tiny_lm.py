@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from schemas.config import FinetuneConfig, ModelConfig
-from tasks.modeling import build_model
-from tasks.tokenize import encode_records, pack, train_tokenizer
+from corpus2model.schemas.config import FinetuneConfig, ModelConfig
+from corpus2model.tasks.model.modeling import build_model
+from corpus2model.tasks.tokenize import encode_records, pack, train_tokenizer
 
 SEQ_LEN = 48
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)

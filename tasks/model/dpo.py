@@ -1,4 +1,4 @@
-"""DPO (Rafailov et al. 2023) on preference pairs, through the same loop as SFT (tasks/trainer.py).
+"""DPO (Rafailov et al. 2023) on preference pairs, through the same loop as SFT (tasks/model/trainer.py).
 
 Loss per pair: ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` where ``pi_*``/``ref_*``
 are the summed log-probabilities of the chosen/rejected response tokens given the prompt under
@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from tasks.stage import StageError
+from corpus2model.tasks.stage import StageError
 
 IGNORE_INDEX = -100
 
@@ -38,7 +38,7 @@ def load_pairs(path: Path, report_dir: Path | None = None, drop_invalid: bool = 
         raise StageError(f"finetune.dpo.pairs_path {path} does not exist: point it at a preference-pairs JSONL file")
     dropped: list[str] = []
     if report_dir is not None:
-        from tasks.validate import ValidationFailed, validate_preference_pairs
+        from corpus2model.tasks.validate import ValidationFailed, validate_preference_pairs
 
         try:
             validate_preference_pairs(path, report_dir)

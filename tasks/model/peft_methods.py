@@ -28,7 +28,7 @@ import json
 import warnings
 from pathlib import Path
 
-from tasks.stage import StageError
+from corpus2model.tasks.stage import StageError
 
 PEFT_METHODS = ("lora", "qlora", "prefix", "ia3")
 MERGEABLE = ("full", "lora", "qlora", "ia3")
@@ -199,7 +199,7 @@ def save_adapter(model, method: str, folder: Path) -> bool:
     if method == "bottleneck":
         save_bottleneck(model, folder)
         return True
-    from tasks.finetune import canonical_adapter_config
+    from corpus2model.tasks.finetune import canonical_adapter_config
 
     model.save_pretrained(str(folder), safe_serialization=True)
     for cfg_file in sorted(folder.rglob("adapter_config.json")):  # per-task adapters sit in subfolders
@@ -210,7 +210,7 @@ def save_adapter(model, method: str, folder: Path) -> bool:
 def load_tuned(base_dir: Path, adapter_dir: Path):
     """(model, tokenizer): the float base from ``base_dir`` with the adapter in ``adapter_dir``
     applied (peft or bottleneck), in eval mode. What serve/evaluate use for non-mergeable methods."""
-    from tasks.modeling import load_causal_lm
+    from corpus2model.tasks.model.modeling import load_causal_lm
 
     model, tok = load_causal_lm(base_dir)
     adapter_dir = Path(adapter_dir)
@@ -244,7 +244,7 @@ def load_multi_task(merged_dir: Path, adapter_dir: Path):
     or run the merged model alone inside ``with model.disable_adapter():``."""
     from peft import PeftModel
 
-    from tasks.modeling import load_causal_lm
+    from corpus2model.tasks.model.modeling import load_causal_lm
 
     names = task_adapter_names(adapter_dir)
     if not names:

@@ -17,7 +17,7 @@ tasks/quantize.py decides which variants to make and caches each one; this modul
 * ``bnb_folder``: bitsandbytes 8-bit or 4-bit (NF4) on a CUDA device, saved with its quantization config.
 
 ``load_variant(folder)`` returns ``(model, tokenizer)`` for any of these folders (and for plain HF
-and dynamic-INT8 folders, through ``tasks.modeling.load_causal_lm``). An ONNX variant comes back as
+and dynamic-INT8 folders, through ``corpus2model.tasks.model.modeling.load_causal_lm``). An ONNX variant comes back as
 ``OnnxCausalLM``, which answers ``model(input_ids=..., use_cache=False).logits`` and a greedy
 ``generate`` (full-sequence recompute per new token: the graph has no KV cache), so every metric of
 the evaluation table is computed for it the same way as for a PyTorch model.
@@ -293,7 +293,7 @@ def cast_folder(src: Path, dst: Path, dtype: str) -> None:
     """The HF model in ``src`` saved with its float weights cast to ``dtype`` ("float16"/"bfloat16")."""
     import torch
 
-    from tasks.modeling import load_causal_lm, save_model
+    from corpus2model.tasks.model.modeling import load_causal_lm, save_model
 
     model, tokenizer = load_causal_lm(src)
     save_model(model.to(getattr(torch, dtype)), tokenizer, dst)
@@ -304,7 +304,7 @@ def bnb_folder(src: Path, dst: Path, bits: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks.modeling import load_tokenizer
+    from corpus2model.tasks.model.modeling import load_tokenizer
 
     if bits == 4:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -342,7 +342,7 @@ def check_supported(methods: list[str], device: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def load_variant(folder: Path, threads: int = 0):
     """(model, tokenizer) for any folder quantize writes, the HF folders finetune writes included."""
-    from tasks.modeling import load_causal_lm, load_tokenizer
+    from corpus2model.tasks.model.modeling import load_causal_lm, load_tokenizer
 
     folder = Path(folder)
     info = read_variant_info(folder)

@@ -14,7 +14,9 @@ import random
 import re
 from pathlib import Path
 
-TABLE = Path(__file__).resolve().parents[1] / "data" / "thesaurus" / "wordnet_synonyms.tsv.gz"
+from corpus2model.tasks.common.resources import data_path
+
+TABLE = data_path("thesaurus", "wordnet_synonyms.tsv.gz")
 # A word: letters with inner apostrophes/hyphens; only all-letter words are looked up.
 _WORD = re.compile(r"[A-Za-z]+(?:['\u2019-][A-Za-z]+)*")
 

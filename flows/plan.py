@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify, write_json_atomic
+from corpus2model.tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify, write_json_atomic
 
 # (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
 # tests/test_flow.py checks that every manifest's upstream matches this table.
@@ -37,7 +37,7 @@ DATA_STAGES = ["ingest", "check_raw", "clean", "dedup", "check_clean", "augment"
 def check_runtime(runtime) -> None:
     """Stage names in the runtime section must name DAG stages: a typo would silently drop a timeout
     or the GPU tag."""
-    from schemas.config import ConfigError
+    from corpus2model.schemas.config import ConfigError
 
     known = {name for name, _ in DAG}
     for field_name, names in (("runtime.stage_timeout_s", runtime.stage_timeout_s), ("runtime.gpu_stages", runtime.gpu_stages)):
@@ -48,10 +48,10 @@ def check_runtime(runtime) -> None:
 
 def module(stage: str):
     if stage.startswith("check_"):  # the boundary checks share tasks/validate.py, one node per boundary
-        from tasks.validate import boundary_module
+        from corpus2model.tasks.validate import boundary_module
 
         return boundary_module(stage[len("check_"):])
-    return importlib.import_module(f"tasks.{stage}")
+    return importlib.import_module(f"corpus2model.tasks.{stage}")
 
 
 @dataclass
@@ -173,7 +173,7 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
 def run_local(cfg, log=None) -> dict[str, Manifest]:
     """The DAG without Prefect: the same keys, store and outputs as the flow, in DAG order.
     For debugging a stage and for the kill/concurrency tests (a process that may be killed)."""
-    from tasks.ingest import scan_raw
+    from corpus2model.tasks.ingest import scan_raw
 
     store = Store(cfg.paths.store)
     done: dict[str, Manifest] = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, store)}

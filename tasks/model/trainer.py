@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tasks.stage import StageError
+from corpus2model.tasks.stage import StageError
 
 SMOOTH = 5  # initial/final train loss are means over this many steps
 CKPT_PREFIX = "step-"

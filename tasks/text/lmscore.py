@@ -29,9 +29,10 @@ from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "data" / "reference"
-CACHE_DIR = ROOT / ".cache" / "lm"
+from corpus2model.tasks.common.resources import cache_dir, data_path
+
+REFERENCE = data_path("reference")
+CACHE_DIR = cache_dir("lm")
 DISCOUNT = 0.75
 MODEL_VERSION = 2  # bump when the model's construction changes (part of the cache file name)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tasks.stage import StageError, canonical_json
+from corpus2model.tasks.stage import StageError, canonical_json
 
 CACHE_FILE = "translations.sqlite"
 
@@ -246,7 +246,7 @@ class Translator:
             import torch
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-            from tasks.security import load_kwargs
+            from corpus2model.tasks.common.security import load_kwargs
 
             folder = resolve_model_dir(name)
             safe = load_kwargs(folder, self.allow_pickle)

@@ -2,7 +2,7 @@
 
 * Weights are safetensors. A folder (or hub snapshot) that only has pickle checkpoints is refused
   with the fix, unless ``model.allow_pickle`` says otherwise: unpickling runs arbitrary code.
-* ``trust_remote_code`` stays False unless ``model.trust_remote_code`` is set (tasks/modeling.py).
+* ``trust_remote_code`` stays False unless ``model.trust_remote_code`` is set (tasks/model/modeling.py).
 * Secrets: tokens and passwords from the environment or from any mapping key that names one are
   replaced by ``***`` in log records and in anything published (artifacts, summaries), so a run that
   had ``HF_TOKEN`` exported never writes it anywhere.

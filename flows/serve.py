@@ -32,8 +32,8 @@ from typing import Annotated, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from tasks.registry import VARIANT_DIRS, resolve
-from tasks.stage import StageError
+from corpus2model.tasks.registry import VARIANT_DIRS, resolve
+from corpus2model.tasks.stage import StageError
 
 log = logging.getLogger("corpus2model.serve")
 
@@ -255,11 +255,11 @@ def load_version(registry_root: str | Path, name: str, ref: str = "production", 
     folder = version_dir / info["variants"][variant]
     task = info.get("task", "causal_lm")
     if task == "classification":
-        from tasks.classify import load_classifier
+        from corpus2model.tasks.model.classify import load_classifier
 
         model, tokenizer = load_classifier(folder)
     else:
-        from tasks.modeling import load_causal_lm
+        from corpus2model.tasks.model.modeling import load_causal_lm
 
         model, tokenizer = load_causal_lm(folder)
     return {"model": model, "tokenizer": tokenizer, "version": version_dir.name, "variant": variant,
@@ -273,7 +273,7 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import PlainTextResponse
 
-    from tasks.modeling import generate_text
+    from corpus2model.tasks.model.modeling import generate_text
 
     loaded = load_version(registry_root, name, ref, variant)
     model, tokenizer, template, task = loaded["model"], loaded["tokenizer"], loaded["template"], loaded["task"]
@@ -281,7 +281,7 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
     adapters: list[str] = []
     if task == "causal_lm" and loaded["variant"] == "tuned":
         # Per-task adapters were trained on top of the tuned (merged) weights; they ship in adapter/<task_type>/.
-        from tasks.peft_methods import load_multi_task, task_adapter_names
+        from corpus2model.tasks.model.peft_methods import load_multi_task, task_adapter_names
 
         adapter_root = Path(loaded["folder"]).parent / "adapter"
         if task_adapter_names(adapter_root):
@@ -291,7 +291,7 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
     lock = threading.Lock()
     batcher = None
     if task == "classification":
-        from tasks.classify import classify_texts
+        from corpus2model.tasks.model.classify import classify_texts
 
         batcher = Batcher(lambda texts: classify_texts(model, tokenizer, texts, loaded["max_length"]),
                           max_batch_size, max_batch_wait_ms, on_batch=metrics.batch)

@@ -45,6 +45,8 @@ from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
 
+from corpus2model.tasks.common.resources import cache_dir
+
 Decision = tuple[bool, str | None, float | None]
 KEEP: Decision = (True, None, None)
 
@@ -108,7 +110,7 @@ _ELLIPSES = ("...", "…")
 # ---------------------------------------------------------------------------------------------
 # words: spaCy's English tokenizer, replayed with a chunk cache
 # ---------------------------------------------------------------------------------------------
-_RULES_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "spacy"
+_RULES_CACHE = cache_dir("spacy")
 
 
 def _extract_spacy_rules() -> dict:

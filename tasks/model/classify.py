@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tasks.stage import FileEntry, Manifest, StageContext, StageError
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 PKG_PREFIX = "pkg:"
 HEAD_MODULES = ("classifier", "pooler", "score")  # trained in full: the task head (and BERT's pooler)
@@ -143,7 +143,7 @@ def split_records(shard: Manifest) -> dict[str, list[dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.tokenize import shard_files, verified_shard
+    from corpus2model.tasks.tokenize import shard_files, verified_shard
 
     out = {}
     for split, paths in shard_files(shard).items():
@@ -157,7 +157,7 @@ def split_records(shard: Manifest) -> dict[str, list[dict]]:
 # models
 # ---------------------------------------------------------------------------------------------
 def _offline() -> None:
-    from tasks.modeling import _offline as offline
+    from corpus2model.tasks.model.modeling import _offline as offline
 
     offline()
 
@@ -169,7 +169,7 @@ def load_pretrained_classifier(ref: str, labels: list[str], seed: int, allow_pic
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.security import load_kwargs
+    from corpus2model.tasks.common.security import load_kwargs
 
     path = resolve_pretrained(ref)
     torch.manual_seed(seed)  # the new head's init
@@ -189,7 +189,7 @@ def load_classifier(folder: Path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.modeling import QUANT_CONFIG
+    from corpus2model.tasks.model.modeling import QUANT_CONFIG
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -305,7 +305,7 @@ def train_tuned(model, tokenizer, records: list[dict], y: list[int], cc, ft, log
     the finetune section's schedule (linear warmup, cosine decay), AdamW and gradient clipping."""
     import torch
 
-    from tasks.finetune import lr_at
+    from corpus2model.tasks.finetune import lr_at
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
@@ -340,8 +340,8 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     """The finetune stage for ``model.task: classification`` (see the module docstring)."""
     import torch
 
-    from tasks.finetune import canonical_adapter_config
-    from tasks.modeling import save_model
+    from corpus2model.tasks.finetune import canonical_adapter_config
+    from corpus2model.tasks.model.modeling import save_model
 
     if len(inputs) != 1:
         raise StageError(f"finetune takes one upstream manifest (tokenize), got {len(inputs)}")
@@ -409,7 +409,7 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     history = [{"step": i + 1, "train_loss": v, "lr": None, "eval_loss": None} for i, v in enumerate(losses)]
     (out_dir / "loss.json").write_text(json.dumps({"rows": history, "head_losses": head["head_losses"]}, indent=1),
                                        encoding="utf-8")
-    from tasks.finetune import plot_losses
+    from corpus2model.tasks.finetune import plot_losses
 
     plot_losses(history, out_dir / "loss.png")
     files = [FileEntry(p.relative_to(out_dir).as_posix(), role="model")
@@ -450,7 +450,7 @@ def quantize_folder(src: Path, dst: Path, skip_modules=()) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.modeling import INT8_WEIGHTS, QUANT_CONFIG, dynamic_int8_tensors, linear_names, quantize_dynamic_int8
+    from corpus2model.tasks.model.modeling import INT8_WEIGHTS, QUANT_CONFIG, dynamic_int8_tensors, linear_names, quantize_dynamic_int8
 
     model, tokenizer = load_classifier(src)
     float_config = model.config
@@ -495,11 +495,11 @@ def quantize_folder(src: Path, dst: Path, skip_modules=()) -> dict:
 
 
 def load_dynamic_int8_classifier(folder: Path):
-    """The shared int8 loader (tasks/modeling.py) with the sequence-classification class, after turning
+    """The shared int8 loader (tasks/model/modeling.py) with the sequence-classification class, after turning
     the int8 word-embedding table back into float weights."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.modeling import load_dynamic_int8
+    from corpus2model.tasks.model.modeling import load_dynamic_int8
 
     def dequantize_embeddings(tensors: dict, qcfg: dict) -> None:
         for name in qcfg.get(EMBED_QUANT, []):
@@ -550,7 +550,7 @@ def latency_ms(model, enc: dict, runs: int, warmup: int = 3) -> tuple[float, flo
 
 def evaluate_classifier(folder: Path, records: list[dict], y: list[int], n_labels: int, max_length: int,
                         latency_record: dict, runs: int) -> dict:
-    from tasks.modeling import count_params, folder_size_bytes
+    from corpus2model.tasks.model.modeling import count_params, folder_size_bytes
 
     model, tokenizer = load_classifier(folder)
     t0 = time.perf_counter()
@@ -579,7 +579,7 @@ def evaluate_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     """The evaluate stage for a classifier: every variant on the same held-out labelled records."""
     import torch
 
-    from tasks.evaluate import held_out_records
+    from corpus2model.tasks.evaluate import held_out_records
 
     shard, _tok, ft, quant = inputs
     ec = cfg.evaluate
@@ -618,7 +618,7 @@ def evaluate_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     md = eval_markdown(rows, split, labels, notes)
     (out_dir / "eval.md").write_text(md, encoding="utf-8")
-    from tasks.artifacts import publish_markdown, publish_table
+    from corpus2model.tasks.common.artifacts import publish_markdown, publish_table
 
     publish_table("evaluation", rows, f"held-out {split} split, {len(records)} records")
     publish_markdown("evaluation-summary", md, "evaluation table")

@@ -5,7 +5,7 @@ ingest stage's Parquet in between: a worker per file parses each line (orjson), 
 record ingest would (``tasks.ingest.json_to_record`` semantics, same ids, same rejects with the
 same reasons), and computes what ``tasks.dedup`` needs in the same pass: the 128-bit exact digest
 (the record id is its first 64 bits, so the normalised text is hashed once) and, for
-``dedup.method: minhash``, the MinHash sketch (``tasks.minhash.sketch``). Decisions are made by
+``dedup.method: minhash``, the MinHash sketch (``tasks.text.minhash.sketch``). Decisions are made by
 ``tasks.dedup.decide_clusters`` on ``tasks.dedup.SketchIndex``, the same functions the pipeline's
 dedup stage uses, so both keep the same representative (smallest source_path, source_line, id).
 
@@ -36,7 +36,7 @@ def jsonl_only(source) -> bool:
 def exact_digest(input_text: str, target_text: str) -> bytes:
     """sha256 of normalised input + US + normalised target: ``schemas.records.record_id`` is its
     first 16 hex digits, ``tasks.dedup`` compares its first 16 bytes."""
-    from schemas.records import normalize_for_hash
+    from corpus2model.schemas.records import normalize_for_hash
 
     h = hashlib.sha256(normalize_for_hash(input_text).encode("utf-8") if input_text else b"")
     h.update(b"\x1f")
@@ -53,8 +53,8 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
 
     import orjson
 
-    from schemas.records import quarantine_row
-    from tasks.ingest import json_to_record
+    from corpus2model.schemas.records import quarantine_row
+    from corpus2model.tasks.ingest import json_to_record
 
     stage = "ingest"  # the rejects are ingest's (same reasons as the pipeline's ingest stage)
     cols = _empty_columns()
@@ -120,7 +120,7 @@ def read_jsonl_file(path: Path, rel: str, sha: str, ingest_cfg):
     import gzip
     import zlib
 
-    from schemas.records import quarantine_row
+    from corpus2model.schemas.records import quarantine_row
 
     data = Path(path).read_bytes()
     if rel.lower().endswith(".gz"):
@@ -142,7 +142,7 @@ def records_from_columns(cols: dict, rel: str, sha: str, encoding: str):
     """RECORD_SCHEMA table from column lists (no per-record dicts)."""
     import pyarrow as pa
 
-    from schemas.records import METADATA_TYPE, RECORD_SCHEMA
+    from corpus2model.schemas.records import METADATA_TYPE, RECORD_SCHEMA
 
     n = len(cols["id"])
     md_values = {"task_type": cols["task_type"], "domain": cols["domain"], "source": cols["source"],
@@ -157,15 +157,15 @@ def records_from_columns(cols: dict, rel: str, sha: str, encoding: str):
 def _file_unit(args) -> dict:
     """One JSONL file -> records.parquet, quarantine.parquet, digests/keys/sets, meta, names."""
     store_root, key, path, rel, sha, ingest_cfg, dedup_cfg = args
-    from tasks.stage import FileEntry, Store
+    from corpus2model.tasks.stage import FileEntry, Store
 
     def write(tmp: Path) -> dict:
         import numpy as np
         import pyarrow.parquet as pq
 
-        from schemas.records import RECORD_SCHEMA, quarantine_table
-        from tasks.dedup import dictionary_columns, sketch_params
-        from tasks.minhash import sketch
+        from corpus2model.schemas.records import RECORD_SCHEMA, quarantine_table
+        from corpus2model.tasks.dedup import dictionary_columns, sketch_params
+        from corpus2model.tasks.text.minhash import sketch
 
         cols, digests, rejects, encoding = read_jsonl_file(Path(path), rel, sha, ingest_cfg)
         n = len(cols["id"])
@@ -209,7 +209,7 @@ def _out_key(unit_dir: Path, keep) -> str:
     """A file's kept part depends on its records (the unit key) and on which of them are kept."""
     import numpy as np
 
-    from tasks.stage import cache_key
+    from corpus2model.tasks.stage import cache_key
 
     return cache_key(OUT_STAGE, UNIT_VERSION, {}, [Path(unit_dir).name, hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(),
                                                    str(len(keep))])
@@ -222,9 +222,9 @@ def _write_part(args) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.records import RECORD_SCHEMA
-    from tasks.dedup import dictionary_columns
-    from tasks.stage import FileEntry, Store
+    from corpus2model.schemas.records import RECORD_SCHEMA
+    from corpus2model.tasks.dedup import dictionary_columns
+    from corpus2model.tasks.stage import FileEntry, Store
 
     def write(tmp: Path) -> dict:
         table = pq.read_table(Path(unit_dir) / "records.parquet").filter(pa.array(keep))
@@ -242,8 +242,8 @@ def _pool_map(fn, items: list, workers: int) -> list:
         import orjson  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
-        import tasks.ingest  # noqa: F401
-        import tasks.minhash  # noqa: F401
+        import corpus2model.tasks.ingest  # noqa: F401
+        import corpus2model.tasks.text.minhash  # noqa: F401
 
         # pyarrow imports pandas on the first pa.array() of a process (~0.5 s CPU): once, here.
         pyarrow.array([], pyarrow.bool_())
@@ -261,8 +261,8 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store) -> dict:
     Manifest (also written to ``manifest.json``; counters and stats to ``stats.json``)."""
     import numpy as np
 
-    from tasks.dedup import SketchIndex, decide_clusters, sketch_key
-    from tasks.stage import FileEntry, Manifest, cache_key, link_or_copy, write_json_atomic
+    from corpus2model.tasks.dedup import SketchIndex, decide_clusters, sketch_key
+    from corpus2model.tasks.stage import FileEntry, Manifest, cache_key, link_or_copy, write_json_atomic
 
     t0 = time.perf_counter()
     c, out_dir = cfg.dedup, Path(out_dir)
@@ -322,7 +322,7 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store) -> dict:
     t3 = time.perf_counter()
     counters = {"in": index.n + n_rej, "out": n_out, "rejected": rejected, "duplicates": n_removed}
     if counters["in"] != n_out + n_rej + n_removed:
-        from tasks.stage import CounterMismatch
+        from corpus2model.tasks.stage import CounterMismatch
 
         raise CounterMismatch(f"dedup {out_dir}: in {counters['in']} != out {n_out} + rejected {n_rej} + removed {n_removed}")
     stats = {"method": c.method, "path": "jsonl-direct", "threshold": c.threshold, "ngram": c.ngram, "bands": c.bands,

@@ -7,8 +7,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.plan import StepPlan
-from tasks.stage import Manifest
+from corpus2model.flows.plan import StepPlan
+from corpus2model.tasks.stage import Manifest
 
 
 @dataclass
@@ -100,7 +100,7 @@ class RunLog:
         self.echo = echo
 
     def stage(self, name: str, inputs: list[Manifest]) -> Manifest:
-        from tasks.prefect_tasks import stage_options, stage_task
+        from corpus2model.flows.prefect_tasks import stage_options, stage_task
 
         step = self.steps[name]
         t0 = time.perf_counter()
@@ -127,7 +127,7 @@ class RunLog:
         """A validation boundary node, then its distribution checks against the last successful run
         of this config (outside the cached stage: they depend on history, not on content). A drift
         beyond validate.max_* is noted in the row; with validate.drift_severity error it stops the run."""
-        from tasks.validate import check_drift
+        from corpus2model.tasks.validate import check_drift
 
         m = self.stage(name, inputs)
         row = self.rows[-1]

@@ -26,7 +26,7 @@ def publish_markdown(key: str, markdown: str, description: str = "") -> None:
     if _in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
 
-        from tasks.security import redact
+        from corpus2model.tasks.common.security import redact
 
         create_markdown_artifact(key=artifact_key(key), markdown=redact(markdown), description=redact(description))
 
@@ -35,7 +35,7 @@ def publish_table(key: str, rows: list[dict], description: str = "") -> None:
     if _in_prefect_run():
         from prefect.artifacts import create_table_artifact
 
-        from tasks.security import redact, redact_obj
+        from corpus2model.tasks.common.security import redact, redact_obj
 
         create_table_artifact(key=artifact_key(key), table=redact_obj(rows), description=redact(description))
 
@@ -44,7 +44,7 @@ def publish_link(key: str, link: str, text: str = "", description: str = "") -> 
     if _in_prefect_run():
         from prefect.artifacts import create_link_artifact
 
-        from tasks.security import redact
+        from corpus2model.tasks.common.security import redact
 
         create_link_artifact(key=artifact_key(key), link=redact(link), link_text=redact(text or link), description=redact(description))
 

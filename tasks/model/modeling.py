@@ -37,7 +37,7 @@ def build_model(model_cfg, tokenizer, seq_len: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if model_cfg.pretrained:
-        from tasks.security import load_kwargs
+        from corpus2model.tasks.common.security import load_kwargs
 
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.pretrained, dtype=torch.float32,
@@ -188,7 +188,7 @@ def save_dynamic_int8(qmodel, tokenizer, folder: Path, float_config) -> dict:
 def load_dynamic_int8(folder: Path, model_class=None, prepare=None, ignore_missing: tuple[str, ...] = ()):
     """Rebuild the float model from config, quantize it the same way, then load the stored int8 weights.
 
-    ``model_class`` defaults to AutoModelForCausalLM (tasks/classify.py passes the sequence-classification
+    ``model_class`` defaults to AutoModelForCausalLM (tasks/model/classify.py passes the sequence-classification
     class); ``prepare(tensors, qcfg)`` may rewrite the stored tensors first (the classifier's int8
     embedding table); missing keys ending in ``ignore_missing`` are buffers the config rebuilds."""
     import torch

@@ -13,8 +13,8 @@ import os
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.plan import module
-from tasks.stage import Manifest, StageContext, StageError, Store, run_stage, sha256_bytes, stage_key
+from corpus2model.flows.plan import module
+from corpus2model.tasks.stage import Manifest, StageContext, StageError, Store, run_stage, sha256_bytes, stage_key
 
 
 def _stage_cache_key(context, parameters) -> str:
@@ -107,7 +107,7 @@ def ensure_gpu_limit(runtime, log=print) -> int | None:
 @task(name="scan-raw", cache_policy=NO_CACHE, task_run_name="source")
 def scan_task(cfg) -> Manifest:
     """Always runs: it is how a run learns that a raw file was added or edited (cheap: stat cache)."""
-    from tasks.ingest import scan_raw
+    from corpus2model.tasks.ingest import scan_raw
 
     return scan_raw(cfg.paths.raw, cfg.ingest.include, Store(cfg.paths.store))
 
@@ -115,6 +115,6 @@ def scan_task(cfg) -> Manifest:
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register")
 def register_task(manifests: dict[str, Manifest], cfg) -> dict:
     """Idempotent: a rerun finds the version with the same lineage and registers nothing new."""
-    from tasks.registry import register
+    from corpus2model.tasks.registry import register
 
     return register(manifests, cfg)
