@@ -4,7 +4,7 @@
     python bench/dedup_bench.py --mb 200 --workers 2 --rss-mb 2000   # + peak RSS on a 2 GB corpus
     python bench/dedup_bench.py --mb 5 --workers 2 --no-peers        # smoke test
 
-Corpus: /work/shared/bench/anchors/gen_corpus.py (seeded, planted duplicates, ground truth), scored
+Corpus: ../shared/bench/anchors/gen_corpus.py ($ANCHOR_KIT, else $C2M_SHARED/bench/anchors) (seeded, planted duplicates, ground truth), scored
 with its evaluate.py through project_dedup.py, which times any command that writes removed.jsonl
 (wall time of the whole command, MB/s on corpus text bytes, peak RSS of the process tree).
 
@@ -12,7 +12,8 @@ Rows (one per system): ``near-dup MB/s``, ``recall@J>=0.8``, ``precision``, ``pe
 near-dup systems; ``exact MB/s`` (+ recall of the whitespace-only copies, band "1.0") for exact
 ones; ``incremental rerun % of cold`` after adding ~5% new documents, for the pipeline's
 ingest+clean+dedup stages and for ``c2m dedup --store`` (rows "corpus2model pipeline" and
-"corpus2model c2m dedup"); ``--rss-mb 2000`` adds the peak RSS of ``c2m dedup`` on a 2 GB corpus.
+"corpus2model c2m dedup"); ``--rss-mb 2000`` adds the peak RSS of ``c2m dedup`` on a 2 GB corpus
+(bench/scale_bench.py has the 2 GB / 10 GB rows of issue 17).
 Peers (rensa, datatrove MinHash with the split tokenizer, datatrove exact, xxh64 baseline) run
 with the anchor kit's venv (``--venv``, created by shared/bench/anchors/run_anchor.sh); without it
 they are skipped and the notes say so.
@@ -31,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-KIT = Path(os.environ.get("ANCHOR_KIT", "/work/shared/bench/anchors"))
+from results_io import RESULTS, ROOT, SHARED, write_results
+
+KIT = Path(os.environ.get("ANCHOR_KIT") or SHARED / "bench" / "anchors")
 
 
 def _json_run(cmd: list[str]) -> dict:
@@ -52,7 +54,7 @@ def corpus(mb: float, seed: int, data: Path, workers: int) -> Path:
 
 
 def project(c: Path, method: str, workers: int, name: str) -> dict:
-    cmd = (f"{shlex.quote(sys.executable)} -m flows.standalone dedup {{in}} {{out}} --workers {workers} "
+    cmd = (f"{shlex.quote(sys.executable)} -m corpus2model.flows.standalone dedup {{in}} {{out}} --workers {workers} "
            f"--set dedup.method={method}")
     return _json_run([sys.executable, str(KIT / "project_dedup.py"), "--in", str(c), "--name", name, "--cmd", cmd])
 
@@ -92,7 +94,6 @@ def peer(py: str, script: str, c: Path, workers: int, extra=()) -> dict:
 def incremental(c: Path, workers: int, new_fraction: float) -> dict:
     """Cold ingest+clean+dedup (minhash) on all shards but the last ones (~new_fraction of the
     docs), then add them and rerun against the same store."""
-    sys.path.insert(0, str(ROOT))
     from corpus2model.schemas.config import parse_config
     from corpus2model.tasks import clean, dedup, ingest
     from corpus2model.tasks.ingest import scan_raw
@@ -143,7 +144,7 @@ def main() -> int:
     ap.add_argument("--no-incremental", action="store_true", help="skip the two incremental measurements")
     ap.add_argument("--rss-mb", type=float, default=0, help="also run c2m dedup (minhash) on a corpus this large "
                     "(e.g. 2000) and report its peak RSS; the corpus is generated under --data first")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dedup_bench.json")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (writes dedup_bench.json and .md)")
     a = ap.parse_args()
     c = corpus(a.mb, a.seed, a.data, a.workers)
     manifest = json.loads((c / "manifest.json").read_text())
@@ -171,7 +172,8 @@ def main() -> int:
 
     raw["corpus2model-minhash"] = r = project(c, "minhash", a.workers, "corpus2model-minhash")
     near_rows("corpus2model", r, f"{config}; c2m dedup (JSONL direct: records + sketch in one pass), word 5-grams, "
-                                 f"one-permutation MinHash 18x5 LSH, exact Jaccard >= 0.8")
+                                 f"one-permutation MinHash 18x5 LSH, exact Jaccard >= 0.8, out-of-core index "
+                                 f"(hash partitions from dedup.memory_mb)")
     raw["corpus2model-exact"] = r = project(c, "exact", a.workers, "corpus2model-exact")
     exact_rows("corpus2model exact", r, f"{config}; c2m dedup, sha256 of NFKC-casefolded whitespace-collapsed text")
     if not a.no_incremental:
@@ -209,14 +211,9 @@ def main() -> int:
                 continue
             (near_rows if kind == "near" else exact_rows)(name, r, config)
 
-    result = {"bench": "dedup", "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.platform()}",
-              "rows": rows, "notes": "; ".join(notes) or "all systems ran", "raw": raw}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    md = ["| system | metric | value | unit |", "|---|---|---|---|"] + [
-        f"| {r['system']} | {r['metric']} | {r['value']} | {r['unit']} |" for r in rows]
-    a.out.with_suffix(".md").write_text(f"# dedup bench ({config})\n\n" + "\n".join(md) + f"\n\n{result['notes']}\n", encoding="utf-8")
-    print("\n".join(md))
+    path = write_results("dedup_bench", rows, "; ".join(notes) or "all systems ran", a.out, f"dedup bench ({config})",
+                         extra={"raw": raw, "platform": platform.platform()})
+    print(path.with_suffix(".md").read_text(encoding="utf-8"))
     return 0
 
 

@@ -15,9 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from results_io import ROOT
 
 # The row names issue 8 asks for, so the table reads on its own.
 ROW_NAMES = {"latency_p50_ms": "p50 ms", "latency_p95_ms": "p95 ms", "weights_mb": "size MB",

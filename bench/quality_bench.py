@@ -3,7 +3,7 @@
     python bench/quality_bench.py --corpus /tmp/anchorkit-data/c200_s1234 --workers 2   # lead, quiet machine
     python bench/quality_bench.py --corpus /tmp/q5 --workers 2                          # smoke test (5 MB)
 
-Corpus: a directory written by /work/shared/bench/anchors/gen_corpus.py (docs/*.jsonl.gz with
+Corpus: a directory written by ../shared/bench/anchors/gen_corpus.py (docs/*.jsonl.gz with
 id/text, quality_truth.jsonl with the planted low-quality documents).
 
 Ours: ``tasks.text.filters.quality_filters`` (the pure function the clean stage calls after language
@@ -33,9 +33,9 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-KIT = Path(os.environ.get("ANCHOR_KIT", "/work/shared/bench/anchors"))
+from results_io import RESULTS, SHARED, write_results
+
+KIT = Path(os.environ.get("ANCHOR_KIT") or SHARED / "bench" / "anchors")
 VENV_PY = Path(os.environ.get("ANCHOR_PY", "/tmp/anchorkit-venv/bin/python"))
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, required=True, help="gen_corpus.py output directory")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality_bench.json")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (writes quality_bench.json and .md)")
     ap.add_argument("--no-datatrove", action="store_true", help="ours only (no agreement rows)")
     args = ap.parse_args(argv)
 
@@ -142,9 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     rec = planted_recall(args.corpus, our_drop)
     if rec is not None:
         rows.append({"system": "corpus2model", "metric": "planted recall", "value": rec, "unit": "", "config": config})
-    result = {"bench": "quality", "date": date.today().isoformat(),
-              "machine": f"{os.cpu_count()} cpus, {platform.platform()}", "corpus": str(args.corpus.resolve()),
-              "rows": rows, "ours": {"dropped": len(our_drop), "wall_s": round(wall, 3),
+    result = {"corpus": str(args.corpus), "platform": platform.platform(),
+              "ours": {"dropped": len(our_drop), "wall_s": round(wall, 3),
                                      "per_reason": dict(Counter(r for r in ours.values() if r).most_common())}}
     if not args.no_datatrove:
         with tempfile.TemporaryDirectory(prefix="quality_bench_") as tmp:
@@ -165,18 +164,15 @@ def main(argv: list[str] | None = None) -> None:
         result["datatrove"] = {"dropped": len(theirs), "wall_s": dt["total_wall_s"], "per_reason": dt["dropped_per_reason"]}
         result["speedup"] = round(rows[0]["value"] / max(dt["mb_per_s"], 1e-9), 2)
         result["disagreements"] = disagreements
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    md = [f"# quality bench ({mb:.3f} MB, {len(ours)} docs, {args.workers} workers)", "",
-          "| system | metric | value | unit |", "|---|---|---|---|"]
-    md += [f"| {r['system']} | {r['metric']} | {r['value']} | {r['unit']} |" for r in rows]
+    md = []
     if "disagreements" in result and not result["disagreements"]:
         md += ["", "Disagreements (ours vs datatrove): none, every document got the same keep/drop decision."]
     if result.get("disagreements"):
         md += ["", "Disagreements (ours vs datatrove):", "", "| ours | datatrove | docs | example |", "|---|---|---|---|"]
         md += [f"| {d['ours']} | {d['datatrove']} | {d['count']} | {d['example']['id']} |" for d in result["disagreements"]]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(json.dumps(result, indent=1, ensure_ascii=False))
+    path = write_results("quality_bench", rows, "\n".join(md).strip(), args.out,
+                         f"quality bench ({mb:.3f} MB, {len(ours)} docs, {args.workers} workers)", extra=result)
+    print(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

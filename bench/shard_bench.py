@@ -1,10 +1,9 @@
-"""Shard + tokenize benchmark: our shard stage vs pyarrow.dataset.write_dataset, our per-shard
-tokenize/pack vs datasets.map with a fast tokenizer, in one run.
+"""Shard benchmark: corpus2model's shard stage vs pyarrow.dataset.write_dataset, in one run.
 
-Run (full scale, a quiet machine; corpus generation ~7 min at 5 GB on 2 cores):
+Run (full scale, a quiet machine; corpus generation ~19 min at 5 GB on 2 cores, cached under --work):
     python bench/shard_bench.py                       # 5 GB corpus, 1 GB target
     python bench/shard_bench.py --small               # 50 MB corpus, 10 MB target (a smoke run)
-    python bench/shard_bench.py --mb 5000 --target-mb 1000 --work /tmp/c2m-shard-bench
+    python bench/shard_bench.py --mb 1000 --target-mb 200 --rounds 2 --work /tmp/c2m-shard-bench
 
 What it does:
 1. Generates the corpus with shared/bench/anchors/gen_corpus.py (seeded, realistic English prose)
@@ -13,18 +12,17 @@ What it does:
    record with empty input and the text as target), and a fake upstream ``validate`` Manifest
    lists them (as tests/conftest.py ``records_manifest`` does). Everything lives under --work
    (default /tmp/c2m-shard-bench), never in the repository.
-2. Each system runs in its own subprocess, which reports its wall time and peak RSS (VmHWM):
-   * ``c2m shard``: ``run_stage(tasks.shard, ...)`` cold on a fresh store, then the same store with
-     the 21st part appended (``append % of cold`` = append wall / cold wall).
+2. Each system runs in its own subprocess, which reports its wall time and peak RSS (VmHWM); cold runs
+   alternate, ``--rounds`` times each, and the median is reported:
+   * ``corpus2model``: ``run_stage(tasks.shard, ...)`` cold on a fresh store (three splits, shards of
+     ``target`` bytes); after the last round, the same store with the 21st part appended
+     (``append % of cold`` = append wall / median cold wall).
    * ``pyarrow write_dataset``: the same parts, zstd, ``max_rows_per_file`` set from the bytes per
      row our cold run measured (knowledge the peer does not have on its own: it favours the peer)
      and ``max_rows_per_group`` = that / 32; no splits. Its append writes the new part into new
      files beside the old ones (``existing_data_behavior="overwrite_or_ignore"``).
-   * tokenize: our ``tokenize.pack_shard`` (datasets streaming + batched fast tokenizer + packing
-     with per-document position ids) vs ``datasets.map`` (batched fast tokenizer) + the classic
-     ``group_texts`` concatenate-and-chunk, both on the first ``--tokenize-mb`` MB of train records
-     with the same tokenizer (trained once beforehand, not timed).
-3. Writes bench/results/shard.json and shard.md (DESIGN.md's format).
+3. Writes bench/results/shard_bench.json and shard_bench.md (DESIGN.md's format, bench/results_io.py).
+   The tokenize row lives in bench/tokenize_bench.py.
 
 ``write MB/s`` = corpus text MB (10^6 bytes of UTF-8 text, as gen_corpus counts) / wall seconds.
 ``shard size spread %`` = largest |size - target| / target over every shard but the last of each
@@ -36,17 +34,26 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-GEN = ROOT.parent / "shared" / "bench" / "anchors" / "gen_corpus.py"
+from results_io import RESULTS, SHARED, write_results
+
+GEN = SHARED / "bench" / "anchors" / "gen_corpus.py"
 PARTS = 21  # 20 for the corpus, 1 appended (5 %)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all threads: on a shared machine the wall
+    clock moves with other people's load, the CPU a run spent much less."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -131,10 +138,10 @@ def child_c2m(args) -> dict:
     # import of prefect the first time: in the pipeline it is already loaded, so load it untimed.
     import prefect  # noqa: F401
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     m = run_stage(shard, [upstream(info, n_parts)], cfg, ctx)
     secs = time.perf_counter() - t0
-    return {"seconds": secs, "peak_rss_mb": peak_rss_mb(), "shards": m.stats["shards"], "path": m.path,
+    return {"seconds": secs, "cpu_seconds": cpu_seconds() - c0, "peak_rss_mb": peak_rss_mb(), "shards": m.stats["shards"], "path": m.path,
             "units_computed": m.stats["units_computed"], "units": m.stats["units"]}
 
 
@@ -145,7 +152,7 @@ def child_arrow(args) -> dict:
     out = Path(args.store)
     parts = info["parts"][:PARTS - 1] if args.phase == "cold" else info["parts"][PARTS - 1:]
     rows = args.rows_per_file
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     data = ds.dataset([str(Path(info["dir"]) / p["path"]) for p in parts], format="parquet")
     ds.write_dataset(data, out, format="parquet", basename_template=f"{args.phase}-{{i}}.parquet",
                      max_rows_per_file=rows, max_rows_per_group=max(1, rows // 32), min_rows_per_group=max(1, rows // 32),
@@ -153,44 +160,8 @@ def child_arrow(args) -> dict:
                      existing_data_behavior="overwrite_or_ignore", use_threads=True)
     secs = time.perf_counter() - t0
     files = sorted(out.glob(f"{args.phase}-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
-    return {"seconds": secs, "peak_rss_mb": peak_rss_mb(), "sizes": [p.stat().st_size for p in files]}
-
-
-def child_tokenize(args) -> dict:
-    from corpus2model.tasks.tokenize import load_tokenizer, pack_shard, render
-
-    tok = load_tokenizer(args.tokenizer)
-    sample = Path(args.sample)
-    out = Path(args.store)
-    out.mkdir(parents=True, exist_ok=True)
-    template = "### Input:\n{input}\n### Response:\n"
-    t0 = time.perf_counter()
-    if args.system == "c2m":
-        counts = pack_shard(sample, tok, template, args.seq_len, out / "packed.arrow", cache_dir=out / "hf")
-        tokens = counts["tokens"]
-    else:
-        import datasets
-
-        datasets.disable_progress_bars()
-        d = datasets.load_dataset("parquet", data_files=str(sample), split="train", cache_dir=str(out / "hf"))
-
-        def tokenize_batch(b):
-            texts = ["".join(render({"input": i, "target": t}, template)) for i, t in zip(b["input"], b["target"])]
-            ids = tok(texts, add_special_tokens=False)["input_ids"]
-            return {"input_ids": [x + [tok.eos_token_id] for x in ids]}
-
-        def group_texts(b):  # transformers' run_clm.py: concatenate everything, cut into blocks
-            flat = [t for x in b["input_ids"] for t in x]
-            n = len(flat) // args.seq_len * args.seq_len
-            blocks = [flat[i:i + args.seq_len] for i in range(0, n, args.seq_len)]
-            return {"input_ids": blocks, "labels": [list(x) for x in blocks]}
-
-        d = d.map(tokenize_batch, batched=True, remove_columns=d.column_names)
-        tokens = sum(len(x) for x in d["input_ids"])
-        d = d.map(group_texts, batched=True)
-        d.to_parquet(str(out / "packed.parquet"))
-    secs = time.perf_counter() - t0
-    return {"seconds": secs, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
+    return {"seconds": secs, "cpu_seconds": cpu_seconds() - c0, "peak_rss_mb": peak_rss_mb(),
+            "sizes": [p.stat().st_size for p in files]}
 
 
 def run_child(*argv: str) -> dict:
@@ -210,11 +181,10 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=5000, help="corpus MB of text (10^6 bytes)")
     ap.add_argument("--target-mb", type=float, default=1000, help="shard target, MB (10^6 bytes)")
     ap.add_argument("--small", action="store_true", help="50 MB corpus, 10 MB target")
-    ap.add_argument("--tokenize-mb", type=float, default=20, help="text MB tokenized by each system")
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=1, help="cold runs of each system, alternating")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--work", default="/tmp/c2m-shard-bench")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -222,18 +192,13 @@ def main() -> None:
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--target", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rows-per-file", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
-    ap.add_argument("--sample", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        fn = {"c2m": child_c2m, "arrow": child_arrow, "c2m-tok": child_tokenize, "hf-tok": child_tokenize}[args.system]
-        if args.system.endswith("-tok"):
-            args.system = args.system[:-4]
-        print(json.dumps(fn(args)))
+        print(json.dumps({"c2m": child_c2m, "arrow": child_arrow}[args.system](args)))
         return
     if args.small:
-        args.mb, args.target_mb, args.tokenize_mb = 50, 10, 5
+        args.mb, args.target_mb = 50, 10
     target = int(args.target_mb * 1e6)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -245,98 +210,63 @@ def main() -> None:
     base_mb = sum(p["text_bytes"] for p in info["parts"][:PARTS - 1]) / 1e6
     add_mb = info["parts"][PARTS - 1]["text_bytes"] / 1e6
     common = ["--info", str(info_path), "--target", str(target)]
+    store, peer_dir = work / "store-c2m", work / "arrow-out"
 
-    # ours: cold, then append into the same store
-    store = work / "store-c2m"
-    shutil.rmtree(store, ignore_errors=True)
-    cold = run_child("--system", "c2m", "--phase", "cold", "--store", str(store), *common)
+    colds, pcolds = [], []
+    rows_per_file = None
+    for _ in range(args.rounds):
+        shutil.rmtree(store, ignore_errors=True)
+        colds.append(run_child("--system", "c2m", "--phase", "cold", "--store", str(store), *common))
+        if rows_per_file is None:  # the peer's rows per file: from the bytes per row our first cold run wrote
+            shards = [e for entries in colds[0]["shards"].values() for e in entries]
+            rows_per_file = max(1, int(target / (sum(e["bytes"] for e in shards) / sum(e["records"] for e in shards))))
+        shutil.rmtree(peer_dir, ignore_errors=True)
+        pcolds.append(run_child("--system", "arrow", "--phase", "cold", "--store", str(peer_dir),
+                                "--rows-per-file", str(rows_per_file), *common))
+    # appends into the last round's outputs
     app = run_child("--system", "c2m", "--phase", "append", "--store", str(store), *common)
-    ours_sizes = [e["bytes"] for entries in cold["shards"].values() for e in entries[:-1]]
-    out_bytes = sum(e["bytes"] for entries in cold["shards"].values() for e in entries)
-    out_records = sum(e["records"] for entries in cold["shards"].values() for e in entries)
-
-    # peer: same parts, rows per file from our measured bytes per row
-    rows_per_file = max(1, int(target / (out_bytes / out_records)))
-    peer_dir = work / "arrow-out"
-    shutil.rmtree(peer_dir, ignore_errors=True)
-    pcold = run_child("--system", "arrow", "--phase", "cold", "--store", str(peer_dir),
-                      "--rows-per-file", str(rows_per_file), *common)
     papp = run_child("--system", "arrow", "--phase", "append", "--store", str(peer_dir),
                      "--rows-per-file", str(rows_per_file), *common)
 
-    # tokenize: the first --tokenize-mb of train records, one tokenizer for both systems
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from corpus2model.tasks.tokenize import render, train_tokenizer
-
-    sample = work / "tokenize-sample.parquet"
-    first_train = Path(cold["path"]) / cold["shards"]["train"][0]["path"]
-    pf = pq.ParquetFile(first_train)
-    taken, batches = 0, []
-    for b in pf.iter_batches(batch_size=2000):
-        batches.append(b)
-        taken += sum(len((t or "").encode()) for t in b.column("target").to_pylist())
-        if taken >= args.tokenize_mb * 1e6:
-            break
-    table = pa.Table.from_batches(batches)
-    pq.write_table(table, sample)
-    tok_dir = work / "tokenizer"
-    tok = train_tokenizer((["".join(render(r, "{input}")) for r in table.slice(i, 2000).to_pylist()]
-                           for i in range(0, min(table.num_rows, 20000), 2000)), 8192, 2)
-    tok.save_pretrained(str(tok_dir))
-    tok_common = ["--tokenizer", str(tok_dir), "--sample", str(sample), "--seq-len", str(args.seq_len)]
-    ours_tok = run_child("--system", "c2m-tok", "--store", str(work / "tok-c2m"), *tok_common)
-    hf_tok = run_child("--system", "hf-tok", "--store", str(work / "tok-hf"), *tok_common)
-    shutil.rmtree(work / "tok-c2m", ignore_errors=True)
-    shutil.rmtree(work / "tok-hf", ignore_errors=True)
-
-    cfg = f"{args.mb:g} MB text corpus (+{add_mb:.0f} MB append), target {args.target_mb:g} MB, zstd"
-    tcfg = f"{taken / 1e6:.1f} MB text, byte-level BPE 8192, seq_len {args.seq_len}"
-    ours, peer = "c2m shard", "pyarrow write_dataset"
+    cold = colds[-1]
+    ours_sizes = [e["bytes"] for entries in cold["shards"].values() for e in entries[:-1]]
+    out_bytes = sum(e["bytes"] for entries in cold["shards"].values() for e in entries)
+    secs = statistics.median(r["seconds"] for r in colds)
+    psecs = statistics.median(r["seconds"] for r in pcolds)
+    cfg = (f"{args.mb:g} MB text corpus (+{add_mb:.0f} MB append), target {args.target_mb:g} MB, zstd; "
+           f"median of {args.rounds} alternating cold run(s)")
+    ours, peer = "corpus2model", "pyarrow write_dataset"
     rows = [
-        {"system": ours, "metric": "write MB/s", "value": round(base_mb / cold["seconds"], 2), "unit": "MB/s", "config": cfg},
-        {"system": peer, "metric": "write MB/s", "value": round(base_mb / pcold["seconds"], 2), "unit": "MB/s", "config": cfg},
+        {"system": ours, "metric": "write MB/s", "value": round(base_mb / secs, 2), "unit": "MB/s", "config": cfg},
+        {"system": peer, "metric": "write MB/s", "value": round(base_mb / psecs, 2), "unit": "MB/s", "config": cfg},
+        {"system": ours, "metric": f"write MB/s vs {peer} x", "value": round(psecs / secs, 2), "unit": "x",
+         "config": cfg},
         {"system": ours, "metric": "shard size spread %", "value": round(spread(ours_sizes, target), 2), "unit": "%",
          "config": cfg + f"; {len(ours_sizes)} full shards"},
-        {"system": peer, "metric": "shard size spread %", "value": round(spread(pcold["sizes"][:-1], target), 2),
-         "unit": "%", "config": cfg + f"; {len(pcold['sizes']) - 1} full files, max_rows_per_file {rows_per_file}"},
-        {"system": ours, "metric": "peak RSS MB", "value": round(max(cold["peak_rss_mb"], app["peak_rss_mb"]), 1),
+        {"system": peer, "metric": "shard size spread %", "value": round(spread(pcolds[-1]["sizes"][:-1], target), 2),
+         "unit": "%", "config": cfg + f"; {len(pcolds[-1]['sizes']) - 1} full files, max_rows_per_file {rows_per_file}"},
+        {"system": ours, "metric": "peak RSS MB", "value": round(max(r["peak_rss_mb"] for r in colds + [app]), 1),
          "unit": "MB", "config": cfg},
-        {"system": peer, "metric": "peak RSS MB", "value": round(max(pcold["peak_rss_mb"], papp["peak_rss_mb"]), 1),
+        {"system": peer, "metric": "peak RSS MB", "value": round(max(r["peak_rss_mb"] for r in pcolds + [papp]), 1),
          "unit": "MB", "config": cfg},
-        {"system": ours, "metric": "append % of cold", "value": round(100 * app["seconds"] / cold["seconds"], 2),
+        {"system": ours, "metric": "append % of cold", "value": round(100 * app["seconds"] / secs, 2),
          "unit": "%", "config": cfg + f"; {app['units_computed']}/{app['units']} shards written"},
-        {"system": peer, "metric": "append % of cold", "value": round(100 * papp["seconds"] / pcold["seconds"], 2),
+        {"system": peer, "metric": "append % of cold", "value": round(100 * papp["seconds"] / psecs, 2),
          "unit": "%", "config": cfg + "; new part written into new files"},
-        {"system": "c2m tokenize/pack", "metric": "tokenize tokens/s", "value": round(ours_tok["tokens"] / ours_tok["seconds"]),
-         "unit": "tokens/s", "config": tcfg},
-        {"system": "datasets.map + group_texts", "metric": "tokenize tokens/s",
-         "value": round(hf_tok["tokens"] / hf_tok["seconds"]), "unit": "tokens/s", "config": tcfg},
-        {"system": "c2m tokenize/pack", "metric": "peak RSS MB", "value": round(ours_tok["peak_rss_mb"], 1), "unit": "MB",
-         "config": tcfg},
-        {"system": "datasets.map + group_texts", "metric": "peak RSS MB", "value": round(hf_tok["peak_rss_mb"], 1),
-         "unit": "MB", "config": tcfg},
     ]
     notes = (f"Corpus: gen_corpus.py seed {args.seed}, generated + converted in {gen_s:.0f} s (not timed). "
-             f"Cold: ours {cold['seconds']:.1f} s (3 splits, {len(ours_sizes) + len(cold['shards'])} shards, "
-             f"{out_bytes / 1e6:.0f} MB written), peer {pcold['seconds']:.1f} s (no split logic). "
-             f"Append of {add_mb:.0f} MB: ours {app['seconds']:.2f} s, peer {papp['seconds']:.2f} s. "
-             "The peer's rows-per-file comes from our measured bytes per row (it has no byte target). "
-             "Tokenize: ours keeps document boundaries (position ids restart per document, first label "
-             "of each document masked, padding); the peer concatenates across documents and drops the tail.")
-    result = {"bench": "shard", "date": time.strftime("%Y-%m-%d"), "machine":
-              f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "rows": rows, "notes": notes}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shard.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = ["# shard benchmark", "", f"{result['date']}, {result['machine']}", "",
-          "| system | metric | value | unit | config |", "|---|---|---|---|---|"]
-    md += [f"| {r['system']} | {r['metric']} | {r['value']} | {r['unit']} | {r['config']} |" for r in rows]
-    md += ["", notes, ""]
-    (out / "shard.md").write_text("\n".join(md))
-    print("\n".join(md))
+             f"Cold runs: ours {[round(r['seconds'], 1) for r in colds]} s (3 splits, "
+             f"{len(ours_sizes) + len(cold['shards'])} shards, {out_bytes / 1e6:.0f} MB written), peer "
+             f"{[round(r['seconds'], 1) for r in pcolds]} s (no split logic); CPU seconds (all threads) ours "
+             f"{[round(r['cpu_seconds'], 1) for r in colds]}, peer {[round(r['cpu_seconds'], 1) for r in pcolds]}. Append of {add_mb:.0f} MB: ours "
+             f"{app['seconds']:.2f} s, peer {papp['seconds']:.2f} s. The peer's rows-per-file comes from our "
+             "measured bytes per row (it has no byte target). Ours reads the next record batch in a second "
+             "thread while it compresses and writes the current one, and dictionary-encodes only the columns "
+             "whose values repeat (tasks/shard.py DICTIONARY_COLUMNS).")
+    path = write_results("shard_bench", rows, notes, Path(args.results), "shard benchmark",
+                         extra={"cold_seconds": {ours: [r["seconds"] for r in colds],
+                                                 peer: [r["seconds"] for r in pcolds]}})
+    print(path.with_suffix(".md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def _project_env(cfg=None) -> None:
     """Keep Prefect's and Hugging Face's state inside the project (ENVIRONMENT.md); never overrides
@@ -23,6 +21,10 @@ def _project_env(cfg=None) -> None:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # Slot leases on disk under PREFECT_HOME, not in one server's memory: every server of the project
+        # (`c2m server`, each run's temporary one) then sees every live holder of the GPU slot, and a killed
+        # run's slot can be told from a live one (flows/prefect_tasks.py recover_gpu_slots).
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / ".cache" / "huggingface"),
         "TOKENIZERS_PARALLELISM": "false",
@@ -36,13 +38,12 @@ def _project_env(cfg=None) -> None:
 
 def _parse_set(values: list[str]) -> dict:
     """``--set finetune.learning_rate=1e-4`` -> {"finetune.learning_rate": 0.0001} (YAML scalars)."""
-    out = {}
-    for item in values or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    from corpus2model.schemas.config import ConfigError, parse_overrides
+
+    try:
+        return parse_overrides(values)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _load(args):
@@ -96,7 +97,7 @@ def cmd_status(args) -> int:
     print(f"plan for {args.config} ({source.stats['files']} raw files, {source.stats['bytes']:,} bytes); nothing is run\n")
     print(f"{'stage':10s} {'status':9s} {'key':12s} why")
     for s in steps:
-        why = s.why if not s.cached else ""
+        why = s.why if not s.cached or s.why != "cached" else ""  # a cached entry can carry a code-change note
         if s.detail:
             why = f"{why} ({s.detail})"
         print(f"{s.stage:10s} {'cached' if s.cached else 'will run':9s} {s.key[:10]:12s} {why}")
@@ -172,6 +173,20 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    """Write a starter config (c2m.yaml) and the bundled sample corpus into DIR (flows/scaffold.py)."""
+    from corpus2model.flows.scaffold import InitError, init
+
+    try:
+        made = init(args.dir, force=args.force)
+    except InitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {made['config']} and the sample corpus ({made['files']} files) into {made['dir']}")
+    print(f"next: cd {args.dir} && c2m status c2m.yaml && c2m run c2m.yaml")
+    return 0
+
+
 def cmd_server(args) -> int:
     """Start the Prefect server + UI on 127.0.0.1 with this project's PREFECT_HOME."""
     _project_env()
@@ -184,7 +199,22 @@ def cmd_server(args) -> int:
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another server
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
     print(f"Prefect UI: http://{args.host}:{args.port}  (then: export PREFECT_API_URL={api})")
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl+C reached the server too; SIGTERM (flows/interrupts.py) reached only us: pass it on and let
+        # the server stop its own children, then make sure nothing of it is left.
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        from corpus2model.flows.interrupts import stop_descendants
+
+        stop_descendants()
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     from corpus2model.flows.standalone import add_subcommands  # c2m ingest/clean/dedup IN OUT: one stage on a folder
 
     add_subcommands(sub)
+    sp = sub.add_parser("init", help="write a starter config (c2m.yaml) and the sample corpus into a new folder")
+    sp.add_argument("dir", type=Path, help="folder to create (must be empty unless --force)")
+    sp.add_argument("--force", action="store_true", help="write into a non-empty folder (overwrites the files it writes)")
+    sp.set_defaults(fn=cmd_init)
     sp = sub.add_parser("server", help="start the Prefect server and UI for this project")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=4200)
@@ -228,8 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from corpus2model.flows import interrupts
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    interrupts.install()  # SIGTERM takes the Ctrl+C path: children stopped, locks released, no orphans
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print(f"\nc2m {args.command}: interrupted; finished stages stay cached, nothing half-written is kept "
+              "(rerun the same command to continue)", file=sys.stderr)
+        return interrupts.EXIT_SIGTERM if interrupts.stopping() else 130
 
 
 if __name__ == "__main__":

@@ -7,32 +7,15 @@ last run of the same config name ("finetune.learning_rate 0.002 -> 0.001", "raw 
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
 
+from corpus2model.flows.stages import DAG, STAGES
+from corpus2model.tasks.common.fingerprint import check_entry
+from corpus2model.tasks.ingest import scan_raw
+from corpus2model.tasks.quantize import plan_detail
 from corpus2model.tasks.stage import Manifest, StageContext, Store, cache_key, run_stage, stage_key, stage_sections, verify, write_json_atomic
-
-# (stage, upstream stages) in execution order. flows/pipeline.py wires the same graph top-down;
-# tests/test_flow.py checks that every manifest's upstream matches this table.
-DAG: list[tuple[str, list[str]]] = [
-    ("ingest", ["source"]),
-    ("check_raw", ["source", "ingest"]),  # validation boundaries: report-only nodes that stop the flow on
-    ("clean", ["ingest"]),                 # an error-severity failure before the next stage runs
-    ("dedup", ["clean"]),
-    ("check_clean", ["dedup"]),
-    ("augment", ["dedup"]),
-    ("check_augment", ["augment"]),
-    ("validate", ["augment"]),
-    ("shard", ["validate"]),
-    ("tokenize", ["shard"]),
-    ("finetune", ["tokenize"]),
-    ("quantize", ["finetune"]),
-    ("evaluate", ["shard", "tokenize", "finetune", "quantize"]),
-]
-DATA_STAGES = ["ingest", "check_raw", "clean", "dedup", "check_clean", "augment", "check_augment", "validate", "shard"]
-
 
 def check_runtime(runtime) -> None:
     """Stage names in the runtime section must name DAG stages: a typo would silently drop a timeout
@@ -44,14 +27,6 @@ def check_runtime(runtime) -> None:
         unknown = sorted(set(names) - known)
         if unknown:
             raise ConfigError(f"{field_name}: unknown stage(s) {unknown}; stages are {[n for n, _ in DAG]}")
-
-
-def module(stage: str):
-    if stage.startswith("check_"):  # the boundary checks share tasks/validate.py, one node per boundary
-        from corpus2model.tasks.validate import boundary_module
-
-        return boundary_module(stage[len("check_"):])
-    return importlib.import_module(f"corpus2model.tasks.{stage}")
 
 
 @dataclass
@@ -112,21 +87,23 @@ class RunRecord:
             return {}
 
     def save(self, source: Manifest, steps: list[StepPlan], extra: dict | None = None) -> None:
+        """Record the stages that finished; a stage this run did not reach (``c2m tune`` stops at
+        tokenize, a failed run stops early) keeps what its last run used."""
         data = {
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {f.path: f.sha256 for f in source.files},
-            "stages": {s.stage: {"key": s.key, "sections": s.sections, "upstream": s.upstream} for s in steps},
+            "stages": {**self.load().get("stages", {}),
+                       **{s.stage: {"key": s.key, "sections": s.sections, "upstream": s.upstream} for s in steps}},
             **(extra or {}),
         }
         write_json_atomic(self.path, data)
 
 
 def _ingest_detail(source: Manifest, cfg, store: Store) -> str:
-    ingest = module("ingest")
     section = cfg.ingest.hashed()
     missing = [
         f.path for f in source.files
-        if store.unit_lookup("ingest", cache_key("ingest", ingest.VERSION, section, [f.path, f.sha256])) is None
+        if store.unit_lookup("ingest", cache_key("ingest", STAGES["ingest"].version, section, [f.path, f.sha256])) is None
     ]
     return f"{len(missing)} of {len(source.files)} raw files to ingest"
 
@@ -139,15 +116,20 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
     steps: list[StepPlan] = []
     src_changes = source_diff(last.get("source", {}), {f.path: f.sha256 for f in source.files}) if last else []
     for stage, ups in DAG:
-        mod = module(stage)
+        mod = STAGES[stage]
         upstream = [f"{u}:{keys[u]}" for u in ups]
         sections = stage_sections(mod, cfg)  # also what the next run diffs against
         key, _ = stage_key(mod, cfg, upstream, sections)
         keys[stage] = key
         ok, verdict = verify(store.stage_dir(stage, key))
+        code_note = ""
+        if ok:  # code changed since this entry without a VERSION bump: named; runtime.on_code_change decides
+            ok, code_note = check_entry(store.stage_dir(stage, key), mod, cfg)
         prev = last_stages.get(stage)
         if ok:
-            why = "cached"
+            why = f"cached ({code_note})" if code_note else "cached"
+        elif code_note:
+            why = code_note
         elif store.stage_dir(stage, key).exists():
             why = f"recompute: {verdict}"  # this output was made before, but it is damaged now
         elif prev:
@@ -165,7 +147,7 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
             why = "first run" if not last else "not in store"
         detail = _ingest_detail(source, cfg, store) if stage == "ingest" and not ok else ""
         if stage == "quantize" and not ok:  # each variant is cached on its own: say which ones are new
-            detail = mod.plan_detail(cfg.quantize, store, keys["finetune"], keys.get("tokenize"))
+            detail = plan_detail(cfg.quantize, store, keys["finetune"], keys.get("tokenize"))
         steps.append(StepPlan(stage, key, ok, why, sections, upstream, detail))
     return steps
 
@@ -173,11 +155,9 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
 def run_local(cfg, log=None) -> dict[str, Manifest]:
     """The DAG without Prefect: the same keys, store and outputs as the flow, in DAG order.
     For debugging a stage and for the kill/concurrency tests (a process that may be killed)."""
-    from corpus2model.tasks.ingest import scan_raw
-
     store = Store(cfg.paths.store)
     done: dict[str, Manifest] = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, store)}
     ctx = StageContext(store=store, log=log)
     for stage, ups in DAG:
-        done[stage] = run_stage(module(stage), [done[u] for u in ups], cfg, ctx)
+        done[stage] = run_stage(STAGES[stage], [done[u] for u in ups], cfg, ctx)
     return done

@@ -8,12 +8,14 @@ before the run and passes ``refresh_cache=True`` for any that failed, so the sta
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from corpus2model.flows.plan import module
+from corpus2model.flows.stages import STAGES
 from corpus2model.tasks.stage import Manifest, StageContext, StageError, Store, run_stage, sha256_bytes, stage_key
 
 
@@ -21,7 +23,7 @@ def _stage_cache_key(context, parameters) -> str:
     """The content key, plus which store holds that content: Prefect's cached value is a manifest
     pointing into one store, so two stores (two projects, two tests) must never share a record."""
     stage, cfg, inputs = parameters["stage"], parameters["cfg"], parameters["inputs"]
-    key, _ = stage_key(module(stage), cfg, inputs)
+    key, _ = stage_key(STAGES[stage], cfg, inputs)
     store_id = sha256_bytes(str(Store(cfg.paths.store).root).encode())[:8]
     return f"c2m-{stage}-{key}-{store_id}"
 
@@ -56,7 +58,7 @@ def stage_task(stage: str, inputs: list[Manifest], cfg) -> Manifest:
     from prefect import get_run_logger
 
     ctx = StageContext(store=Store(cfg.paths.store), log=get_run_logger())
-    return run_stage(module(stage), inputs, cfg, ctx)
+    return run_stage(STAGES[stage], inputs, cfg, ctx)
 
 
 def stage_options(stage: str, runtime) -> dict:
@@ -102,6 +104,89 @@ def ensure_gpu_limit(runtime, log=print) -> int | None:
     except Exception as e:  # the limit protects a shared GPU; a CPU run must not fail for it
         log(f"could not set the '{runtime.gpu_tag}' concurrency limit: {e}")
         return None
+
+
+def recover_gpu_slots(runtime, log=print) -> dict | None:
+    """Free the accelerator slots that no live run holds, and say who holds the others.
+
+    Prefect counts a tag limit's occupied slots in its database and keeps one lease per holder (60 s,
+    renewed while the holder lives). A run killed with -9 never releases its slot; on a server without
+    the lease reaper (every temporary server) the count stayed at 1 and each later run waited at
+    finetune forever, silently. Leases persist in the project (PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE,
+    flows/cli.py) so every server of the project sees every live holder: occupied slots beyond the live
+    leases belong to runs that are gone, and are released here.
+
+    Returns {"limit", "held_by": [task run ids], "released"}, or None when no limit exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"tag:{runtime.gpu_tag}"
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:  # no limit on this server: nothing can wait on it
+                return None
+            holders = [str(h) for h in client.read_concurrency_limit_by_tag(runtime.gpu_tag).active_slots]
+            stale = limit.active_slots - len(holders)
+            if stale > 0:
+                # occupancy only feeds slot decay (rate limits, not ours); the API wants it > 0
+                client.release_concurrency_slots(names=[name], slots=stale, occupancy_seconds=0.001)
+                log(f"released {stale} '{runtime.gpu_tag}' slot(s) held by runs that are gone (no live lease)")
+            return {"limit": limit.limit, "held_by": holders, "released": max(stale, 0)}
+    except Exception as e:  # never fail a run for the bookkeeping of a shared GPU
+        log(f"could not check the '{runtime.gpu_tag}' concurrency slots: {e}")
+        return None
+
+
+@contextlib.contextmanager
+def reporting_gpu_waits(runtime, flow_run_id, every_s: float = 30.0, log=print):
+    """While the body runs, every ``every_s``: free slots of dead runs, and if a stage of this flow run is
+    waiting for the accelerator slot, say so, for how long, and who holds it. Prefect's own wait says
+    nothing, which made a stuck slot look like a hung run."""
+    stop = threading.Event()
+
+    def watch():
+        waited = 0.0
+        while not stop.wait(every_s):
+            state = recover_gpu_slots(runtime, log)
+            pending = _pending_gpu_task_runs(runtime, flow_run_id) if state else []
+            if pending and len(state["held_by"]) >= state["limit"]:
+                waited += every_s
+                log(f"{', '.join(pending)} waiting {waited:.0f} s for the '{runtime.gpu_tag}' slot "
+                    f"(limit {state['limit']}), held by task run(s) {', '.join(state['held_by'])}; "
+                    f"a dead holder's slot is freed within {LEASE_SECONDS + every_s:.0f} s")
+            else:
+                waited = 0.0
+
+    thread = threading.Thread(target=watch, name="c2m-gpu-wait", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+LEASE_SECONDS = 60  # the task engine's lease on a tag slot (prefect/task_engine.py), renewed while it runs
+
+
+def _pending_gpu_task_runs(runtime, flow_run_id) -> list[str]:
+    """Names of this flow run's task runs tagged for the accelerator that have not started (waiting for a slot)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState,
+                                                TaskRunFilterStateType, TaskRunFilterTags)
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[runtime.gpu_tag]),
+                                              state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.PENDING]))))
+    except Exception:
+        return []
+    # the stage tag (stage_options): a pending run does not carry its custom name yet
+    return [next((t.split(":", 1)[1] for t in r.tags if t.startswith("stage:")), r.name) for r in runs]
 
 
 @task(name="scan-raw", cache_policy=NO_CACHE, task_run_name="source")

@@ -1,17 +1,24 @@
-"""Where the stage tasks execute: Prefect's default thread pool, or Dask (prefect-dask).
+"""Where the stage tasks and their units execute: Prefect's default thread pool, or Dask (prefect-dask).
 
 ``runtime.task_runner: dask`` runs every submitted stage on a Dask worker: a local cluster of
-``runtime.dask_workers`` processes, or an existing scheduler at ``runtime.dask_address``. Two things
-make that work here (ENVIRONMENT.md):
+``runtime.dask_workers`` processes, or an existing scheduler at ``runtime.dask_address`` (dask-jobqueue
+on Slurm, dask-kubernetes: README "Running on a cluster"). A unit-based stage that finds itself on a
+Dask worker submits its units (files, parts, shards) one by one to the same cluster and leaves its
+worker thread while it waits (tasks/common/executor.py), so the units spread over every worker instead
+of one stage per worker. With the default runner the units go to a local process pool of the stage's
+``workers``. Three things make Dask work here (ENVIRONMENT.md):
 
 * every worker must report to the same Prefect API as the flow, else each one starts its own
   temporary server and the runs vanish from the UI. With no ``PREFECT_API_URL`` exported,
   ``prefect_api`` starts one temporary server for the whole run and exports its URL before the
   cluster is spawned, so the workers inherit it;
-* local workers are not daemonic, because a stage fans its files out to a process pool of its own
-  (tasks/stage.py gather_units) and daemonic processes cannot have children.
+* every worker sees the store at the same path (paths.store on a shared filesystem): a unit reads its
+  input and writes its result there, and only paths and small dicts travel through Dask;
+* local workers are not daemonic, because code that has not moved to units yet keeps a process pool of
+  its own (dedup's sketches, tasks/text/dedup_jsonl.py) and daemonic processes cannot have children.
 
-The section is not hashed: switching runners recomputes nothing and the outputs are identical.
+The section is not hashed: switching runners recomputes nothing and the outputs are byte-identical
+(tests/test_executors.py).
 """
 from __future__ import annotations
 
@@ -32,8 +39,9 @@ def task_runner(runtime):
     import dask
 
     # Dask pins each worker's BLAS/OpenMP pools to one thread so that workers do not oversubscribe the
-    # cores. Our DAG is a chain: one stage (one worker) runs at a time, so that pinning only halves
-    # finetune on 2 cores. Give every worker the machine's threads instead.
+    # cores. Units (ingest/clean/dedup/shard/tokenize) are pure-Python text work that uses no BLAS pool,
+    # and the stages that do (finetune, quantize, evaluate) run one at a time, so that pinning only
+    # halves finetune on 2 cores. Give every worker the machine's threads instead.
     threads = str(os.cpu_count() or 1)
     dask.config.set({
         "distributed.worker.daemon": False,
@@ -48,7 +56,9 @@ def task_runner(runtime):
             "n_workers": runtime.dask_workers,
             "threads_per_worker": runtime.dask_threads_per_worker,
             "processes": True,
-            "dashboard_address": None,  # nothing listens beyond what the run needs
+            # Loopback only. The dashboard shows every unit task as it runs (8787, or a free port when
+            # taken: Prefect logs the link); None would not turn it off, it means the default ":8787".
+            "dashboard_address": "127.0.0.1:8787",
             "host": "127.0.0.1",
         },
     )

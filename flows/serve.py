@@ -11,15 +11,21 @@ template the model was trained on (the version's ``serve.json``) before generati
     POST /classify  {"texts": [...]} -> {"results": [{"label", "score", "scores"}], ..., "batch_size"}  (classifiers)
 
 Dynamic batching (classifiers): request threads put their texts on a queue; one worker thread takes
-what is waiting, up to ``max_batch_size`` texts or ``max_batch_wait_ms`` after the first arrived, runs
-one padded forward pass and hands each request its rows. ``max_batch_size`` 1 is unbatched serving.
-Generation is not batched: it runs one prompt at a time under a lock (padding a causal batch changes
-nothing here for a model this size, and answers must not depend on their batch neighbours).
+what is waiting, up to ``max_batch_size`` texts or ``max_batch_wait_ms`` after the first arrived, sorts
+them by length into padded forward passes and hands each request its rows. ``max_batch_size`` 1 is
+unbatched serving.
+Continuous batching (causal LMs, tasks/model/modeling.py GenerationEngine): one worker thread keeps up
+to ``max_batch_size`` prompts decoding together over one KV cache; a prompt joins between decode steps
+(prefilled alone) and leaves when it hits eos or its own ``max_new_tokens``. Greedy answers are those of
+one-at-a-time generation (row-wise attention over each row's real keys, own position ids, dynamic
+INT8 layers quantizing each row alone), so an answer never depends on its batch neighbours.
+``max_batch_size`` 1 runs one prompt at a time under a lock through HF ``generate`` (the reference).
 Malformed requests get 422 with the field at fault; asking a classifier to generate (or the
 reverse) gets 400 naming the endpoint to use.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,7 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from corpus2model.tasks.registry import VARIANT_DIRS, resolve
 from corpus2model.tasks.stage import StageError
@@ -44,6 +50,9 @@ MAX_TEXTS = 64  # texts per /classify request
 ENDPOINTS = ("/health", "/metrics", "/generate", "/classify")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Below this, logits / temperature overflows to inf and sampling fails (1e-300 did); anything that small
+# means greedy anyway, which is asked for with 0.
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 class GenerateRequest(BaseModel):
@@ -51,9 +60,16 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(32, ge=1, le=512)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")
     # A per-task_type adapter (finetune.adapter_per_task_type) applied on the tuned variant; None = none.
     adapter: str | None = Field(None, min_length=1, max_length=100)
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampling_temperature(cls, t: float) -> float:
+        if 0 < t < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or between {MIN_SAMPLING_TEMPERATURE} and 2")
+        return t
 
 
 class GenerateResponse(BaseModel):
@@ -127,6 +143,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.batch_size = Histogram(BATCH_BUCKETS)
+        self.decode_rows = Histogram(BATCH_BUCKETS)
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"  # bounded label values
@@ -137,6 +154,10 @@ class Metrics:
     def batch(self, size: int) -> None:
         with self.lock:
             self.batch_size.observe(size)
+
+    def decode_step(self, rows: int) -> None:
+        with self.lock:
+            self.decode_rows.observe(rows)
 
     def render(self) -> str:
         with self.lock:
@@ -152,9 +173,38 @@ class Metrics:
                 out += h.lines("c2m_request_latency_seconds", f'endpoint="{e}"')
             out += ["# HELP c2m_batch_size Texts per model forward pass (dynamic batching).",
                     "# TYPE c2m_batch_size histogram", *self.batch_size.lines("c2m_batch_size"),
+                    "# HELP c2m_generate_batch_size Prompts in each decode step (continuous batching).",
+                    "# TYPE c2m_generate_batch_size histogram", *self.decode_rows.lines("c2m_generate_batch_size"),
                     "# HELP c2m_max_batch_size Configured upper bound of a dynamic batch.",
                     "# TYPE c2m_max_batch_size gauge", f"c2m_max_batch_size {self.max_batch_size}"]
             return "\n".join(out) + "\n"
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP request counted by path and status, with its latency. A plain ASGI
+    wrapper because Starlette's ``@app.middleware("http")`` (BaseHTTPMiddleware) runs each request
+    through an extra task and memory stream: per-request CPU that batching cannot amortise. An
+    exception that escapes the app is counted as the 500 Starlette turns it into (outside this
+    middleware)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request(scope["path"], status[0], time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +230,13 @@ class Batcher:
 
     def submit(self, items: list) -> tuple[list, int]:
         """(results for ``items``, size of the batch they ran in)."""
+        return self.submit_future(items).result()
+
+    def submit_future(self, items: list) -> Future:
+        """A Future of ``submit``'s answer: an async endpoint awaits it without holding a thread."""
         fut: Future = Future()
         self.queue.put((items, fut))
-        return fut.result()
+        return fut
 
     def close(self) -> None:
         self._stop.set()
@@ -239,6 +293,36 @@ class Batcher:
 # ---------------------------------------------------------------------------------------------
 # loading and the app
 # ---------------------------------------------------------------------------------------------
+def _json_safe(error: dict) -> dict:
+    """One validation error as strict JSON: loc, msg, type, and the input only where it is representable."""
+    out = {k: error[k] for k in ("type", "loc", "msg") if k in error}
+    try:
+        json.dumps(error.get("input"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+        out["input"] = error.get("input")
+    except (TypeError, ValueError):
+        out["input"] = repr(error.get("input"))
+    out["msg"] = out.get("msg", "").encode("utf-8", "backslashreplace").decode("utf-8")  # a msg may quote the input
+    return out
+
+
+def _adapter_context(model, adapters: list[str]):
+    """``context(adapter)`` for the generation engine: the named per-task adapter active, or with None the
+    adapters disabled (the tuned weights alone), as the one-at-a-time path does."""
+    active = [None]
+
+    def context(adapter):
+        if not adapters:
+            return contextlib.nullcontext()
+        if adapter is None:
+            return model.disable_adapter()
+        if active[0] != adapter:  # set_adapter walks every module: only when it changes
+            model.set_adapter(adapter)
+            active[0] = adapter
+        return contextlib.nullcontext()
+
+    return context
+
+
 def load_version(registry_root: str | Path, name: str, ref: str = "production", variant: str | None = None) -> dict:
     """Resolve ``ref`` and load its variant: {"model", "tokenizer", "version", "variant", "template", "folder",
     "task", "max_length"}."""
@@ -271,7 +355,9 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
                max_batch_size: int = 16, max_batch_wait_ms: float = 5.0):
     """A FastAPI app serving one resolved version; the model is loaded here, before the first request."""
     from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import PlainTextResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
 
     from corpus2model.tasks.model.modeling import generate_text
 
@@ -287,25 +373,41 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
         if task_adapter_names(adapter_root):
             model, tokenizer, adapters = load_multi_task(loaded["folder"], adapter_root)
     metrics = Metrics(ident, max_batch_size)
-    # Endpoints run in a thread pool; one model must not run two generate calls at once.
+    # The one-at-a-time path (max_batch_size 1) runs in the thread pool: one model must not run two generate
+    # calls at once.
     lock = threading.Lock()
-    batcher = None
+    batcher = engine = None
     if task == "classification":
         from corpus2model.tasks.model.classify import classify_texts
 
         batcher = Batcher(lambda texts: classify_texts(model, tokenizer, texts, loaded["max_length"]),
                           max_batch_size, max_batch_wait_ms, on_batch=metrics.batch)
+    elif max_batch_size > 1:
+        from corpus2model.tasks.model.modeling import GenerationEngine
+
+        # One adapter setting per batch: requests naming another adapter wait until the batch drains.
+        engine = GenerationEngine(model, tokenizer, max_batch_size, max_batch_wait_ms,
+                                  context=_adapter_context(model, adapters), on_step=metrics.decode_step)
     log.info("serving %s %s (%s, %s) from %s", name, loaded["version"], loaded["variant"], task, loaded["folder"])
 
-    app = FastAPI(title=f"corpus2model: {name}", version=loaded["version"])
-    app.state.batcher = batcher
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        for worker in (engine, batcher):
+            if worker is not None:
+                worker.close()
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
+    app = FastAPI(title=f"corpus2model: {name}", version=loaded["version"], lifespan=lifespan)
+    app.state.batcher = batcher
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the bad input, and NaN or a lone surrogate cannot be written as
+        # strict UTF-8 JSON: the 422 turned into a 500. Echo what serialises, repr() the rest.
+        return JSONResponse(status_code=422, content={"detail": [_json_safe(e) for e in exc.errors()]})
+
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
@@ -315,8 +417,18 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
     def prometheus() -> str:
         return metrics.render()
 
+    def generate_alone(prompt: str, req: GenerateRequest) -> str:
+        with lock:
+            if req.adapter is not None:
+                model.set_adapter(req.adapter)
+            with (model.disable_adapter() if adapters and req.adapter is None else contextlib.nullcontext()):
+                return generate_text(model, tokenizer, [prompt], max_new_tokens=req.max_new_tokens,
+                                     temperature=req.temperature)[0]
+
+    # The model endpoints are async and await their worker's Future: a waiting request holds no pool
+    # thread and pays no thread hand-off each way (per-request CPU that batching cannot amortise).
     @app.post("/generate", response_model=GenerateResponse)
-    def generate(req: GenerateRequest) -> GenerateResponse:
+    async def generate(req: GenerateRequest) -> GenerateResponse:
         if task != "causal_lm":
             raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: POST /classify with "
                                      f'{{"texts": [...]}} instead')
@@ -325,23 +437,21 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
         if req.adapter is not None and req.adapter not in adapters:
             raise HTTPException(400, f"no adapter {req.adapter!r}: {name} {loaded['version']} ({loaded['variant']}) "
                                      f"serves {adapters or 'no per-task adapters'}")
-        with lock:
-            t0 = time.perf_counter()
-            if req.adapter is not None:
-                model.set_adapter(req.adapter)
-            with (model.disable_adapter() if adapters and req.adapter is None else contextlib.nullcontext()):
-                text = generate_text(model, tokenizer, [prompt], max_new_tokens=req.max_new_tokens,
-                                     temperature=req.temperature)[0]
-            latency = (time.perf_counter() - t0) * 1000
-        return GenerateResponse(text=text, latency_ms=round(latency, 2), **ident)
+        t0 = time.perf_counter()
+        if engine is not None:
+            text = await asyncio.wrap_future(engine.submit(prompt, req.max_new_tokens, req.temperature,
+                                                           group=req.adapter))
+        else:
+            text = await run_in_threadpool(generate_alone, prompt, req)
+        return GenerateResponse(text=text, latency_ms=round((time.perf_counter() - t0) * 1000, 2), **ident)
 
     @app.post("/classify", response_model=ClassifyResponse)
-    def classify(req: ClassifyRequest) -> ClassifyResponse:
+    async def classify(req: ClassifyRequest) -> ClassifyResponse:
         if batcher is None:
             raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: POST /generate with "
                                      f'{{"prompt": ...}} instead')
         t0 = time.perf_counter()
-        results, n = batcher.submit(req.texts)
+        results, n = await asyncio.wrap_future(batcher.submit_future(req.texts))
         return ClassifyResponse(results=results, batch_size=n, latency_ms=round((time.perf_counter() - t0) * 1000, 2),
                                 **ident)
 

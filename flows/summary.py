@@ -1,14 +1,26 @@
-"""The run summary: per stage ran/cached and why, seconds, records in/out; printed, written as
-markdown + JSON next to the run record, and published as Prefect table + markdown artifacts."""
+"""How a flow runs its stages, and what it says about them afterwards.
+
+``guarded_run`` is what every flow (``c2m run``, ``c2m tune``) does around its stages: log redaction,
+the runtime-section checks, the GPU concurrency limit, the raw scan and the plan first, the run record
+last (so the next run can say what changed). ``RunLog`` runs stages from the table (flows/stages.py)
+through their Prefect tasks and keeps one row per stage. The run summary (per stage ran/cached and
+why, seconds, records in/out) is printed, written as markdown + JSON next to the run record, and
+published as Prefect table + markdown artifacts with the links a person opens next."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
-from corpus2model.flows.plan import StepPlan
-from corpus2model.tasks.stage import Manifest
+from corpus2model.flows.plan import RunRecord, StepPlan, check_runtime, plan
+from corpus2model.flows.stages import STAGES
+from corpus2model.tasks.common.artifacts import publish_link, publish_markdown, publish_table
+from corpus2model.tasks.common.security import install_log_redaction
+from corpus2model.tasks.stage import Manifest, StageError, Store
 
 
 @dataclass
@@ -37,6 +49,8 @@ def _detail(m: Manifest, cached: bool = False) -> str:
         parts.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rej.items(), key=lambda kv: -kv[1])))
     if m.counters.get("added"):
         parts.append(f"added {m.counters['added']}")
+    if s.get("skipped"):  # ingest: raw files left out (links leaving the folder, names not included, ...)
+        parts.append("skipped files: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))
     for k in ("final_eval_loss", "warns_failed", "size_ratio"):
         if k in s:
             v = s[k]
@@ -49,7 +63,7 @@ def row_for(step: StepPlan, m: Manifest | None, status: str, seconds: float) -> 
     return Row(
         stage=step.stage,
         status=status,
-        why="" if status == "cached" else step.why,
+        why=step.why if status != "cached" or step.why.startswith("cached (") else "",  # keep a code-change note
         seconds=round(seconds, 2),
         records_in=c.get("in"),
         records_out=c.get("out"),
@@ -92,12 +106,27 @@ def as_text(rows: list[Row]) -> str:
 class RunLog:
     """Runs each stage through its Prefect task the way the plan says and keeps one row per stage."""
 
-    def __init__(self, steps: list[StepPlan], cfg, echo=print):
+    def __init__(self, steps: list[StepPlan], cfg, echo=print, store: Store | None = None,
+                 source: Manifest | None = None):
         self.steps = {s.stage: s for s in steps}
         self.cfg = cfg
+        self.store = store or Store(cfg.paths.store)
+        self.source = source
         self.rows: list[Row] = []
         self.manifests: dict[str, Manifest] = {}
         self.echo = echo
+
+    def run(self, names: list[str]) -> dict[str, Manifest]:
+        """The named stages of the table in order, each on its declared inputs; a validation node
+        also gets its distribution checks. Returns the manifests by stage."""
+        for name in names:
+            st = STAGES[name]
+            inputs = [self.source if u == "source" else self.manifests[u] for u in st.inputs]
+            if st.validation:
+                self.check(name, inputs, self.store.root)
+            else:
+                self.stage(name, inputs)
+        return self.manifests
 
     def stage(self, name: str, inputs: list[Manifest]) -> Manifest:
         from corpus2model.flows.prefect_tasks import stage_options, stage_task
@@ -106,7 +135,14 @@ class RunLog:
         t0 = time.perf_counter()
         try:
             # An output that failed verification must not come back from Prefect's cache.
-            task = stage_task.with_options(refresh_cache=not step.cached, **stage_options(name, self.cfg.runtime))
+            opts = stage_options(name, self.cfg.runtime)
+            if step.cached:
+                # A verified output needs no slot. Any tag makes Prefect acquire that tag's concurrency
+                # slots from the server before its cache lookup: a synchronous round trip that stalled
+                # ~2 s whenever the temporary server was busy writing (every few seconds), which was most
+                # of a cached rerun's stage time; and a cached finetune must not queue for the GPU slot.
+                opts["tags"] = []
+            task = stage_task.with_options(refresh_cache=not step.cached, **opts)
             # Submitted, so the flow's task runner (threads, or Dask workers) executes it.
             future = task.submit(name, inputs, self.cfg)
             future.wait()
@@ -142,6 +178,89 @@ class RunLog:
             row.detail = f"{row.detail}; {note}" if row.detail else note
             self.echo(f"[{name}] {note}")
         return m
+
+
+class ExplainedFailureFilter(logging.Filter):
+    """A StageError (a validation refusal, unreadable input, a bad config value) is an outcome the
+    message already explains: it names the stage, the file or report and the fix. Prefect logs every
+    exception that leaves a task or the flow with its traceback, which buries that one line under
+    a hundred lines of engine frames; keep the line, drop the frames. Any other exception is a bug
+    and keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StageError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_explained_failures(names: tuple[str, ...] = ("prefect.flow_runs", "prefect.task_runs")) -> None:
+    """On the loggers Prefect's flow and task engines log failures to (not their handlers: the records
+    are made there, so a logger filter sees them before any handler, the API's included). Idempotent."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ExplainedFailureFilter) for f in logger.filters):
+            logger.addFilter(ExplainedFailureFilter())
+
+
+@contextlib.contextmanager
+def guarded_run(cfg, echo=print) -> Iterator[RunLog]:
+    """The guards every flow run has (``c2m run`` and ``c2m tune`` alike): secrets redacted from the
+    logs, runtime stage names checked, the GPU tag's concurrency limit in place; then the raw scan and
+    the plan; and, however the stages end, the run record of the stages that finished."""
+    from prefect.runtime import flow_run
+
+    from corpus2model.flows.prefect_tasks import (ensure_gpu_limit, recover_gpu_slots,  # Prefect: only inside a flow
+                                                  reporting_gpu_waits, scan_task)
+
+    install_log_redaction()
+    install_explained_failures()  # a refusal reads as its one line, not an engine traceback
+    check_runtime(cfg.runtime)
+    ensure_gpu_limit(cfg.runtime)
+    recover_gpu_slots(cfg.runtime, echo)  # a run killed while it held the GPU slot must not block this one
+    store = Store(cfg.paths.store)
+    source = scan_task(cfg)
+    steps = plan(cfg, store, source)
+    run = RunLog(steps, cfg, echo=echo, store=store, source=source)
+    try:
+        with reporting_gpu_waits(cfg.runtime, flow_run.id, log=echo):  # a stage waiting for the slot says so
+            yield run
+    finally:
+        RunRecord(store, cfg.name).save(source, [s for s in steps if s.stage in run.manifests])
+
+
+def _report(m: Manifest) -> str:
+    return str(m.dir / m.stats.get("docs_index", "data_docs/index.html"))
+
+
+def run_links(manifests: dict[str, Manifest], registered: dict) -> dict[str, str]:
+    """What a person opens after a run: the validation reports, the evaluation table, the registered
+    version and whether it passed the deploy gate."""
+    links = {
+        "validation report": _report(manifests["validate"]),
+        "evaluation table": str(manifests["evaluate"].dir / "eval.md"),
+        "registered model": registered["path"],
+        "production": str(registered.get("production")),
+        "gate": "passed" if registered["gate"]["passed"] else "failed",
+    }
+    for name, st in STAGES.items():  # the boundary reports, beside the final one
+        if st.validation and name != "validate" and name in manifests:
+            links[f"{name} report"] = _report(manifests[name])
+    return links
+
+
+def publish_summary(run: RunLog, links: dict[str, str]) -> Path:
+    """Write the summary next to the run record, publish it as Prefect artifacts, print it; returns
+    the markdown file."""
+    name = run.cfg.name
+    md_path, _ = write_summary(run.store.root, name, run.rows, links)
+    publish_table("run-summary", [r.__dict__ for r in run.rows], description=f"{name}: what ran, what was cached, and why")
+    publish_markdown("run-summary-md", as_markdown(run.rows, f"Run summary: {name}") + "\n"
+                     + "\n".join(f"- {k}: `{v}`" for k, v in links.items()))
+    if "validation report" in links:
+        publish_link("validation-report", "file://" + links["validation report"], "Great Expectations Data Docs")
+    run.echo("\n" + as_text(run.rows))
+    return md_path
 
 
 def write_summary(store_root: Path, name: str, rows: list[Row], extra: dict) -> tuple[Path, Path]:

@@ -1,6 +1,7 @@
 """``c2m tune CONFIG``: an Optuna search over finetune settings, each trial a cached Prefect task.
 
-The data half of the DAG runs as in ``c2m run`` (same cached stages, up to tokenize); then
+The data half of the DAG runs as in ``c2m run`` (the stage table's stages through tokenize, with the
+same run guards: log redaction, runtime checks, GPU limit, run record; flows/summary.py); then
 ``tune.trials`` trials are asked from a seeded TPE sampler over ``tune``'s space (learning rate
 log-uniform, LoRA rank with alpha = 2 r, warmup steps). Each trial trains exactly as the finetune
 stage does (tasks/finetune.train_only) and reports its eval loss at every evaluation; Optuna's
@@ -20,7 +21,11 @@ from typing import Callable
 
 import yaml
 
-from corpus2model.schemas.config import apply_overrides, parse_config
+from corpus2model.flows.stages import through
+from corpus2model.flows.summary import guarded_run
+from corpus2model.schemas.config import apply_overrides, load_config, parse_config
+from corpus2model.tasks import finetune
+from corpus2model.tasks.common.artifacts import publish_table
 from corpus2model.tasks.stage import Manifest, canonical_json, sha256_bytes
 
 # Trials hand their Optuna trial to the running task through this table (keyed by trial number):
@@ -53,8 +58,6 @@ def trial_key(tok: Manifest, cfg) -> str:
 
 def run_trial_local(tok: Manifest, cfg, number: int) -> dict:
     """Train one trial; report each evaluation to the live Optuna trial (pruning)."""
-    from corpus2model.tasks import finetune
-
     trial = _LIVE.get(number)
 
     def on_eval(step: int, loss: float) -> bool:
@@ -133,28 +136,12 @@ def _prefect_trial(tok: Manifest, cfg, number: int) -> dict:
 
 
 def tune_flow_fn(config_path: str, overrides: dict | None = None, trials: int | None = None) -> dict:
-    """The data stages (cached, as in ``c2m run``) up to tokenize, then the search."""
-    from corpus2model.schemas.config import load_config
-    from corpus2model.flows.plan import plan
-    from corpus2model.flows.prefect_tasks import scan_task
-    from corpus2model.tasks.stage import Store
-    from corpus2model.flows.summary import RunLog
-
+    """The data stages through tokenize (the table's sequence, cached and guarded as in ``c2m run``),
+    then the search."""
     cfg = load_config(config_path, overrides)
-    store = Store(cfg.paths.store)
-    source = scan_task(cfg)
-    run = RunLog(plan(cfg, store, source), cfg)
-    ingest = run.stage("ingest", [source])
-    run.check("check_raw", [source, ingest], store.root)
-    dedup = run.stage("dedup", [run.stage("clean", [ingest])])
-    run.check("check_clean", [dedup], store.root)
-    augment = run.stage("augment", [dedup])
-    run.check("check_augment", [augment], store.root)
-    validate = run.check("validate", [augment], store.root)
-    tok = run.stage("tokenize", [run.stage("shard", [validate])])
-    result = run_study(tok, cfg, store.root / "_tune" / cfg.name, _prefect_trial, trials)
-    from corpus2model.tasks.common.artifacts import publish_table
-
+    with guarded_run(cfg) as run:
+        tok = run.run(through("tokenize"))["tokenize"]
+    result = run_study(tok, cfg, run.store.root / "_tune" / cfg.name, _prefect_trial, trials)
     publish_table("tune-trials", result["rows"], description=f"{cfg.name}: Optuna trials (best: trial {result['best']['trial']})")
     return result
 

@@ -112,6 +112,11 @@ class DedupConfig(Section):
     contamination_ngram: int = Field(13, ge=3, le=13)
     contamination_action: Literal["report", "remove"] = "report"
     workers: int = Field(1, ge=1, description="process pool size for per-part sketches", json_schema_extra=NOT_HASHED)
+    # What dedup's partition phase may hold at once, all workers together: the number of LSH/digest
+    # partitions is chosen from it and the corpus size (tasks/text/dedup_index.py choose_partitions).
+    # The decisions do not depend on it, so it is not hashed.
+    memory_mb: float = Field(1024.0, gt=0.0, description="memory budget (MB) of the partition phase; sets how many "
+                             "partitions the index is cut into", json_schema_extra=NOT_HASHED)
 
 
 class BacktranslateConfig(Section):
@@ -153,10 +158,17 @@ class BacktranslateConfig(Section):
         return self
 
 
+# Task types whose records pair an input with a target: word-level noise makes the input
+# ungrammatical while the answer stays, so noise methods need an explicit opt-in for them (issue 15).
+TARGETED_TASK_TYPES = ("sft", "math_qa", "instruction")
+NOISE_METHODS = ("word_swap", "word_dropout")
+
+
 class AugmentConfig(Section):
-    # word_swap / word_dropout: EDA noise; synonym: WordNet thesaurus (data/thesaurus); backtranslate:
-    # needs augment.backtranslate.models. Methods take turns over the parents (round robin).
-    methods: list[Literal["word_dropout", "word_swap", "synonym", "backtranslate"]] = ["word_swap"]
+    # word_swap / word_dropout: EDA noise (only for task types without a target, or those listed in
+    # noise_task_types); synonym: WordNet thesaurus (data/thesaurus); backtranslate: needs
+    # augment.backtranslate.models. Methods take turns over the parents (round robin).
+    methods: list[Literal["word_dropout", "word_swap", "synonym", "backtranslate"]] = ["synonym"]
     # At most this many augmented records per original record of a task type (1:3 by default).
     max_ratio: float = Field(1 / 3, ge=0.0, le=10.0)
     max_ratio_by_task: dict[str, float] = Field({}, description="per task_type override of max_ratio")
@@ -173,6 +185,26 @@ class AugmentConfig(Section):
     probability: float = Field(0.1, gt=0.0, lt=1.0, description="per-word edit probability")
     min_words: int = Field(8, ge=2, description="inputs with fewer words are not augmented")
     seed: int = 0
+    # Targeted task types (TARGETED_TASK_TYPES) on which word_swap / word_dropout may run anyway.
+    noise_task_types: list[str] = []
+    # Quality gate: a word-level rewrite (synonym, word_swap, word_dropout) whose LM perplexity
+    # (tasks/text/lmscore.py) exceeds its parent's by more than this factor is quarantined, not
+    # added. Measured on the demo's math_qa/instruction parents (bench/augment_bench.py): 1.15 keeps
+    # 94.5% of synonym rewrites (their ratio: median 1.02, p95 1.17) and rejects 68% of word_swap
+    # rewrites at p=0.1 (median 1.24). None turns the gate off. Back-translation keeps its chrF band.
+    max_perplexity_ratio: float | None = Field(1.15, gt=1.0)
+    report_samples: int = Field(20, ge=0, description="parent -> rewrite pairs shown in the report")
+
+    @model_validator(mode="after")
+    def _noise_needs_opt_in(self) -> "AugmentConfig":
+        noise = [m for m in self.methods if m in NOISE_METHODS]
+        blocked = [t for t in self.task_types if t in TARGETED_TASK_TYPES and t not in self.noise_task_types]
+        if noise and blocked:
+            raise ValueError(
+                f"augment.methods has {noise}, word-level noise that leaves an ungrammatical input paired with the "
+                f"original target, and augment.task_types has targeted types {blocked}. Drop {noise} from "
+                f"augment.methods, or opt in with augment.noise_task_types: {blocked}")
+        return self
 
 
 class ValidateConfig(Section):
@@ -511,8 +543,10 @@ class RuntimeConfig(Section):
     """How the flow runs, never what it computes: no stage hashes this section, so switching the task
     runner, a timeout or a retry policy recomputes nothing."""
 
-    # "default": Prefect's thread pool in the flow process. "dask": prefect-dask's DaskTaskRunner, on a
-    # local cluster (dask_workers processes) or on an existing scheduler (dask_address).
+    # "default": Prefect's thread pool in the flow process; a stage's units (files, parts, shards) go to a
+    # process pool of its own `workers`. "dask": prefect-dask's DaskTaskRunner, on a local cluster
+    # (dask_workers processes) or on an existing scheduler (dask_address: dask-jobqueue, dask-kubernetes);
+    # a stage's units are then spread over every worker of that cluster (tasks/common/executor.py).
     task_runner: Literal["default", "dask"] = "default"
     dask_address: str | None = None
     dask_workers: int = Field(2, ge=1)
@@ -528,6 +562,9 @@ class RuntimeConfig(Section):
     gpu_stages: list[str] = ["finetune", "quantize", "evaluate"]
     gpu_tag: str = "c2m-gpu"
     gpu_concurrency: int = Field(1, ge=1)
+    # A cached entry whose code changed since it was made (tasks/common/fingerprint.py) without a VERSION
+    # bump: "warn" keeps it and names the stage in `c2m status`/`c2m run`; "rerun" recomputes it in place.
+    on_code_change: Literal["warn", "rerun"] = "warn"
 
     @field_validator("stage_timeout_s")
     @classmethod
@@ -578,13 +615,53 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the field."""
 
 
+# A config is a page of settings. Bounds checked before any Python object is built: YAML aliases
+# let 1 KB name a billion values ("billion laughs"), which validation and error messages would expand.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_values(node, memo: dict) -> int:
+    """How many YAML values ``node`` stands for with every alias expanded (an alias is the same
+    node object again; memoised per node, so this costs the size of the file, not of the expansion)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_CONFIG_VALUES + 1  # a node reached again while it is counted: a recursive alias
+    if isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_values(k, memo) + _expanded_values(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_values(v, memo) for v in node.value)
+    else:
+        n = 1
+    memo[key] = n = min(n, MAX_CONFIG_VALUES + 1)
+    return n
+
+
+def _read_yaml(path: Path):
+    """Parse a config file within MAX_CONFIG_BYTES and MAX_CONFIG_VALUES (aliases expanded)."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is not a config (limit {MAX_CONFIG_BYTES}); point to the YAML recipe")
+    text = path.read_text(encoding="utf-8")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None and _expanded_values(node, {}) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: YAML aliases expand to more than {MAX_CONFIG_VALUES} values; write the settings out "
+                          f"instead of nesting anchors (&name / *name)")
+    return yaml.safe_load(text)
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
     """Read and validate a YAML config. ``overrides`` maps dotted keys to values (``finetune.learning_rate``)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _read_yaml(path) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -597,10 +674,30 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set name.x=1`: name is a value, not a section
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"--set {dotted}: {where} is a value ({type(node).__name__}), not a section; "
+                                  f"set it as --set {where}=VALUE")
         node[leaf] = value
     return data
+
+
+def parse_overrides(values: list[str] | None) -> dict:
+    """``--set finetune.learning_rate=1e-4`` -> {"finetune.learning_rate": 0.0001} (YAML scalars);
+    every command that takes ``--set`` (c2m run/status/tune, the standalone stages) parses it here."""
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:  # `--set 'clean.min_chars=[1'`
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              f"quote it, e.g. --set '{k.strip()}=\"...\"'") from None
+    return out
 
 
 def parse_config(data: dict, source: str = "<config>") -> PipelineConfig:

@@ -14,7 +14,7 @@ import unicodedata
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: ids are per occurrence; metadata.content_hash holds the content identity
 
 METADATA_FIELDS = [
     ("task_type", pa.string()),
@@ -25,9 +25,14 @@ METADATA_FIELDS = [
     ("source_sha256", pa.string()),
     ("source_line", pa.int64()),  # 1-based line for JSONL sources
     ("encoding", pa.string()),
+    # How undecodable raw bytes were repaired ("line 21: cp1252; line 40: 1 invalid byte replaced").
+    ("decode_repairs", pa.string()),
     ("lang", pa.string()),
     ("parent_id", pa.string()),  # augmented records: the original's id
     ("aug_method", pa.string()),
+    # The normalised-content identity (``content_hash``) of the text as the record was made; the
+    # id names one occurrence, this field says which occurrences carry the same text.
+    ("content_hash", pa.string()),
 ]
 METADATA_TYPE = pa.struct(METADATA_FIELDS)
 
@@ -54,13 +59,16 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-# Dedup's removed records: each names the record it duplicates.
+# Dedup's removed records: each names the record it duplicates (its id and where it came from).
 REMOVED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("duplicate_of", pa.string()),
         ("kind", pa.string()),
         ("source_path", pa.string()),
+        ("source_line", pa.int64()),
+        ("kept_source_path", pa.string()),
+        ("kept_source_line", pa.int64()),
     ]
 )
 
@@ -79,12 +87,25 @@ def normalize_for_hash(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def record_id(input_text: str, target_text: str) -> str:
-    """Stable id: content hash of the normalized record text (16 hex chars = 64 bits)."""
+def content_hash(input_text: str, target_text: str) -> str:
+    """The text identity of a record: sha256 of the normalized input + US + target (16 hex chars =
+    64 bits). Exact copies share it; dedup and contamination compare records by it."""
     h = hashlib.sha256()
     h.update(normalize_for_hash(input_text).encode("utf-8"))
     h.update(b"\x1f")
     h.update(normalize_for_hash(target_text).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def occurrence_id(source_path: str, source_line: int | None) -> str:
+    """The id of one occurrence: a hash of where it was read (raw path + line; a whole-file
+    document has no line). Two copies of one text in two places get two ids, so a removed
+    duplicate can name the record it duplicates. The source's own id stays in
+    ``metadata.source_id``: sources repeat theirs (the demo's dirty file reuses ids for different
+    records), so it cannot be the unique key."""
+    h = hashlib.sha256(source_path.encode("utf-8", "surrogatepass"))
+    h.update(b"\x1f")
+    h.update(b"" if source_line is None else str(int(source_line)).encode("ascii"))
     return h.hexdigest()[:16]
 
 
@@ -98,8 +119,14 @@ def empty_metadata(**values) -> dict:
 
 
 def make_record(input_text: str, target_text: str, **metadata) -> dict:
+    """A record with its occurrence id (``occurrence_id`` of source_path + source_line) and its
+    ``metadata.content_hash``; without a source_path (records made in code) the id is the content
+    hash, as there is no place to name."""
+    chash = content_hash(input_text, target_text)
+    metadata.setdefault("content_hash", chash)
+    path = metadata.get("source_path")
     return {
-        "id": record_id(input_text, target_text),
+        "id": chash if path is None else occurrence_id(path, metadata.get("source_line")),
         "input": input_text,
         "target": target_text,
         "metadata": empty_metadata(**metadata),
@@ -120,10 +147,14 @@ def quarantine_row(
     """One quarantine row; the record itself is kept (truncated) so a person can see what was dropped."""
     if isinstance(record, dict):
         md = record.get("metadata") or {}
-        id = id or record.get("id")
-        source_path = source_path or md.get("source_path")
+        md = md if isinstance(md, dict) else {}
+        id = id or _str_or_none(record.get("id"))
+        source_path = source_path or _str_or_none(md.get("source_path"))
         source_line = source_line if source_line is not None else md.get("source_line")
-        text = json.dumps(record, ensure_ascii=False, default=str)
+        try:
+            text = json.dumps(record, ensure_ascii=False, default=str)
+        except (RecursionError, ValueError):  # too deep to print: the top level is enough to see it
+            text = repr(sorted(record))
     elif isinstance(record, bytes):
         text = record.decode("utf-8", errors="backslashreplace")
     else:
@@ -131,13 +162,29 @@ def quarantine_row(
     return {
         "stage": stage,
         "reason": reason,
-        "detail": detail,
+        "detail": _utf8_safe(detail),
         "score": score,
-        "id": id,
-        "source_path": source_path,
+        "id": _utf8_safe(id),
+        "source_path": _utf8_safe(source_path),
         "source_line": source_line,
-        "record": text[:MAX_QUARANTINED_TEXT],
+        "record": _utf8_safe(text[:MAX_QUARANTINED_TEXT]),
     }
+
+
+def _str_or_none(v):
+    return v if isinstance(v, str) else None
+
+
+def _utf8_safe(text: str | None) -> str | None:
+    """Text Parquet can store: a lone surrogate (an escaped ``"\\ud800"`` in JSON) becomes its
+    backslash escape, so the quarantine row that reports it can be written."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def records_table(rows: list[dict]) -> pa.Table:

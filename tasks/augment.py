@@ -7,8 +7,22 @@ Methods (``augment.methods``, taking turns over the parents):
   cache in the run store, filters with named reasons). Pivots take turns over the back-translated
   parents. A candidate that fails a filter is never a record: it is counted in ``stats.bt_rejected``
   by reason and kept in ``report/backtranslate_rejected.parquet`` (role "report").
-* ``synonym``: WordNet 3.0 synonym replacement (tasks/text/thesaurus.py, table bundled in data/thesaurus).
-* ``word_swap`` / ``word_dropout``: EDA noise (baseline: no paraphrase, just word-level noise).
+* ``synonym``: WordNet 3.0 synonym replacement (tasks/text/thesaurus.py, table bundled in data/thesaurus)
+  that keeps the meaning: a lemma is replaced at every occurrence or none, never when it occurs in
+  the target, is a number, a name or a function word, and only by a mutual synonym that the LM
+  reference vocabulary knows.
+* ``word_swap`` / ``word_dropout``: EDA noise (baseline: no paraphrase, just word-level noise). For
+  task types with a target (schemas.config.TARGETED_TASK_TYPES) only when listed in
+  ``augment.noise_task_types`` (the config refuses them otherwise): an ungrammatical prompt paired
+  with the original answer teaches nothing useful.
+
+Quality gate (issue 15): every word-level rewrite is scored by the LM-score model
+(tasks/text/lmscore.py); one whose perplexity exceeds its parent's by more than
+``augment.max_perplexity_ratio`` is not a record. Like a failed back-translation it is a rejected
+*candidate*, not a rejected input record, so the stage counters are untouched: it is counted in
+``stats.rejected_by_reason`` (with ``stats.candidates`` / ``stats.accepted``) and written with
+reason and score to ``quarantine/augment_rejected.parquet``. ``report/augment_samples.html`` (and a
+Prefect markdown artifact) shows parent -> rewrite pairs side by side.
 
 Only the input is changed: the target must stay a valid answer to it (for ``text`` records the
 input is the document itself). Only original records (no ``metadata.parent_id``) whose
@@ -24,7 +38,7 @@ An augmented record is ``<parent_id>#aug<k>`` with the parent's target and metad
 ``parent_id`` and ``aug_method``; shard buckets it by ``parent_id``, so a copy always lands in
 its parent's split. An edit that leaves the input unchanged (or repeats an earlier edit of the
 same parent) is not emitted; the next parent is tried and the skip is counted in the stats (no
-input record is dropped, so nothing is quarantined).
+input record is dropped; only rejected candidates, see the quality gate, are quarantined).
 
 Back-translations are requested in windows: when the next job is a back-translation not yet made,
 every back-translation among the next ``cap - made`` jobs (at least one batch) is translated in
@@ -44,6 +58,7 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus2model.schemas.config import NOISE_METHODS, TARGETED_TASK_TYPES
 from corpus2model.schemas.records import records_table
 from corpus2model.tasks.dedup import PartWriter, iter_record_batches
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext
@@ -51,7 +66,9 @@ from corpus2model.tasks.text.thesaurus import synonym_replace
 
 STAGE = "augment"
 # 2: synonym and backtranslate methods, per-task-type ratios, the report of rejected back-translations.
-VERSION = "2"
+# 3: meaning-keeping synonyms (consistent, target/name/number/stopword safe, mutual senses), noise
+#    methods only where opted in, the perplexity gate and its quarantine, the samples report.
+VERSION = "3"
 SECTIONS = ("augment",)
 
 _WS_SPLIT = re.compile(r"(\s+)")
@@ -113,9 +130,10 @@ def word_dropout(text: str, p: float, rng: random.Random) -> str:
     return lead + "".join(out) + trail
 
 
-def synonym(text: str, p: float, rng: random.Random) -> str:
-    """WordNet synonym replacement (tasks/text/thesaurus.py) with per-word probability ``p``."""
-    return synonym_replace(text, p, rng)
+def synonym(text: str, p: float, rng: random.Random, protect: str = "", vocab=None) -> str:
+    """WordNet synonym replacement (tasks/text/thesaurus.py) with per-lemma probability ``p``;
+    words of ``protect`` (the target) are never touched, synonyms must be in ``vocab`` when given."""
+    return synonym_replace(text, p, rng, protect=protect, vocab=vocab)
 
 
 METHODS: dict[str, Callable[[str, float, random.Random], str]] = {
@@ -124,6 +142,8 @@ METHODS: dict[str, Callable[[str, float, random.Random], str]] = {
     "synonym": synonym,
 }
 BACKTRANSLATE = "backtranslate"  # batched through a Translator, not a per-text function
+
+GATE_REASON = "aug_perplexity_ratio"
 
 REPORT_SCHEMA = pa.schema([
     ("parent_id", pa.string()),
@@ -178,6 +198,37 @@ class Candidates:
         self.originals: dict[str, int] = {}
         self.eligible: dict[str, list[dict]] = {t: [] for t in self.task_types}
         self.report: list[dict] = []  # rejected back-translations (REPORT_SCHEMA rows)
+        self.rejected: list[dict] = []  # every rejected candidate, back-translations included (quarantine)
+        self.samples: dict[str, list[dict]] = {}  # method -> accepted parent/rewrite pairs for the report
+        self._lm: dict | None = None
+        self._parent_ppl: dict[str, float | None] = {}
+
+    def lm(self) -> dict:
+        """The LM-score model (tasks/text/lmscore.py), loaded once: the gate and the synonym vocabulary."""
+        if self._lm is None:
+            from corpus2model.tasks.text.lmscore import load_model
+
+            self._lm = load_model()
+        return self._lm
+
+    def methods_for(self, task_type: str) -> list[str]:
+        """The configured methods usable on ``task_type``: noise methods only for task types
+        without a target or opted in (the config already refuses the rest; this keeps a directly
+        built config honest too)."""
+        cfg = self.cfg
+        return [m for m in dict.fromkeys(cfg.methods)
+                if m not in NOISE_METHODS or task_type not in TARGETED_TASK_TYPES or task_type in cfg.noise_task_types]
+
+    def perplexity_ratio(self, parent_id: str, text: str, new: str) -> tuple[float, str]:
+        """(perplexity of ``new`` / perplexity of its parent ``text``, "ppl parent -> rewrite")."""
+        from corpus2model.tasks.text.lmscore import perplexity
+
+        if parent_id not in self._parent_ppl:
+            self._parent_ppl[parent_id] = perplexity(self.lm(), text)
+        before, after = self._parent_ppl[parent_id], perplexity(self.lm(), new)
+        if not before or not after:  # no tokens: nothing to judge
+            return 1.0, "no tokens"
+        return after / before, f"ppl {before:.1f} -> {after:.1f}"
 
     def add(self, record: dict) -> None:
         md = record.get("metadata") or {}
@@ -201,7 +252,9 @@ class Candidates:
             raise ValueError("augment.methods has 'backtranslate' but no translator was given (make_translator)")
         added: list[dict] = []
         self.report = []
-        stats = {"no_change": 0, "repeated": 0, "methods": {m: 0 for m in dict.fromkeys(methods)}, "task_types": {}}
+        self.rejected, self.samples = [], {}
+        stats = {"no_change": 0, "repeated": 0, "methods": {m: 0 for m in dict.fromkeys(methods)}, "task_types": {},
+                 "candidates": 0, "accepted": 0, "rejected_by_reason": {}}
         if BACKTRANSLATE in methods:
             stats["bt_rejected"] = {}
             stats["pivots"] = {p: 0 for p in cfg.backtranslate.pivots}
@@ -210,7 +263,8 @@ class Candidates:
             # The epsilon keeps 0.7 * 10 = 6.9999... from losing a record to float rounding.
             cap = math.floor(self.ratio(tt) * n_orig + 1e-9)
             parents = sorted(self.eligible[tt], key=lambda r: _parent_order(cfg.seed, r))
-            made = self._augment_type(tt, parents, cap, methods, translator, added, stats) if parents and methods and cap else 0
+            tt_methods = self.methods_for(tt)
+            made = self._augment_type(tt, parents, cap, tt_methods, translator, added, stats) if parents and tt_methods and cap else 0
             stats["task_types"][tt] = {
                 "originals": n_orig,
                 "eligible": len(parents),
@@ -220,7 +274,13 @@ class Candidates:
             }
         for tt, n in sorted(self.originals.items()):
             stats["task_types"].setdefault(tt, {"originals": n, "eligible": 0, "cap": 0, "augmented": 0, "ratio": 0.0})
+        stats["accepted"] = len(added)
+        stats["candidates"] = len(added) + sum(stats["rejected_by_reason"].values())
         return added, stats
+
+    def _reject(self, stats: dict, row: dict) -> None:
+        stats["rejected_by_reason"][row["reason"]] = stats["rejected_by_reason"].get(row["reason"], 0) + 1
+        self.rejected.append(row)
 
     def _jobs(self, parents: list[dict], cap: int, methods: list[str]) -> Iterator[tuple[int, int, str, str | None]]:
         """(round, parent position, method, pivot) in evaluation order."""
@@ -294,10 +354,15 @@ class Candidates:
                 reason, score, detail = check_candidate(text, pivot_text, new, bt_cfg.source_lang, pivot, filters)
                 if reason:
                     stats["bt_rejected"][reason] = stats["bt_rejected"].get(reason, 0) + 1
-                    self.report.append({"parent_id": pid, "task_type": tt, "method": method, "pivot": pivot,
-                                        "reason": reason, "score": score, "detail": detail, "original": text,
-                                        "pivot_text": pivot_text, "candidate": new})
+                    row = {"parent_id": pid, "task_type": tt, "method": method, "pivot": pivot,
+                           "reason": reason, "score": score, "detail": detail, "original": text,
+                           "pivot_text": pivot_text, "candidate": new}
+                    self.report.append(row)
+                    self._reject(stats, row)
                     continue
+            elif method == "synonym":
+                new = synonym(text, cfg.probability, _rng(cfg.seed, pid, method, round_),
+                              protect=parent.get("target") or "", vocab=self.lm()["vocab"])
             else:
                 new = METHODS[method](text, cfg.probability, _rng(cfg.seed, pid, method, round_))
             seen = outputs.setdefault(pos, set())
@@ -307,10 +372,23 @@ class Candidates:
             if new in seen:
                 stats["repeated"] += 1
                 continue
-            seen.add(new)
+            seen.add(new)  # a rejected rewrite is not tried again either
+            ratio = None
+            if method != BACKTRANSLATE and cfg.max_perplexity_ratio is not None:
+                ratio, ppl_detail = self.perplexity_ratio(pid, text, new)
+                if ratio > cfg.max_perplexity_ratio:
+                    self._reject(stats, {"parent_id": pid, "task_type": tt, "method": method, "pivot": None,
+                                         "reason": GATE_REASON, "score": round(ratio, 4),
+                                         "detail": f"{ppl_detail} > x{cfg.max_perplexity_ratio}", "original": text,
+                                         "pivot_text": None, "candidate": new})
+                    continue
             k = per_parent[pid] = per_parent.get(pid, 0) + 1
             md = {**(parent.get("metadata") or {}), "parent_id": pid, "aug_method": method}
             added.append({"id": f"{pid}#aug{k}", "input": new, "target": parent.get("target"), "metadata": md})
+            shown = self.samples.setdefault(method, [])
+            if len(shown) < cfg.report_samples:
+                shown.append({"id": f"{pid}#aug{k}", "task_type": tt, "method": method, "parent": text, "rewrite": new,
+                              "ratio": None if ratio is None else round(ratio, 3)})
             stats["methods"][method] += 1
             if pivot:
                 stats["pivots"][pivot] += 1
@@ -338,6 +416,13 @@ def key_extra(cfg) -> dict:
         from corpus2model.tasks.text.thesaurus import TABLE
 
         extra["thesaurus"] = sha256_file(TABLE)
+    if "synonym" in aug.methods or (aug.max_perplexity_ratio is not None and set(aug.methods) - {BACKTRANSLATE}):
+        # The LM reference text decides the gate and the synonym vocabulary: a new reference is new output.
+        from corpus2model.tasks.stage import sha256_file
+        from corpus2model.tasks.text.lmscore import REFERENCE
+
+        refs = sorted(REFERENCE.glob("*.txt")) if REFERENCE.is_dir() else [REFERENCE]
+        extra["lm_reference"] = {f.name: sha256_file(f) for f in refs}
     if BACKTRANSLATE not in aug.methods:
         return extra
     from corpus2model.tasks.text.backtranslate import model_identity
@@ -348,6 +433,74 @@ def key_extra(cfg) -> dict:
     if missing:
         raise ValueError(f"augment.backtranslate.models has no model for {missing}; add them or drop 'backtranslate' from augment.methods")
     return {**extra, "bt_models": {d: model_identity(aug.backtranslate.models[d]) for d in directions}}
+
+
+def _pick_samples(cands: Candidates, n: int) -> list[dict]:
+    """Up to ``n`` accepted pairs, taking turns over the methods so each one is seen."""
+    lists = [list(v) for _, v in sorted(cands.samples.items())]
+    out: list[dict] = []
+    while len(out) < n and any(lists):
+        for lst in lists:
+            if lst and len(out) < n:
+                out.append(lst.pop(0))
+    return out
+
+
+def _diff_html(before: str, after: str, cls: str) -> str:
+    """``after`` with the words that differ from ``before`` marked (a word-level diff)."""
+    import difflib
+    import html
+
+    a, b = before.split(), after.split()
+    out = []
+    for op, _, _, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        chunk = html.escape(" ".join(b[j1:j2]))
+        if chunk:
+            out.append(chunk if op == "equal" else f'<mark class="{cls}">{chunk}</mark>')
+    return " ".join(out)
+
+
+def samples_html(samples: list[dict], rejected: list[dict], stats: dict) -> str:
+    """The augment report: parent -> rewrite side by side (changed words marked), then a few
+    rejected candidates with reason and score, so a data engineer can read what was added."""
+    import html
+
+    esc = html.escape
+
+    def rows(items, kind):
+        body = []
+        for it in items:
+            cand = it.get("rewrite") if kind == "ok" else it.get("candidate")
+            parent = it.get("parent") if kind == "ok" else it.get("original")
+            label = (f"{esc(it['method'])}<br><small>{esc(it['id'])}</small><br><small>ppl x{it['ratio']}</small>" if kind == "ok"
+                     else f"{esc(it['method'])}<br><small>{esc(it['parent_id'])}</small><br><small>{esc(it['reason'])} "
+                          f"({it['score']})</small>")
+            body.append(f"<tr><td>{label}</td><td>{_diff_html(cand or '', parent or '', 'old')}</td>"
+                        f"<td>{_diff_html(parent or '', cand or '', kind)}</td></tr>")
+        return "\n".join(body)
+
+    head = "<tr><th>method</th><th>parent</th><th>rewrite</th></tr>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>augment samples</title><style>"
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;width:100%}"
+        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
+        "mark.old{background:#fdd}mark.ok{background:#dfd}mark.bad{background:#fcc}</style></head><body>"
+        f"<h2>augment: {stats['accepted']} accepted of {stats['candidates']} candidates</h2>"
+        f"<p>methods {esc(str(stats['methods']))}; rejected by reason {esc(str(stats['rejected_by_reason']))}</p>"
+        f"<h3>Accepted rewrites ({len(samples)} shown)</h3><table>{head}\n{rows(samples, 'ok')}</table>"
+        f"<h3>Rejected candidates ({min(len(rejected), 10)} of {len(rejected)} shown)</h3><table>{head}\n"
+        f"{rows(rejected[:10], 'bad')}</table></body></html>\n")
+
+
+def samples_markdown(samples: list[dict], stats: dict) -> str:
+    def cell(t: str) -> str:
+        t = t.replace("|", "\\|").replace("\n", " ")
+        return t if len(t) <= 240 else t[:237] + "..."
+
+    lines = [f"**augment**: {stats['accepted']} accepted of {stats['candidates']} candidates; rejected "
+             f"{stats['rejected_by_reason'] or 'none'}", "", "| method | parent | rewrite | ppl ratio |", "|---|---|---|---|"]
+    lines += [f"| {s['method']} | {cell(s['parent'])} | {cell(s['rewrite'])} | {s['ratio']} |" for s in samples]
+    return "\n".join(lines) + "\n"
 
 
 def translation_cache_dir(ctx: StageContext) -> Path:
@@ -385,7 +538,22 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         t = stats["translation"]
         ctx.info("augment: back-translation on %s: %d sentences translated, %d from the cache, %d candidates rejected %s",
                  t["device"], t["translated"], t["cache_hits"], len(cands.report), stats["bt_rejected"])
+    # Rejected candidates were never input records (the counters do not hold them): quarantined
+    # here with reason and score so a person can see what the gate and the filters threw away.
+    rel = "quarantine/augment_rejected.parquet"
+    (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(cands.rejected, schema=REPORT_SCHEMA), out_dir / rel)
+    files.append(FileEntry(rel, role="quarantine", records=len(cands.rejected)))
+    samples = _pick_samples(cands, aug.report_samples)
+    rel = "report/augment_samples.html"
+    (out_dir / "report").mkdir(parents=True, exist_ok=True)
+    (out_dir / rel).write_text(samples_html(samples, cands.rejected, stats), encoding="utf-8")
+    files.append(FileEntry(rel, role="html"))
+    from corpus2model.tasks.common.artifacts import publish_markdown
+
+    publish_markdown("augment-samples", samples_markdown(samples, stats), "augment: parent -> rewrite samples")
     counters = {"in": n_in, "added": len(added), "out": n_in + len(added), "rejected": {}, "duplicates": 0}
     stats["parts"] = len([f for f in files if f.role == "data"])
-    ctx.info("augment: %d originals, %d augmented", n_in, len(added))
+    ctx.info("augment: %d originals, %d augmented (%d candidates, rejected %s)", n_in, len(added), stats["candidates"],
+             stats["rejected_by_reason"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

@@ -1,7 +1,8 @@
 """clean: repair and normalise record text, drop records that cannot be training data.
 
-Every record passes through ``clean_text`` (mojibake repair with ftfy, Unicode normalisation,
-control and zero-width characters removed, whitespace and line endings normalised) and then
+Every record passes through ``clean_text`` (separators to line breaks, mojibake repair with ftfy,
+debris removal that keeps emoji ZWJ sequences and ZWJ/ZWNJ in joining scripts, Unicode
+normalisation, whitespace normalised; each rule's repairs counted in ``stats.repairs``) and then
 ``clean_record``'s keep/drop decision; each drop is quarantined with its reason
 (datatrove's filter shape: keep, or drop with a reason, and count it).
 
@@ -49,7 +50,9 @@ from corpus2model.tasks.stage import (
 )
 
 STAGE = "clean"
-VERSION = "3"  # 3: datatrove-equivalent Gopher/C4 rules, PII masking, LM filter, filter reports
+# 4: joiners kept in emoji and joining scripts, FF/VT/NEL/LS/PS become line breaks (NEL is "…" only in
+#    mojibake text), repairs counted per rule, PII IPv4 needs an address context.
+VERSION = "4"
 SECTIONS = ("clean",)
 
 BATCH_ROWS = 2048
@@ -57,11 +60,41 @@ BATCH_ROWS = 2048
 # is a few MB, so this is every score in practice).
 MAX_SCORES = 20_000
 PII_KINDS = ("email", "phone", "ip", "card")
+# The documented text repairs (clean_text); each counts the fields it changed.
+REPAIRS = ("line_breaks", "mojibake", "debris", "normalization", "whitespace")
 
-# C0 and C1 controls except \t and \n (\r is gone by the time this runs: line endings come first).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_LINE_BREAK = re.compile("\r\n|\r|\u2028|\u2029")
+# Scripts whose spelling uses ZWJ/ZWNJ (Arabic incl. Persian/Urdu, Syriac, the Indic scripts from
+# Devanagari to Sinhala, Vedic and Devanagari extensions, Arabic presentation forms). Written with
+# escapes only: the expectation suites carry DEBRIS_PATTERN verbatim as plain ASCII YAML.
+JOINER_SCRIPTS = r"\u0600-\u074f\u0750-\u077f\u0870-\u08ff\u0900-\u0dff\u1cd0-\u1cff\ua8e0-\ua8ff\ufb50-\ufdff\ufe70-\ufefc"
+# Extended_Pictographic (emoji-data.txt, folded into ranges) with the skin-tone modifiers, which lie
+# inside U+1F000-U+1FAFF.
+EMOJI = (r"\xa9\xae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a\u231b\u2328\u23cf\u23e9-\u23f3"
+         r"\u23f8-\u23fa\u24c2\u25aa\u25ab\u25b6\u25c0\u25fb-\u25fe\u2600-\u27bf\u2934\u2935\u2b05-\u2b07"
+         r"\u2b1b\u2b1c\u2b50\u2b55\u3030\u303d\u3297\u3299\U0001f000-\U0001faff")
+# Debris: C0/C1 controls except \t and \n, ZWSP, WORD JOINER, deprecated format characters, BOM,
+# interlinear annotation marks and U+FFFC; a ZWNJ not next to a joining-script character; a ZWJ that
+# is neither next to a joining-script character nor between two emoji (the left one may end in VS16,
+# U+FE0F). One pattern for clean and for every expectation suite's debris check (a test keeps them equal).
+# Each joiner alternative starts with its literal and looks back over it (a fixed width of 2): a
+# lookbehind first would be tried at every position, 20x slower on plain text.
+DEBRIS_PATTERN = (
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\u206a-\u206f\ufeff\ufff9-\ufffc]"
+    rf"|\u200c(?<![{JOINER_SCRIPTS}]\u200c)(?![{JOINER_SCRIPTS}])"
+    rf"|\u200d(?<![{JOINER_SCRIPTS}]\u200d)(?:(?<![{EMOJI}\ufe0f]\u200d)|(?![{EMOJI}]))(?![{JOINER_SCRIPTS}])"
+)
+DEBRIS = re.compile(DEBRIS_PATTERN)
+# Any character DEBRIS could remove: most texts hold none, and this single class is a fast scan.
+_DEBRIS_CANDIDATE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\u206a-\u206f\ufeff\ufff9-\ufffc]")
+# Separators that are line breaks: CRLF, CR, VT (a manual line break in word-processor exports), FF
+# (a page break), NEL, LINE SEPARATOR -> "\n"; PARAGRAPH SEPARATOR -> "\n\n" (a blank line, this
+# corpus's paragraph break). NEL is left out when it is mojibake (see _nel_is_mojibake).
+_LINE_BREAK = re.compile("\r\n|[\r\x0b\x0c\u2028\x85]")
+_LINE_BREAK_NO_NEL = re.compile("\r\n|[\r\x0b\x0c\u2028]")
+# U+0085 is the cp1252 "…" read as Latin-1 when the text holds other cp1252-as-Latin-1 C1 characters
+# (curly quotes \x91-\x94, dashes \x96 \x97, € \x80 ...), or it is the second byte of a two-byte
+# UTF-8 character read as Latin-1 ("Ã\x85" is "Å").
+_NEL_MOJIBAKE = re.compile("[\x80-\x84\x86-\x9f]|[\xc2-\xdf]\x85")
 _HSPACE = re.compile(r"[ \t]+")
 _INDENT = re.compile(r"^[ \t]*")
 _TRAILING = re.compile(r"[ \t]+$", re.M)
@@ -73,36 +106,92 @@ def _fix_mojibake(text: str) -> str:
 
     # Only ftfy's encoding repairs: normalisation is our own step (cfg.normalization, which may be
     # "none"), and curly quotes, ligatures, full-width letters and HTML entities are content, not
-    # damage. ftfy's C1 fix stays on: a stray \x92 is almost always cp1252's "'" decoded as latin-1.
+    # damage. Line breaks and control characters are our own documented rules too (ftfy would delete
+    # a vertical tab and keep a form feed). ftfy's C1 fix stays on: a stray \x92 is almost always
+    # cp1252's "'" decoded as latin-1.
     config = ftfy.TextFixerConfig(
         unescape_html=False,
         uncurl_quotes=False,
         fix_latin_ligatures=False,
         fix_character_width=False,
+        fix_line_breaks=False,
+        remove_control_chars=False,
         normalization=None,
         explain=False,
     )
     return ftfy.fix_text(text, config)
 
 
-def clean_text(text: str, cfg) -> str:
+def line_breaks(text: str, nel: bool = True) -> str:
+    """Turn every line/page separator into a line break; never delete one.
+
+    CRLF, CR, VT, FF, NEL (U+0085, only when ``nel``) and LINE SEPARATOR (U+2028) become ``\\n``;
+    PARAGRAPH SEPARATOR (U+2029) becomes ``\\n\\n``. ``"page one.\\fStart"`` -> ``"page one.\\nStart"``.
+    """
+    text = (_LINE_BREAK if nel else _LINE_BREAK_NO_NEL).sub("\n", text)
+    return text.replace("\u2029", "\n\n")
+
+
+def _nel_is_mojibake(text: str) -> bool:
+    """True when a U+0085 in ``text`` is encoding damage rather than NEXT LINE: the text also holds
+    another C1 character (cp1252 text read as Latin-1, where \\x85 is "…"), or the \\x85 follows a
+    two-byte UTF-8 lead read as Latin-1 (Â-ß: "Ã\\x85" is "Å"). A lone \\x85 in otherwise clean
+    text is a line break: a newline loses nothing, a "…" would add a character nobody wrote."""
+    return "\x85" in text and _NEL_MOJIBAKE.search(text) is not None
+
+
+def strip_debris(text: str) -> tuple[str, int]:
+    """Remove debris characters (DEBRIS_PATTERN); returns (text, characters removed).
+
+    A pure function of the text, each character judged by its neighbours in the input:
+    a ZWJ (U+200D) is kept between two emoji ("👨\\u200d👩\\u200d👧", "🏳\\ufe0f\\u200d🌈",
+    "🧑🏽\\u200d💻") and next to (before or after) a letter or mark of a joining script (Malayalam
+    chillu "ന്\\u200d", Hindi "क्\\u200dष"); a ZWNJ (U+200C) is kept next to a joining-script character
+    (Persian "می\\u200cخواهم"). Stray ones (between Latin letters, at an edge, between an emoji and a
+    letter) are removed, as are C0/C1 controls other than ``\\t``/``\\n``, ZWSP, WORD JOINER, BOM,
+    U+206A-U+206F, U+FFF9-U+FFFC.
+    """
+    if _DEBRIS_CANDIDATE.search(text) is None:
+        return text, 0
+    n = 0
+
+    def drop(_m: re.Match) -> str:
+        nonlocal n
+        n += 1
+        return ""
+
+    return DEBRIS.sub(drop, text), n
+
+
+def clean_text(text: str, cfg, repairs: dict | None = None) -> str:
     """Repair and normalise one text field; ``cfg`` is the clean section (CleanConfig).
 
-    Steps, in order: ftfy encoding repair (cfg.fix_mojibake), line endings to ``\\n``, control
-    characters (C0/C1 except ``\\n`` ``\\t``) and zero-width characters removed, Unicode
-    normalisation (cfg.normalization), runs of spaces/tabs to one space (leading indentation
-    kept when cfg.keep_indentation), trailing spaces stripped per line, at most one blank line in
-    a row, ends stripped.
+    Steps, in order, each a documented rule counted in ``repairs`` (fields it changed, by rule name
+    of REPAIRS) when given:
+    ``line_breaks`` (``line_breaks``: CRLF/CR/VT/FF/NEL/LS to ``\\n``, PS to a blank line; NEL stays
+    for ftfy when ``_nel_is_mojibake`` and cfg.fix_mojibake; with repair off nothing reads it as
+    cp1252, so it is always a line break), ``mojibake`` (ftfy encoding repair, cfg.fix_mojibake;
+    "Ã©" -> "é", "\\x92" -> "'", "\\x85" -> "…" in mojibake text, ANSI terminal escapes removed),
+    ``debris`` (``strip_debris``: controls and stray zero-width characters; emoji ZWJ sequences and
+    joiners in joining scripts stay), ``normalization`` (cfg.normalization), ``whitespace`` (runs of spaces/tabs
+    to one space, leading indentation kept when cfg.keep_indentation, trailing spaces stripped per
+    line, at most one blank line in a row, ends stripped).
     """
+    def count(rule: str, before: str, after: str) -> str:
+        if repairs is not None and after != before:
+            repairs[rule] = repairs.get(rule, 0) + 1
+        return after
+
+    nel_mojibake = cfg.fix_mojibake and _nel_is_mojibake(text)
+    text = count("line_breaks", text, line_breaks(text, nel=not nel_mojibake))
     if cfg.fix_mojibake:
-        text = _fix_mojibake(text)
-    text = _LINE_BREAK.sub("\n", text)
-    text = _CONTROL.sub("", text)
-    # Before normalisation: a zero-width joiner between a letter and its combining mark would
+        text = count("mojibake", text, _fix_mojibake(text))
+    # Before normalisation: a stray zero-width joiner between a letter and its combining mark would
     # otherwise block composition.
-    text = _ZERO_WIDTH.sub("", text)
+    text = count("debris", text, strip_debris(text)[0])
     if cfg.normalization != "none":
-        text = unicodedata.normalize(cfg.normalization, text)
+        text = count("normalization", text, unicodedata.normalize(cfg.normalization, text))
+    before = text
     if cfg.keep_indentation:
         lines = []
         for line in text.split("\n"):
@@ -113,14 +202,15 @@ def clean_text(text: str, cfg) -> str:
         text = _HSPACE.sub(" ", text)
     text = _TRAILING.sub("", text)
     text = _BLANK_RUNS.sub("\n\n", text)
-    return text.strip()
+    return count("whitespace", before, text.strip())
 
 
 def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict | None, str | None, str, float | None]:
     """Return (cleaned record, None, "", None) or (None, reason, detail, score).
 
-    ``stats`` (optional) collects transform counts (``gutenberg_stripped``, ``pii_<kind>``), languages
-    seen and filter scores (``scores``: {reason: [values]}).
+    ``stats`` (optional) collects transform counts (``gutenberg_stripped``, ``pii_<kind>``, and
+    ``repair_<rule>``: fields each clean_text rule changed, for kept and dropped records alike),
+    languages seen and filter scores (``scores``: {reason: [values]}).
     Length limits are checked before ``clean_text`` can shorten a field: a 40,000-char field is
     rejected as ``too_long``, never truncated into a different record. The Gutenberg strip comes
     first because it removes boilerplate, not content: a book is judged by its own length. The id
@@ -135,7 +225,11 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
     for name, value in (("input", inp), ("target", tgt)):
         if len(value) > cfg.max_chars:
             return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}", float(len(value))
-    inp, tgt = clean_text(inp, cfg), clean_text(tgt, cfg)
+    repairs: dict[str, int] = {}
+    inp, tgt = clean_text(inp, cfg, repairs), clean_text(tgt, cfg, repairs)
+    if stats is not None:
+        for rule, n in repairs.items():
+            stats[f"repair_{rule}"] = stats.get(f"repair_{rule}", 0) + n
     if cfg.pii_mask:
         inp, c_in = mask_pii(inp, cfg.pii_mask)
         tgt, c_tgt = mask_pii(tgt, cfg.pii_mask)
@@ -232,7 +326,8 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
         qwriter.close()
     return {"counters": counters, "chars_in": chars_in, "chars_out": chars_out, "source_paths": sorted(sources),
             "gutenberg_stripped": stats.get("gutenberg_stripped", 0), "languages": stats.get("languages", {}),
-            "scores": stats.get("scores", {}), **{f"pii_{k}": stats.get(f"pii_{k}", 0) for k in PII_KINDS}}
+            "scores": stats.get("scores", {}), **{f"pii_{k}": stats.get(f"pii_{k}", 0) for k in PII_KINDS},
+            **{f"repair_{r}": stats.get(f"repair_{r}", 0) for r in REPAIRS}}
 
 
 def _clean_unit(args) -> dict:
@@ -341,14 +436,19 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         if stem in stems:  # parts in different sub-folders with one name: keep both
             stem = f"{stem}-{len(units):06d}"
         stems.add(stem)
-        units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean)))
+        units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean),
+                          bytes=entry.bytes))
     pii_fields = tuple(f"pii_{k}" for k in PII_KINDS)
+    repair_fields = tuple(f"repair_{r}" for r in REPAIRS)
     files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers,
-                                          ("chars_in", "chars_out", "gutenberg_stripped", *pii_fields))
+                                          ("chars_in", "chars_out", "gutenberg_stripped", *pii_fields, *repair_fields))
     stats["rejected"] = dict(sorted(counters["rejected"].items()))
     # Per-filter drop counts (reasons from tasks/text/filters.py) next to the length rules' counts.
     stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:", "lm_"))}
     stats["pii_masked"] = {k: stats.pop(f"pii_{k}") for k in PII_KINDS}
+    # Text fields each documented clean_text rule changed (DESIGN: a kept record changes only by a
+    # documented rule, and the repair is counted).
+    stats["repairs"] = {r: stats.pop(f"repair_{r}") for r in REPAIRS}
     stats["languages"], scores = _sum_unit_infos(units, ctx)
     report = filter_report(stats["rejected"], stats["pii_masked"], scores, counters["in"])
     (out_dir / "filter_stats.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")

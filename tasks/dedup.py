@@ -5,19 +5,20 @@ The key of a record is the sha256 of its input and target, normalised with
 ``dedup.normalize`` is on. Among records with one key the representative is the one with the
 smallest (source_path, source_line, id), so the kept record does not depend on the order in
 which files were listed or read. Every other member is written to ``removed.parquet`` naming
-the id it duplicates.
+the id it duplicates and where that kept record came from (``kept_source_path``/``_line``); ids
+name occurrences (``schemas.records.occurrence_id``), so an exact copy never names itself.
 
-Memory is bounded by the number of distinct keys, not by the corpus: pass one streams the
-input and keeps, per key, a 32-byte digest and the representative's sort key; pass two streams
-it again and writes the kept records in input order.
-
-``dedup.method: minhash`` adds near-duplicates (``tasks.text.minhash``): every upstream part gets a
-sketch (exact digests, LSH band keys, shingle hashes for verification) cached in
-``<store>/_units/dedup/<key>/`` keyed by (sketch settings, part sha256). That cache is the
-persisted index: a run that adds parts sketches only the new ones and compares them against the
-stored sketches of the old ones. Exact and verified near pairs are joined by union-find; each
-cluster keeps its smallest (source_path, source_line, id) member and every other member is a
-``removed`` row naming it, with kind ``exact`` (same normalised text as the kept one) or ``near``.
+Both methods run out of core, in phases that are units in the store (``tasks.text.dedup_index``):
+every upstream part gets a sketch unit in ``<store>/_units/dedup/<key>/`` keyed by (settings, part
+sha256) with its sorted exact digests and, for ``dedup.method: minhash``, its sorted LSH band keys
+and the shingle hashes that verify candidates (``tasks.text.minhash``); the digest and band-key
+spaces are cut into K hash partitions (K from ``dedup.memory_mb``), each partition finds and
+verifies its pairs alone, and union-find over the partitions' edges makes the clusters. Memory is
+bounded by one partition, not by the corpus. The sketch units and the partitions' edges are the
+persisted index: a run that adds parts sketches only the new ones and checks them against the
+stored buckets of the old ones. Each cluster keeps its smallest (source_path, source_line, id)
+member and every other member is a ``removed`` row naming it, with kind ``exact`` (same
+normalised text as the kept one) or ``near``.
 
 Contamination (``dedup.eval_files``): word n-grams of evaluation sets are looked up in every kept
 training record; hits are counted in stats and, with ``contamination_action: remove``,
@@ -39,7 +40,8 @@ from corpus2model.schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMO
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
-VERSION = "4"
+VERSION = "6"  # 5: removed rows carry source_line and the kept record's source_path/line
+# 6: the out-of-core index (exact too); a bucket's pairs are compared by content order, not part order
 SECTIONS = ("dedup",)
 
 BATCH_ROWS = 4096
@@ -98,40 +100,47 @@ class ExactIndex:
             if rk < slot[0]:
                 slot[0], slot[1] = rk, record.get("id")
 
-    def decide(self, record: dict) -> tuple[bool, str | None]:
-        """Pass two: (keep, id of the kept member). Exactly one member per key is kept, even
-        when two members are identical in every field."""
+    def decide(self, record: dict) -> tuple[bool, tuple]:
+        """Pass two: (keep, (id, source_path, source_line) of the kept member). Exactly one member
+        per key is kept, even when two members are identical in every field."""
         slot = self.slots[_digest(record.get("input") or "", record.get("target") or "", self.normalize)]
+        kept = (slot[1], *_where(slot[0]))
         if not slot[3] and representative_key(record) == slot[0]:
             slot[3] = True
-            return True, slot[1]
-        return False, slot[1]
+            return True, kept
+        return False, kept
 
     def cluster_sizes(self) -> list[int]:
         return [slot[2] for slot in self.slots.values() if slot[2] > 1]
 
 
 def select_representatives(records: list[dict], normalize: bool) -> tuple[list[dict], list[dict]]:
-    """In-memory dedup of a list: (kept records in input order, REMOVED_SCHEMA rows).
-
-    The stage runs the same two passes over streamed Parquet batches.
-    """
+    """In-memory exact dedup of a list: (kept records in input order, REMOVED_SCHEMA rows); the
+    stage makes the same decisions out of core (``tasks.text.dedup_index``)."""
     index = ExactIndex(normalize)
     for rec in records:
         index.add(rec)
     kept, removed = [], []
     for rec in records:
-        keep, kept_id = index.decide(rec)
+        keep, kept_ref = index.decide(rec)
         if keep:
             kept.append(rec)
         else:
-            removed.append(_removed_row(rec, kept_id))
+            md = rec.get("metadata") or {}
+            removed.append(removed_row(rec.get("id"), md.get("source_path"), md.get("source_line"), kept_ref, "exact"))
     return kept, removed
 
 
-def _removed_row(record: dict, kept_id: str | None) -> dict:
-    md = record.get("metadata") or {}
-    return {"id": record.get("id"), "duplicate_of": kept_id, "kind": "exact", "source_path": md.get("source_path")}
+def _where(rep_key) -> tuple:
+    """(source_path, source_line) from a representative key (an absent line sorts as -1)."""
+    path, line = rep_key[0], rep_key[1]
+    return (path or None, None if line == -1 else line)
+
+
+def removed_row(rid, source_path, source_line, kept: tuple, kind: str) -> dict:
+    """One REMOVED_SCHEMA row: the removed record and the kept one (id, source_path, source_line)."""
+    return {"id": rid, "duplicate_of": kept[0], "kind": kind, "source_path": source_path, "source_line": source_line,
+            "kept_source_path": kept[1], "kept_source_line": kept[2]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +229,9 @@ def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_R
 
 
 # ---------------------------------------------------------------------------------------------
-# near-duplicates: per-part sketches (the persisted index) + one global decision
+# phase 1: one sketch unit per upstream part (the persisted index, tasks.text.dedup_index)
 # ---------------------------------------------------------------------------------------------
-SKETCH_VERSION = "3"
-SKETCH_FILES = ("keys.npy", "sets.npy", "set_offsets.npy", "digests.npy", "meta.json")
+SKETCH_VERSION = "4"  # 4: the out-of-core index files (sorted digests and band keys, meta.arrow); exact too
 
 
 def record_text(record: dict) -> str:
@@ -239,151 +247,55 @@ def sketch_params(cfg):
 
 
 def sketch_key(cfg, part_sha256: str) -> str:
-    """What a part's sketch depends on: its bytes and the sketch settings (not the threshold: a
-    new threshold reuses every sketch)."""
-    settings = {"ngram": cfg.ngram, "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed, "normalize": cfg.normalize}
+    """What a part's sketch unit depends on: its bytes and the sketch settings (not the threshold:
+    a new threshold reuses every sketch). Exact dedup keeps digests only: its own key."""
+    settings = {"method": cfg.method, "normalize": cfg.normalize}
+    if cfg.method == "minhash":
+        settings.update(ngram=cfg.ngram, bands=cfg.bands, rows=cfg.rows, seed=cfg.seed)
     return cache_key(STAGE, SKETCH_VERSION, settings, [part_sha256])
 
 
-def sketch_records(records: list[dict], cfg) -> dict:
-    """Pure: the index entries of a list of records (arrays + per-record representative keys)."""
-    import numpy as np
-
-    from corpus2model.tasks.text.minhash import sketch
-
-    sk = sketch([record_text(r) for r in records], sketch_params(cfg))
-    digests = np.frombuffer(b"".join(_digest(r.get("input") or "", r.get("target") or "", cfg.normalize)[:16] for r in records),
-                            dtype=np.uint64).reshape(-1, 2) if records else np.zeros((0, 2), dtype=np.uint64)
-    meta = [[*representative_key(r)[:3], _content_digest(r).hex()] for r in records]
-    return {**sk, "digests": digests, "meta": meta}
-
-
 def _sketch_unit(args) -> dict:
+    """Phase 1 for one upstream part: exact digests, (minhash) band keys and verification shingles,
+    and who each row is, streamed batch by batch, written by ``dedup_index.write_index``."""
     store_root, key, src, cfg = args
 
     def write(tmp: Path) -> dict:
         import numpy as np
 
-        pf = pq.ParquetFile(src)
-        parts = {"keys": [], "sets": [], "lens": [], "digests": [], "meta": []}
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            sk = sketch_records(batch.to_pylist(), cfg)
-            parts["keys"].append(sk["keys"])
-            parts["sets"].append(sk["sets"])
-            parts["lens"].append(np.diff(sk["set_offsets"]))
-            parts["digests"].append(sk["digests"])
-            parts["meta"].extend(sk["meta"])
-        bands = cfg.bands
-        keys = np.concatenate(parts["keys"]) if parts["keys"] else np.zeros((0, bands), np.uint64)
-        sets = np.concatenate(parts["sets"]) if parts["sets"] else np.zeros(0, np.uint32)
-        lens = np.concatenate(parts["lens"]) if parts["lens"] else np.zeros(0, np.int64)
-        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        digests = np.concatenate(parts["digests"]) if parts["digests"] else np.zeros((0, 2), np.uint64)
-        np.save(tmp / "keys.npy", keys)
-        np.save(tmp / "sets.npy", sets)
-        np.save(tmp / "set_offsets.npy", offsets)
-        np.save(tmp / "digests.npy", digests)
-        (tmp / "meta.json").write_text(json.dumps(parts["meta"], ensure_ascii=False), encoding="utf-8")
-        n = len(parts["meta"])
-        return {"files": [FileEntry(f, role="index", records=n) for f in SKETCH_FILES], "records": n}
+        from corpus2model.tasks.text.dedup_index import digest_array, meta_table, normalized_digests, write_index
+        from corpus2model.tasks.text.minhash import sketch
+
+        digests, keys, sets, lens = [], [], [], []
+        cols = {"path": [], "line": [], "id": [], "tie": []}
+        for batch in iter_record_batches([Path(src)], STAGE):
+            recs = batch.to_pylist()
+            inputs = [r.get("input") or "" for r in recs]
+            targets = [r.get("target") or "" for r in recs]
+            digests.append(digest_array(normalized_digests(inputs, targets, cfg.normalize)))
+            for r in recs:
+                path, line, rid, tie = representative_key(r)
+                cols["path"].append(path or None)
+                cols["line"].append(None if line == -1 else line)
+                cols["id"].append(rid or None)
+                cols["tie"].append(tie.hex())
+            if cfg.method == "minhash":
+                sk = sketch([f"{i}\n{t}" if i else t for i, t in zip(inputs, targets)], sketch_params(cfg))
+                keys.append(sk["keys"])
+                sets.append(sk["sets"])
+                lens.append(np.diff(sk["set_offsets"]))
+        dg = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
+        n = len(dg)
+        k = s = offs = None
+        if cfg.method == "minhash":
+            k = np.concatenate(keys) if keys else np.zeros((0, cfg.bands), np.uint64)
+            s = np.concatenate(sets) if sets else np.zeros(0, np.uint32)
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(lens) if lens else np.zeros(0, np.int64), out=offs[1:])
+        files = write_index(tmp, dg, k, s, offs, meta_table(cols["path"], cols["line"], cols["id"], cols["tie"]))
+        return {"files": files, "records": n, "counters": {"in": n, "out": n, "rejected": {}}}
 
     return Store(store_root).unit_write(STAGE, key, write)
-
-
-class SketchIndex:
-    """The sketches of all parts, concatenated in part order (global row i = part u, row r).
-    Verification hashes stay memory-mapped on disk: only candidate rows are ever read."""
-
-    def __init__(self, unit_dirs: list[Path]):
-        import numpy as np
-
-        self.keys, self.digests, self.meta, self._sets, self._offs, self.starts = [], [], [], [], [], [0]
-        for d in unit_dirs:
-            self.keys.append(np.load(d / "keys.npy"))
-            self.digests.append(np.load(d / "digests.npy"))
-            self.meta.extend(json.loads((d / "meta.json").read_text(encoding="utf-8")))
-            self._sets.append(np.load(d / "sets.npy", mmap_mode="r"))
-            self._offs.append(np.load(d / "set_offsets.npy"))
-            self.starts.append(self.starts[-1] + len(self.keys[-1]))
-        self.keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 1), np.uint64)
-        self.digests = np.concatenate(self.digests) if self.digests else np.zeros((0, 2), np.uint64)
-        self.n = self.starts[-1]
-
-    def get_set(self, i: int):
-        import bisect
-
-        u = bisect.bisect_right(self.starts, i) - 1
-        r = i - self.starts[u]
-        off = self._offs[u]
-        return self._sets[u][off[r]:off[r + 1]]
-
-    def rep_key(self, i: int) -> tuple:
-        path, line, rid, tie = self.meta[i]
-        return (path, line, rid, tie)
-
-
-def decide_clusters(index: SketchIndex, threshold: float) -> tuple[list, dict]:
-    """Exact groups + verified near pairs -> union-find clusters -> per row (keep, kept row, kind).
-
-    Returns (decisions, stats): decisions[i] is None for a kept row or (kept_row, kind)."""
-    import numpy as np
-
-    from corpus2model.tasks.text.minhash import UnionFind, near_duplicate_pairs
-
-    t0 = time.perf_counter()
-    uf = UnionFind(index.n)
-    # exact groups: rows with one 128-bit digest, found by one sort
-    d = index.digests
-    order = np.lexsort((d[:, 1], d[:, 0])) if index.n else np.zeros(0, np.int64)
-    ds = d[order]
-    same = np.flatnonzero((ds[1:] == ds[:-1]).all(axis=1)) + 1 if index.n > 1 else np.zeros(0, np.int64)
-    for p in same.tolist():
-        uf.union(int(order[p - 1]), int(order[p]))
-    t1 = time.perf_counter()
-
-    def same_digest(i, j):
-        return bool((d[i] == d[j]).all())
-
-    pairs, n_cand = near_duplicate_pairs(index.keys, index.get_set, threshold, skip=same_digest)
-    for i, j, _ in pairs:
-        uf.union(i, j)
-    t2 = time.perf_counter()
-    roots = uf.roots()
-    members: dict[int, list[int]] = {}
-    for i in np.flatnonzero(np.bincount(roots, minlength=index.n)[roots] > 1).tolist():
-        members.setdefault(int(roots[i]), []).append(i)
-    decisions: list = [None] * index.n
-    n_exact = n_near = 0
-    for rows in members.values():
-        rep = min(rows, key=index.rep_key)
-        for i in rows:
-            if i != rep:
-                kind = "exact" if same_digest(i, rep) else "near"
-                n_exact += kind == "exact"
-                n_near += kind == "near"
-                decisions[i] = (rep, kind)
-    sizes = [len(r) for r in members.values()]
-    stats = {"candidate_pairs": n_cand, "verified_near_pairs": len(pairs), "clusters": len(sizes),
-             "largest_cluster": max(sizes, default=1 if index.n else 0), "exact_duplicates": n_exact,
-             "near_duplicates": n_near, "seconds_exact": round(t1 - t0, 3), "seconds_lsh_verify": round(t2 - t1, 3)}
-    return decisions, stats
-
-
-def build_sketches(parts: list[tuple[Path, str]], cfg, store: Store) -> tuple[list[Path], int]:
-    """Sketch every part not in the index yet (process pool when cfg.workers > 1); return the
-    unit folders in part order and how many were computed."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    keys = [sketch_key(cfg, sha) for _, sha in parts]
-    found = {k: store.unit_lookup(STAGE, k) for k in keys}
-    todo = list({k: (str(store.root), k, str(p), cfg) for (p, _), k in zip(parts, keys) if found[k] is None}.values())
-    if cfg.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(min(cfg.workers, len(todo))) as pool:
-            done = {info["key"]: info for info in pool.map(_sketch_unit, todo)}
-    else:
-        done = {info["key"]: info for info in map(_sketch_unit, todo)}
-    return [Path((found[k] or done[k])["dir"]) for k in keys], len(todo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,43 +354,15 @@ def key_extra(cfg) -> dict:
 # the stage
 # ---------------------------------------------------------------------------------------------
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    """Both methods run the phased, out-of-core index (``tasks.text.dedup_index``): sketch units
+    per upstream part, K hash partitions of digests (and band keys), union-find over their edges.
+    ``exact`` writes the kept records through one rolling writer; ``minhash`` one kept part per
+    upstream part, stored per (part, kept rows), so a rerun that adds parts rewrites only those
+    whose decisions changed."""
+    from corpus2model.tasks.text.dedup_index import SketchUnit, fan_out, run_index
+
     (upstream,) = inputs
-    paths = upstream.files_with("data")
     c = cfg.dedup
-    if c.method == "minhash":
-        return _run_minhash(upstream, c, out_dir, ctx)
-    index = ExactIndex(c.normalize)
-    n_in = 0
-    for batch in iter_record_batches(paths, STAGE):
-        for rec in batch.to_pylist():
-            n_in += 1
-            index.add(rec)
-
-    def decide(batch, start):
-        out = []
-        for rec in batch.to_pylist():
-            keep, kept_id = index.decide(rec)
-            out.append(None if keep else (kept_id, "exact"))
-        return out
-
-    files, n_out, n_removed, rejected, cont = _write_output(paths, decide, c, out_dir)
-    sizes = index.cluster_sizes()
-    counters = {"in": n_in, "out": n_out, "rejected": rejected, "duplicates": n_removed}
-    stats = {
-        "method": "exact",
-        "keys": len(index.slots),
-        "clusters": len(sizes),
-        "duplicates": n_removed,
-        "largest_cluster": max(sizes, default=1 if index.slots else 0),
-        "normalize": c.normalize,
-        "parts": len([f for f in files if f.role == "data"]),
-        **cont,
-    }
-    ctx.info("dedup: %d records in, %d kept, %d exact duplicates in %d clusters", n_in, n_out, n_removed, len(sizes))
-    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
-
-
-def _run_minhash(upstream: Manifest, c, out_dir: Path, ctx: StageContext) -> Manifest:
     t0 = time.perf_counter()
     parts = []
     for e in upstream.entries("data"):
@@ -490,37 +374,55 @@ def _run_minhash(upstream: Manifest, c, out_dir: Path, ctx: StageContext) -> Man
             raise StageError(f"dedup: {p} does not hold training records (schema {pf.schema_arrow}); "
                              f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it")
         parts.append((p, e.sha256 or sha256_file(p)))
-    unit_dirs, computed = build_sketches(parts, c, ctx.store)
+    keys = [sketch_key(c, sha) for _, sha in parts]
+    infos, gstats = fan_out(STAGE, [(k, str(p), (str(ctx.store.root), k, str(p), c), p.stat().st_size)
+                                    for k, (p, _) in zip(keys, parts)], _sketch_unit, ctx, c.workers)
+    units = [SketchUnit(k, Path(infos[k]["dir"]), infos[k]["records"]) for k in keys]
     t1 = time.perf_counter()
-    index = SketchIndex(unit_dirs)
-    decisions, dstats = decide_clusters(index, c.threshold)
+    dec = run_index(units, c, ctx)
     t2 = time.perf_counter()
-
-    def decide(batch, start):
-        out = []
-        for d in decisions[start:start + batch.num_rows]:
-            out.append(None if d is None else (index.meta[d[0]][2], d[1]))
-        return out
-
-    if c.eval_files:  # contamination looks at every kept record: one streaming pass
-        files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], decide, c, out_dir)
+    n_in = sum(u.records for u in units)
+    if c.eval_files or c.method == "exact":  # contamination looks at every kept record: one streaming pass
+        files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], _decider(dec, units), c, out_dir)
         written = len(parts)
     else:
-        files, n_out, n_removed, written = _write_kept_parts(parts, index, decisions, c, ctx.store, out_dir)
+        files, n_out, n_removed, written = _write_kept_parts(parts, units, dec, c, ctx, out_dir)
         rejected, cont = {}, {}
     t3 = time.perf_counter()
-    counters = {"in": index.n, "out": n_out, "rejected": rejected, "duplicates": n_removed}
+    counters = {"in": n_in, "out": n_out, "rejected": rejected, "duplicates": n_removed}
+    ds = dec.stats
     stats = {
-        "method": "minhash", "normalize": c.normalize, "threshold": c.threshold, "ngram": c.ngram,
-        "bands": c.bands, "rows": c.rows, "duplicates": n_removed, **dstats,
-        "sketch_units": len(unit_dirs), "sketch_units_computed": computed,
-        "sketch_units_reused": len(unit_dirs) - computed,
+        "method": c.method, "normalize": c.normalize, "duplicates": n_removed, **ds,
+        "sketch_units": len(units), "sketch_units_computed": gstats["units_computed"],
+        "sketch_units_reused": gstats["units_reused"],
         "seconds_sketch": round(t1 - t0, 3), "seconds_decide": round(t2 - t1, 3), "seconds_write": round(t3 - t2, 3),
         "parts": len([f for f in files if f.role == "data"]), "parts_written": written, **cont,
     }
-    ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed",
-             index.n, n_out, dstats["exact_duplicates"], dstats["near_duplicates"], computed, len(unit_dirs))
+    if c.method == "minhash":
+        stats.update(threshold=c.threshold, ngram=c.ngram, bands=c.bands, rows=c.rows)
+    else:
+        stats["keys"] = n_in - n_removed
+    ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed, %d partitions",
+             n_in, n_out, ds["exact_duplicates"], ds["near_duplicates"], gstats["units_computed"], len(units), ds["partitions"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+
+
+def _decider(dec, units):
+    """``decide(batch, start)`` for ``_write_output``: per row of the batch (global input row
+    numbers from ``start``) None (kept) or ((id, source_path, source_line) of the kept record, kind)."""
+    import numpy as np
+
+    starts = np.zeros(len(units) + 1, dtype=np.int64)
+    np.cumsum([u.records for u in units], out=starts[1:])
+    rm = dec.removed
+    rows = starts[rm.column("unit").to_numpy()] + rm.column("row").to_numpy()
+    refs = dict(zip(rows.tolist(), zip(zip(rm.column("kept_id").to_pylist(), rm.column("kept_path").to_pylist(),
+                                           rm.column("kept_line").to_pylist()), rm.column("kind").to_pylist())))
+
+    def decide(batch, start):
+        return [refs.get(start + i) for i in range(batch.num_rows)]
+
+    return decide
 
 
 OUT_UNIT = "dedup-out"
@@ -535,7 +437,7 @@ def _kept_key(part_sha256: str, keep) -> str:
 
 def _kept_part_unit(args) -> dict:
     """One upstream part filtered to its kept rows, streamed in batches, stored as a unit."""
-    store_root, src, key, keep = args
+    store_root, key, src, keep = args
 
     def write(tmp: Path) -> dict:
         w = PartWriter(tmp, max_bytes=1 << 62)
@@ -544,46 +446,44 @@ def _kept_part_unit(args) -> dict:
             w.write(batch.filter(pa.array(keep[start:start + batch.num_rows])))
             start += batch.num_rows
         (entry,) = w.close()
-        return {"files": [entry], "records": entry.records, "path": entry.path}
+        return {"files": [entry], "records": entry.records, "path": entry.path,
+                "counters": {"in": len(keep), "out": entry.records, "rejected": {}}}
 
     return Store(store_root).unit_write(OUT_UNIT, key, write)
 
 
-def _write_kept_parts(parts: list[tuple[Path, str]], index: SketchIndex, decisions: list, c, store: Store, out_dir: Path):
+def _write_kept_parts(parts: list[tuple[Path, str]], units, dec, c, ctx: StageContext, out_dir: Path):
     """Pass two without contamination checks: one kept part per upstream part, stored per (part,
     kept mask), so a rerun that adds parts rewrites only the parts whose decisions changed
     (usually just the new ones); removed rows come from the index, no record is read for them."""
-    import numpy as np
-
     from corpus2model.tasks.stage import link_or_copy
+    from corpus2model.tasks.text.dedup_index import fan_out
 
-    keep_all = np.fromiter((d is None for d in decisions), dtype=bool, count=index.n)
-    keys, found, todo = [], [], []
-    for u, (p, sha) in enumerate(parts):
-        keep = keep_all[index.starts[u]:index.starts[u + 1]]
-        keys.append(_kept_key(sha, keep))
-        found.append(store.unit_lookup(OUT_UNIT, keys[-1]))
-        if found[-1] is None:
-            todo.append((str(store.root), str(p), keys[-1], keep))
-    if c.workers > 1 and len(todo) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(c.workers, len(todo))) as pool:
-            done = {info["key"]: info for info in pool.map(_kept_part_unit, todo)}
-    else:
-        done = {info["key"]: info for info in map(_kept_part_unit, todo)}
+    masks = [dec.keep_mask(u) for u in range(len(units))]
+    keys = [_kept_key(sha, m) for (_, sha), m in zip(parts, masks)]
+    infos, gstats = fan_out(OUT_UNIT, [(k, str(p), (str(ctx.store.root), k, str(p), m), p.stat().st_size)
+                                       for k, (p, _), m in zip(keys, parts, masks)], _kept_part_unit, ctx, c.workers)
     files = []
-    for u, (k, f) in enumerate(zip(keys, found)):
-        info = f or done[k]
+    for u, k in enumerate(keys):
+        info = infos[k]
         rel = f"parts/part-{u:05d}.parquet"
         link_or_copy(Path(info["dir"]) / info["path"], out_dir / rel)
         files.append(FileEntry(rel, role="data", records=info["records"]))
-    removed = [{"id": index.meta[i][2], "duplicate_of": index.meta[d[0]][2], "kind": d[1], "source_path": index.meta[i][0]}
-               for i, d in enumerate(decisions) if d is not None]
-    if removed:
-        pq.write_table(pa.Table.from_pylist(removed, schema=REMOVED_SCHEMA), out_dir / "removed.parquet")
-        files.append(FileEntry("removed.parquet", role="removed", records=len(removed)))
-    return files, sum(f.records for f in files if f.role == "data"), len(removed), len(todo)
+    n_removed = write_removed_parquet(dec.removed, out_dir / "removed.parquet")
+    if n_removed:
+        files.append(FileEntry("removed.parquet", role="removed", records=n_removed))
+    return files, sum(f.records for f in files if f.role == "data"), n_removed, gstats["units_computed"]
+
+
+def write_removed_parquet(removed: pa.Table, path: Path) -> int:
+    """The index's removed rows as REMOVED_SCHEMA (input order); nothing is written for none."""
+    if removed.num_rows == 0:
+        return 0
+    out = pa.table({"id": removed["id"], "duplicate_of": removed["kept_id"], "kind": removed["kind"],
+                    "source_path": removed["path"], "source_line": removed["line"],
+                    "kept_source_path": removed["kept_path"], "kept_source_line": removed["kept_line"]}, schema=REMOVED_SCHEMA)
+    pq.write_table(out, path)
+    return out.num_rows
 
 
 def _write_output(paths: list[Path], decide, c, out_dir: Path):
@@ -604,8 +504,8 @@ def _write_output(paths: list[Path], decide, c, out_dir: Path):
         if not all(mask):  # only removed rows are turned into Python dicts
             ids = batch.column("id").to_pylist()
             spaths = batch.column("metadata").field("source_path").to_pylist()
-            removed = [{"id": ids[i], "duplicate_of": d[0], "kind": d[1], "source_path": spaths[i]}
-                       for i, d in enumerate(dec) if d is not None]
+            slines = batch.column("metadata").field("source_line").to_pylist()
+            removed = [removed_row(ids[i], spaths[i], slines[i], d[0], d[1]) for i, d in enumerate(dec) if d is not None]
         q_rows = []
         if eval_hashes is not None:
             kept_idx = [i for i, m in enumerate(mask) if m]

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
+from corpus2model.tasks.finetune import final_path, task_of
+from corpus2model.tasks.model import classify
+from corpus2model.tasks.model.metrics import agreement, answers_match, extract_final_number, macro_f1, percentile, rouge_l  # noqa: F401  (extract_final_number: re-exported)
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 STAGE = "evaluate"
@@ -53,37 +55,11 @@ CLASSIFICATION_TASK = "classification"
 RSS_SAMPLE_S = 0.005  # peak-memory sampling interval
 LATENCY_MAX_TOKENS = 128  # the latency probe: the first held-out record, capped at this length
 
-# A number: optional sign, digits with optional thousands commas ("1,234"), optional decimals; or ".5".
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
 # ---------------------------------------------------------------------------------------------
-def extract_final_number(text: str | None) -> float | None:
-    """GSM8K-style final answer: the first number after the last "####", else the last number in the text."""
-    if not text:
-        return None
-    if "####" in text:
-        found = _NUMBER.findall(text.rsplit("####", 1)[1])
-        if found:
-            return _to_float(found[0])
-    found = _NUMBER.findall(text)
-    return _to_float(found[-1]) if found else None
-
-
-def _to_float(s: str) -> float | None:
-    try:
-        return float(s.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def answers_match(predicted: str, reference: str, tol: float = 1e-6) -> bool:
-    want, got = extract_final_number(reference), extract_final_number(predicted)
-    return want is not None and got is not None and math.isclose(got, want, rel_tol=0.0, abs_tol=tol)
-
-
 def encode_for_scoring(record: dict, tokenizer, template: str, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one record, exactly as tokenize encodes it; over-long ones keep their end
     (the target is what is scored, and it comes last)."""
@@ -138,13 +114,6 @@ def perplexity(model, tokenizer, records: list[dict], template: str) -> tuple[fl
     return ppl, acc
 
 
-def agreement(preds: list[int], reference: list[int]) -> float | None:
-    """Share of positions where two models' argmax agree (the same records, so the same positions)."""
-    if not preds or len(preds) != len(reference):
-        return None
-    return sum(a == b for a, b in zip(preds, reference)) / len(preds)
-
-
 def exact_match(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
     """(share of math_qa records whose generated final number equals the reference's, records tried)."""
     from corpus2model.tasks.model.modeling import generate_text
@@ -159,13 +128,6 @@ def exact_match(model, tokenizer, records: list[dict], template: str, max_new_to
     return hits / len(math_records), len(math_records)
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words, Porter-stemmed), rouge-score's implementation."""
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
-
-
 def generation_rouge(model, tokenizer, records: list[dict], template: str, max_new_tokens: int) -> tuple[float | None, int]:
     """(mean ROUGE-L F1 of greedy generations against the targets, records tried)."""
     from corpus2model.tasks.model.modeling import generate_text
@@ -176,19 +138,6 @@ def generation_rouge(model, tokenizer, records: list[dict], template: str, max_n
     outputs = generate_text(model, tokenizer, [render(r, template)[0] for r in records],
                             max_new_tokens=max_new_tokens, temperature=0.0)
     return sum(rouge_l(o, r["target"]) for o, r in zip(outputs, records)) / len(records), len(records)
-
-
-def macro_f1(truth: list[str], predicted: list[str]) -> float | None:
-    """Unweighted mean over the labels in ``truth`` of per-label F1 (a label never predicted scores 0)."""
-    if not truth:
-        return None
-    scores = []
-    for label in sorted(set(truth)):
-        tp = sum(t == label and p == label for t, p in zip(truth, predicted))
-        fp = sum(t != label and p == label for t, p in zip(truth, predicted))
-        fn = sum(t == label and p != label for t, p in zip(truth, predicted))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores)
 
 
 def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
@@ -261,7 +210,7 @@ def forward_latency_ms(model, ids: list[int], runs: int, warmup: int = WARMUP_RU
     import torch
 
     times = [t * 1000.0 for t in _forward_seconds(model, torch.tensor([ids], device=_device(model)), runs, warmup)]
-    return _percentile(times, 50), _percentile(times, 95)
+    return percentile(times, 50), percentile(times, 95)
 
 
 def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 1) -> tuple[float, float]:
@@ -269,7 +218,7 @@ def throughput(model, ids: list[int], batch_size: int, runs: int, warmup: int = 
     no padding decides the figure), median batch time."""
     import torch
 
-    t = _percentile(_forward_seconds(model, torch.tensor([ids] * batch_size, device=_device(model)), runs, warmup), 50)
+    t = percentile(_forward_seconds(model, torch.tensor([ids] * batch_size, device=_device(model)), runs, warmup), 50)
     return batch_size / t, batch_size * len(ids) / t
 
 
@@ -278,14 +227,6 @@ def _sync(model) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), without numpy."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 class PeakMemory:
@@ -489,19 +430,16 @@ def training_hours(ft: Manifest) -> tuple[float | None, str]:
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if len(inputs) == 4 and inputs[2].stats.get("task") == "classification":  # tasks/model/classify.py
-        from corpus2model.tasks.model.classify import evaluate_run
-
-        return evaluate_run(inputs, cfg, out_dir, ctx)
-    import torch
-
-    from corpus2model.tasks.common.artifacts import publish_image, publish_markdown, publish_table
-    from corpus2model.tasks.finetune import final_path
-    from corpus2model.tasks.tokenize import load_tokenizer
-
     if len(inputs) != 4:
         raise StageError(f"evaluate takes four upstream manifests (shard, tokenize, finetune, quantize), "
                          f"got {len(inputs)}")
+    if task_of(inputs[2]) == "classification":  # the finetune output says what it is: tasks/model/classify.py
+        return classify.evaluate_run(inputs, cfg, out_dir, ctx, held_out_records(inputs[0], cfg.evaluate.split, 10**9))
+    import torch
+
+    from corpus2model.tasks.common.artifacts import publish_image, publish_markdown, publish_table
+    from corpus2model.tasks.tokenize import load_tokenizer
+
     shard, tok, ft, quant = inputs
     ec = cfg.evaluate
     template = tok.stats.get("prompt_template")

@@ -26,15 +26,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpus2model.tasks.model import classify
 from corpus2model.tasks.model.losses import forward_kwargs, target_tokens  # noqa: F401  (re-exported: tests and evaluate use them)
-from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_file
+from corpus2model.tasks.model.peft_methods import canonical_adapter_config
+from corpus2model.tasks.model.plots import plot_losses
 from corpus2model.tasks.model.trainer import lr_at  # noqa: F401
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, sha256_file
 
 STAGE = "finetune"
 VERSION = "3"  # 3: DPO runs write heldout_pairs.jsonl for evaluate
 SECTIONS = ("finetune", "model")
 
 COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask")
+
+
+def task_of(ft: Manifest) -> str:
+    """What a finetune output is: ``causal_lm`` or ``classification``. Decided once, by config
+    ``model.task``, and recorded in the output's stats["task"]; quantize, evaluate and the registry
+    read this, nothing else. (Causal-LM outputs made before the field was written have none.)"""
+    return ft.stats.get("task") or "causal_lm"
 
 
 def key_extra(cfg) -> dict:
@@ -84,33 +94,6 @@ def evaluate_loss(model, loader, loss_fn=None) -> float:
     return total / n if n else float("nan")
 
 
-def plot_losses(history: list[dict], path: Path, ylabel: str = "cross-entropy per target token") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["train_loss"]) for r in history if r["train_loss"] is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in history if r["eval_loss"] is not None]
-    lrs = [(r["step"], r["lr"]) for r in history if r["lr"] is not None]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    if train:
-        ax1.plot(*zip(*train), lw=1, label="train loss")
-    if evals:
-        ax1.plot(*zip(*evals), "o-", label="validation loss")
-    ax1.set_ylabel(ylabel)
-    ax1.legend()
-    ax1.grid(alpha=0.3)
-    if lrs:
-        ax2.plot(*zip(*lrs), color="tab:green")
-    ax2.set_ylabel("learning rate")
-    ax2.set_xlabel("step")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
@@ -118,16 +101,6 @@ def final_path(out_dir: Path, ctx: StageContext, rel: str) -> Path:
     """Where ``out_dir/rel`` will be once run_stage renames the temp folder into the store
     (artifacts link files for people to open after the run); a direct call keeps ``out_dir``."""
     return (ctx.final_dir or out_dir) / rel
-
-
-def canonical_adapter_config(path: Path) -> None:
-    """peft writes target_modules from a Python set, whose order changes with the process's hash
-    seed; sort it (and the keys) so the same training gives the same bytes in any process."""
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    for k, v in cfg.items():
-        if isinstance(v, list) and all(isinstance(x, str) for x in v):
-            cfg[k] = sorted(v)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def tokenizer_dir(tok: Manifest) -> Path:
@@ -213,19 +186,15 @@ def _dpo_setup(ft, model, tokenizer, out_dir: Path):
     return batches, evaluate, dpo.make_loss_fn(ft.dpo.beta), len(train_pairs), len(held), notes, extra
 
 
-def task_type_blocks(tok: Manifest, store, tokenizer, split: str, task_types: list[str]) -> dict[str, dict]:
+def task_type_blocks(tok: Manifest, shard: Manifest, tokenizer, split: str, task_types: list[str]) -> dict[str, dict]:
     """task_type -> packed blocks (tensors) of ``split``'s records of that type, packed as the
     tokenize stage packs (same template, seq_len and tokenizer). Reads the shard stage's Parquet
-    (through ``datasets``) that the tokenize output was made from; its key is already in ours."""
+    (through ``datasets``): the shard input, the one the tokenize output was made from."""
     import datasets
     import torch
 
     from corpus2model.tasks.tokenize import encode_records, pack
 
-    shard_key = tok.upstream.get("shard")
-    if not shard_key:
-        raise StageError(f"{tok.path}: adapter_per_task_type needs the tokenize output's shard upstream")
-    shard = Manifest.load(store.stage_dir("shard", shard_key))
     paths = [str(shard.dir / e["path"]) for e in shard.stats.get("shards", {}).get(split, [])]
     if not paths:
         return {}
@@ -249,7 +218,7 @@ def task_type_blocks(tok: Manifest, store, tokenizer, split: str, task_types: li
     return out
 
 
-def train_task_adapters(merged, tok: Manifest, store, tokenizer, ft, ckpt: Path | None, save_dir: Path,
+def train_task_adapters(merged, tok: Manifest, shard: Manifest, tokenizer, ft, ckpt: Path | None, save_dir: Path,
                         log=None) -> dict:
     """One LoRA adapter per task_type on ``merged`` (base + shared adapter), each trained on its own
     task's blocks and saved to ``save_dir/<task_type>/``; returns task_type -> summary."""
@@ -263,8 +232,8 @@ def train_task_adapters(merged, tok: Manifest, store, tokenizer, ft, ckpt: Path 
 
     if ft.method != "lora":
         raise StageError(f"finetune.adapter_per_task_type needs method lora (got {ft.method})")
-    train = task_type_blocks(tok, store, tokenizer, "train", list(ft.task_types))
-    val = task_type_blocks(tok, store, tokenizer, "validation", list(ft.task_types))
+    train = task_type_blocks(tok, shard, tokenizer, "train", list(ft.task_types))
+    val = task_type_blocks(tok, shard, tokenizer, "validation", list(ft.task_types))
     missing = [t for t in ft.task_types if t not in train]
     if missing:
         raise StageError(f"finetune.task_types {missing} have no train records (found {sorted(train)})")
@@ -330,10 +299,10 @@ def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    if len(inputs) != 2:
+        raise StageError(f"finetune takes the tokenize and shard outputs, got {[u.stage for u in inputs]}")
     if cfg.model.task == "classification":  # encoder classifiers (model.task): tasks/model/classify.py
-        from corpus2model.tasks.model.classify import finetune_run
-
-        return finetune_run(inputs, cfg, out_dir, ctx)
+        return classify.finetune_run(inputs, cfg, out_dir, ctx)
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -344,9 +313,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     from corpus2model.tasks.model.modeling import build_model, save_model
     from corpus2model.tasks.tokenize import load_tokenizer
 
-    if len(inputs) != 1:
-        raise StageError(f"finetune takes one upstream manifest (tokenize), got {len(inputs)}")
-    (tok,) = inputs
+    tok, shard = inputs
     ft, mc = cfg.finetune, cfg.model
     seq_len = int(tok.stats.get("seq_len") or 0)
     if seq_len <= 0:
@@ -399,7 +366,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             # tuned model, so serving applies a task adapter to the very weights it was trained on.
             if merged_dir is None:
                 raise StageError("finetune.adapter_per_task_type needs method lora (a mergeable shared adapter)")
-            task_adapters = train_task_adapters(merged, tok, ctx.store, tokenizer, ft, ckpt, out_dir / "adapter",
+            task_adapters = train_task_adapters(merged, tok, shard, tokenizer, ft, ckpt, out_dir / "adapter",
                                                 log=ctx.info)
     finally:
         torch.set_num_threads(threads_before)
@@ -427,6 +394,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 
     tokens_per_s = result["tokens_seen"] / result["train_seconds"] if result["train_seconds"] > 0 else None
     stats = {
+        "task": mc.task,  # causal_lm (task_of)
         "method": ft.method,
         "objective": ft.objective,
         "initial_train_loss": round(result["initial_train_loss"], 6),

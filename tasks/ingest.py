@@ -16,8 +16,10 @@ import codecs
 import fnmatch
 import gzip
 import json
+import io
 import os
 import re
+import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -39,7 +41,8 @@ from corpus2model.tasks.stage import (
 )
 
 STAGE = "ingest"
-VERSION = "3"  # 3: trafilatura main-text extraction for HTML
+VERSION = "5"  # 4: per-occurrence ids + content_hash, UTF-8 line repair, exact source ids, bounded gzip
+# 5: a cut JSONL .gz keeps its complete lines (tail quarantined), an unreadable file is quarantined
 SECTIONS = ("ingest",)
 
 TEXT_EXT = {".txt", ".text", ".md"}
@@ -55,8 +58,52 @@ def _included(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/")) for p in patterns)
 
 
+MAX_SKIPPED_LISTED = 50  # skipped files named in stats (all are counted)
+
+
+def _walk_raw(raw_dir: Path, include: list[str]):
+    """Yield (path, rel, None) for each included regular file under raw_dir and (None, rel, reason)
+    for each file left out: a link whose target leaves the folder (``ln -s /etc/passwd x.txt``
+    would make a system file a training record), a broken or looping link, a linked directory (its
+    files would be read twice or from outside), something that is not a regular file (a FIFO would
+    hang the read), a name outside ``ingest.include``."""
+    root = raw_dir.resolve()
+    for dirpath, dirnames, filenames in os.walk(raw_dir, followlinks=False):
+        dirnames.sort()
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                dirnames.remove(d)
+                yield None, (here / d).relative_to(raw_dir).as_posix(), "directory_link"
+        for name in sorted(filenames):
+            p = here / name
+            rel = p.relative_to(raw_dir).as_posix()
+            if p.is_symlink():
+                try:
+                    target = p.resolve(strict=True)
+                except RuntimeError:  # a symlink loop (Python < 3.13)
+                    yield None, rel, "link_loop"
+                    continue
+                except OSError as e:
+                    yield None, rel, "link_loop" if "loop" in str(e).lower() else "broken_link"
+                    continue
+                if not target.is_relative_to(root):
+                    yield None, rel, "link_outside_root"
+                    continue
+            if not _included(rel, include):
+                yield None, rel, "not_included"
+                continue
+            if not p.is_file():
+                yield None, rel, "not_a_regular_file"
+                continue
+            yield p, rel, None
+
+
 def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
-    """List included files with sha256 and size; re-hash only files whose (size, mtime) changed."""
+    """List included files with sha256 and size; re-hash only files whose (size, mtime) changed.
+
+    Files left out are counted by reason in ``stats["skipped"]`` (the first few named in
+    ``stats["skipped_files"]``); they are not part of the key: only what is read is."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise StageError(f"raw folder {raw_dir} does not exist: set paths.raw in the config to a folder of input files")
@@ -66,20 +113,27 @@ def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
     except (OSError, json.JSONDecodeError):
         stat_cache = {}
     files, new_cache = [], {}
-    for p in sorted(raw_dir.rglob("*")):
-        if not p.is_file():
-            continue
-        rel = p.relative_to(raw_dir).as_posix()
-        if not _included(rel, include):
+    skipped: dict[str, int] = {}
+    skipped_files: list[list[str]] = []
+    for p, rel, why in _walk_raw(raw_dir, include):
+        if why is not None:
+            skipped[why] = skipped.get(why, 0) + 1
+            if len(skipped_files) < MAX_SKIPPED_LISTED:
+                skipped_files.append([rel, why])
             continue
         st = p.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         cached = stat_cache.get(str(p))
-        sha = cached[1] if cached and cached[0] == stamp else sha256_file(p)
+        try:
+            sha = cached[1] if cached and cached[0] == stamp else sha256_file(p)
+        except OSError as e:  # unreadable (permissions, I/O error): its unit quarantines it; hashed again next scan
+            files.append(FileEntry(path=rel, bytes=st.st_size, sha256=f"unreadable-{e.errno}", role="raw"))
+            continue
         new_cache[str(p)] = [stamp, sha]
         files.append(FileEntry(path=rel, bytes=st.st_size, sha256=sha, role="raw"))
     if not files:
-        raise StageError(f"no input files in {raw_dir} matching {include}: add files or change ingest.include")
+        why = f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))} skipped)" if skipped else ""
+        raise StageError(f"no input files in {raw_dir} matching {include}{why}: add files or change ingest.include")
     write_json_atomic(cache_path, new_cache, indent=None)
     listing = canonical_json([[f.path, f.sha256] for f in files])
     key = cache_key("source", "1", {}, [listing])
@@ -89,7 +143,7 @@ def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
         key=key,
         files=files,
         counters={},
-        stats={"files": len(files), "bytes": sum(f.bytes for f in files)},
+        stats={"files": len(files), "bytes": sum(f.bytes for f in files), "skipped": skipped, "skipped_files": skipped_files},
         path=str(raw_dir.resolve()),
     )
 
@@ -114,8 +168,52 @@ class DecodeError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def decode_bytes(data: bytes, *, html: bool = False, min_confidence: float = 0.5) -> tuple[str, str]:
-    """Decode with a BOM, then a declared HTML charset, then strict UTF-8, then charset-normalizer.
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+def _decode_utf8_lines(data: bytes, repairs: list[str]) -> str | None:
+    """A UTF-8 file with a few bad lines: decode it line by line, repair only the bad lines.
+
+    Returns None unless the valid lines prove the file is UTF-8 (at least as many lines with
+    genuine multi-byte UTF-8 characters as bad lines): a legacy file whose every accented line
+    fails goes to detection instead. A bad line with no valid UTF-8 character is a legacy line
+    and is decoded as cp1252 (Windows Western, the usual stray); a line mixing valid UTF-8 with
+    stray bytes gets U+FFFD for the stray bytes only. Each repair is noted in ``repairs``
+    ("line 21: cp1252", "line 7: 1 invalid byte replaced")."""
+    lines = data.split(b"\n")
+    good_non_ascii, bad = 0, []
+    for i, raw in enumerate(lines):
+        if not _NON_ASCII.search(raw):
+            continue
+        try:
+            raw.decode("utf-8")
+            good_non_ascii += 1
+        except UnicodeDecodeError:
+            bad.append(i)
+    if not bad or good_non_ascii < len(bad):
+        return None
+    out = [None] * len(lines)
+    for i in bad:
+        mixed = lines[i].decode("utf-8", "surrogateescape")
+        stray = sum(1 for ch in mixed if "\udc80" <= ch <= "\udcff")
+        genuine = sum(1 for ch in mixed if ord(ch) > 0x7F and not "\udc80" <= ch <= "\udcff")
+        if not genuine:
+            try:
+                out[i] = lines[i].decode("cp1252")
+                repairs.append(f"line {i + 1}: cp1252")
+                continue
+            except UnicodeDecodeError:
+                pass
+        out[i] = lines[i].decode("utf-8", "replace")
+        repairs.append(f"line {i + 1}: {stray} invalid byte{'s' if stray != 1 else ''} replaced")
+    return "\n".join(o if o is not None else raw.decode("utf-8") for o, raw in zip(out, lines))
+
+
+def decode_bytes(data: bytes, *, html: bool = False, min_confidence: float = 0.5,
+                 repairs: list[str] | None = None) -> tuple[str, str]:
+    """Decode with a BOM, then a declared HTML charset, then strict UTF-8, then UTF-8 with the few
+    bad lines repaired (``_decode_utf8_lines``; each repair appended to ``repairs``), then
+    charset-normalizer.
 
     Returns (text, codec). Raises DecodeError("binary"|"undecodable", detail) instead of guessing.
     """
@@ -136,6 +234,12 @@ def decode_bytes(data: bytes, *, html: bool = False, min_confidence: float = 0.5
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
+    notes: list[str] = []
+    text = _decode_utf8_lines(data, notes)
+    if text is not None:
+        if repairs is not None:
+            repairs.extend(notes)
+        return text, "utf-8"
     from charset_normalizer import from_bytes
 
     best = from_bytes(data).best()
@@ -210,69 +314,216 @@ def _str_or_none(v):
     return v if isinstance(v, str) else None
 
 
+class JsonNumber:
+    """A JSON number (or NaN/Infinity) as its source literal. ``float("1e400")`` is inf and a
+    20-digit id read as a double loses digits (two ids collapse into one), so numbers are kept as
+    the text the file wrote; an id that is a number keeps exactly that text."""
+
+    __slots__ = ("text", "constant")
+
+    def __init__(self, text: str, constant: bool = False):
+        self.text, self.constant = text, constant
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+_DECODER = json.JSONDecoder(parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=lambda t: JsonNumber(t, True))
+_JSON_TYPES = {str: "string", bool: "boolean", type(None): "null", list: "array", dict: "object", JsonNumber: "number",
+               int: "number", float: "number"}
+
+
+def json_type(v) -> str:
+    """The JSON name of a parsed value's type (for error details)."""
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def load_json(raw: bytes | str):
+    """One JSON text -> (value, None) or (None, (reason, detail)); never raises on content.
+
+    Numbers come back as ``JsonNumber`` (exact literal); a nesting deeper than Python's
+    recursion limit is ``too_deep``, not a traceback."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        return None, ("invalid_utf8", str(e))
+    try:
+        return _DECODER.decode(text), None
+    except json.JSONDecodeError as e:
+        return None, ("invalid_json", str(e))
+    except RecursionError:
+        return None, ("too_deep", "JSON nested deeper than the parser's recursion limit; flatten the record")
+
+
+def source_id_text(v) -> tuple[str | None, tuple[str, str] | None]:
+    """The source's id as text: a string as it is, a number as its literal; (None, why) for an
+    id that names nothing (NaN, Infinity, true, an object or array): its text would be made up."""
+    if v is None or isinstance(v, str):
+        return v, None
+    if isinstance(v, JsonNumber) and not v.constant:
+        return v.text, None
+    if isinstance(v, int) and not isinstance(v, bool):  # exact (orjson parses ints up to 64 bits exactly)
+        return str(v), None
+    shown = v.text if isinstance(v, JsonNumber) else json_type(v)
+    return None, ("invalid_id", f"id must be a string or a number, got {shown}; give the record a string id")
+
+
+def _lone_surrogate(fields: dict) -> tuple[str, str] | None:
+    """A lone UTF-16 surrogate (an escaped ``"\\ud800"``) is not text and cannot be written as
+    UTF-8: name the field and position so the line can be fixed."""
+    for name, v in fields.items():
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return "invalid_unicode", f"{name} has a lone surrogate {v[e.start]!a} at character {e.start}; fix the escape"
+    return None
+
+
 def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) -> tuple[dict | None, tuple[str, str] | None]:
     """Map one JSON value to a record, or return (None, (reason, detail))."""
     if not isinstance(obj, dict):
-        return None, ("wrong_type", f"a record must be a JSON object, got {type(obj).__name__}")
+        return None, ("wrong_type", f"a record must be a JSON object, got {json_type(obj)}")
     md_in = obj.get("metadata", {})
     if md_in is None:
         md_in = {}
     if not isinstance(md_in, dict):
-        return None, ("wrong_type", f"metadata must be an object, got {type(md_in).__name__}")
+        return None, ("wrong_type", f"metadata must be an object, got {json_type(md_in)}")
     if "target" in obj or "input" in obj:
         inp, tgt = obj.get("input", ""), obj.get("target")
         if not isinstance(inp, str):
-            return None, ("wrong_type", f"input must be a string, got {type(inp).__name__}")
+            return None, ("wrong_type", f"input must be a string, got {json_type(inp)}")
         if not isinstance(tgt, str):
-            return None, ("wrong_type", f"target must be a string, got {type(tgt).__name__}")
+            return None, ("wrong_type", f"target must be a string, got {json_type(tgt)}")
         default_type = "sft"
     elif "text" in obj:
         inp, tgt = "", obj["text"]
         if not isinstance(tgt, str):
-            return None, ("wrong_type", f"text must be a string, got {type(tgt).__name__}")
+            return None, ("wrong_type", f"text must be a string, got {json_type(tgt)}")
         default_type = cfg.default_task_type
     else:
         return None, ("unknown_shape", f"expected keys input/target or text, got {sorted(obj)[:8]}")
     for name in ("task_type", "domain", "source"):
         if name in md_in and not isinstance(md_in[name], str):
-            return None, ("wrong_type", f"metadata.{name} must be a string, got {type(md_in[name]).__name__}")
-    src_id = obj.get("id")
+            return None, ("wrong_type", f"metadata.{name} must be a string, got {json_type(md_in[name])}")
+    src_id, why = source_id_text(obj.get("id"))
+    if why is not None:
+        return None, why
+    lang = _str_or_none(md_in.get("lang") or obj.get("lang"))
+    why = _lone_surrogate({"id": src_id, "input": inp, "target": tgt, "metadata.task_type": md_in.get("task_type"),
+                           "metadata.domain": md_in.get("domain"), "metadata.source": md_in.get("source"), "lang": lang})
+    if why is not None:
+        return None, why
     record = make_record(
         inp,
         tgt,
         task_type=md_in.get("task_type") or default_type,
         domain=md_in.get("domain") or cfg.default_domain,
         source=_str_or_none(md_in.get("source")) or rel,
-        source_id=None if src_id is None else str(src_id),
+        source_id=src_id,
         source_path=rel,
         source_sha256=sha,
         source_line=line,
         encoding=encoding,
-        lang=_str_or_none(md_in.get("lang") or obj.get("lang")),
+        lang=lang,
     )
     return record, None
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Inflate gzip bytes, stopping past ``limit`` inflated bytes (a 200 KB bomb would otherwise
+    take 200 MiB before the size check): returns at most ``limit + 1`` bytes, so a caller sees
+    ``len(out) > limit`` and rejects the file. Raises OSError/EOFError/zlib.error when corrupt."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        return f.read(limit + 1)
+
+
+LINE_EXT = {".jsonl", ".ndjson"}  # one record a line: a cut file still has whole records before the cut
+
+
+def _gzip_prefix(data: bytes, limit: int) -> bytes:
+    """What a gzip stream that ends early inflates to, at most ``limit + 1`` bytes. zlib directly:
+    GzipFile drops the output of its last input buffer when it hits the cut."""
+    out, rest = bytearray(), data
+    while rest and len(out) <= limit:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += d.decompress(rest, limit + 1 - len(out))
+            if not d.eof:
+                if not d.unconsumed_tail:
+                    out += d.flush()
+                break
+        except zlib.error:
+            break
+        rest = d.unused_data.lstrip(b"\0")  # the next member of a multi-member file (zero padding is allowed)
+    return bytes(out[: limit + 1])
+
+
+def read_raw(data: bytes, rel: str, max_bytes: int) -> tuple[bytes | None, str, dict | None]:
+    """A raw file's bytes -> (content, name without .gz, None) or (None, name, quarantine row)
+    for a corrupt gzip or content over ``max_bytes``. Shared by ingest and ``c2m dedup``.
+
+    A JSONL .gz cut short (an interrupted download) gives (its complete lines, name, a
+    ``truncated_gzip`` row holding the cut last line): the caller keeps both."""
+    name = rel.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+        try:
+            data = gunzip_bounded(data, max_bytes)
+        except EOFError as e:
+            prefix = _gzip_prefix(data, max_bytes) if os.path.splitext(name)[1] in LINE_EXT else b""
+            whole = prefix[: prefix.rfind(b"\n") + 1]
+            if not whole or len(prefix) > max_bytes:
+                return None, name, quarantine_row(STAGE, "corrupt_gzip", detail=str(e), source_path=rel)
+            tail, lines = prefix[len(whole):], whole.count(b"\n")
+            return whole, name, quarantine_row(
+                STAGE, "truncated_gzip", source_path=rel, source_line=lines + 1, record=tail[:512],
+                detail=f"gzip stream ends early ({e}): the {lines} complete lines before the cut are kept; "
+                       f"this row holds the cut line ({len(tail)} bytes); fetch the file again for the rest")
+        except (OSError, zlib.error) as e:
+            return None, name, quarantine_row(STAGE, "corrupt_gzip", detail=str(e), source_path=rel)
+        if len(data) > max_bytes:
+            return None, name, quarantine_row(STAGE, "file_too_large", detail=f"inflates to more than {max_bytes} bytes > ingest.max_file_bytes",
+                                              source_path=rel)
+    elif len(data) > max_bytes:
+        return None, name, quarantine_row(STAGE, "file_too_large", detail=f"{len(data)} bytes > ingest.max_file_bytes", source_path=rel)
+    return data, name, None
+
+
+def read_raw_file(path: Path, rel: str, max_bytes: int) -> tuple[bytes | None, str, dict | None]:
+    """``read_raw`` on a file (content inflated), refusing an oversized plain file before reading it."""
+    size = Path(path).stat().st_size
+    if not rel.lower().endswith(".gz") and size > max_bytes:
+        return None, rel.lower(), quarantine_row(STAGE, "file_too_large", detail=f"{size} bytes > ingest.max_file_bytes", source_path=rel)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:  # permissions, an I/O error: this file is quarantined, the run goes on
+        return None, rel.lower(), quarantine_row(STAGE, "unreadable_file", detail=f"{e.strerror or e}; make it readable and rerun",
+                                                 source_path=rel)
+    return read_raw(data, rel, max_bytes)
 
 
 def parse_file(data: bytes, rel: str, sha: str, cfg, stats: dict | None = None) -> tuple[list[dict], list[dict], int]:
     """One raw file -> (records, quarantine rows, units read). Never raises on bad content.
 
-    ``stats`` (optional) receives ``html_<method>: 1`` for an HTML file (see ``extract_html``)."""
-    name = rel.lower()
-    if name.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            return [], [quarantine_row(STAGE, "corrupt_gzip", detail=str(e), source_path=rel)], 1
-        name = name[:-3]
+    ``stats`` (optional) receives ``html_<method>: 1`` for an HTML file (see ``extract_html``) and
+    ``decode_repairs: n`` for lines repaired while decoding (see ``decode_bytes``)."""
+    data, name, reject = read_raw(data, rel, cfg.max_file_bytes)
+    if data is None:
+        return [], [reject], 1
     ext = os.path.splitext(name)[1]
-    if len(data) > cfg.max_file_bytes:
-        return [], [quarantine_row(STAGE, "file_too_large", detail=f"{len(data)} bytes > ingest.max_file_bytes", source_path=rel)], 1
 
     if ext in JSON_EXT:
-        return _parse_json_lines(data, rel, sha, cfg, whole=(ext == ".json"))
+        records, rejects, n_in = _parse_json_lines(data, rel, sha, cfg, whole=(ext == ".json"))
+        if reject is not None:  # a cut .jsonl.gz: its complete lines above, its cut tail here
+            return records, rejects + [reject], n_in + 1
+        return records, rejects, n_in
 
+    repairs: list[str] = []
     try:
-        text, encoding = decode_bytes(data, html=ext in HTML_EXT, min_confidence=cfg.min_encoding_confidence)
+        text, encoding = decode_bytes(data, html=ext in HTML_EXT, min_confidence=cfg.min_encoding_confidence, repairs=repairs)
     except DecodeError as e:
         return [], [quarantine_row(STAGE, e.reason, detail=e.detail, source_path=rel, record=data[:256])], 1
     if ext in HTML_EXT:
@@ -282,8 +533,10 @@ def parse_file(data: bytes, rel: str, sha: str, cfg, stats: dict | None = None) 
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     record = make_record(
         "", text, task_type=cfg.default_task_type, domain=cfg.default_domain, source=rel.split("/")[0],
-        source_path=rel, source_sha256=sha, encoding=encoding,
+        source_path=rel, source_sha256=sha, encoding=encoding, decode_repairs="; ".join(repairs) or None,
     )
+    if repairs and stats is not None:
+        stats["decode_repairs"] = stats.get("decode_repairs", 0) + len(repairs)
     return [record], [], 1
 
 
@@ -293,12 +546,12 @@ def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool) -> tupl
     if data.startswith(codecs.BOM_UTF8):
         data, encoding = data[3:], "utf-8-sig"
     if whole:
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return [], [quarantine_row(STAGE, "invalid_json", detail=str(e), source_path=rel, record=data[:512])], 1
+        obj, why = load_json(data)
+        if why is not None:
+            reason = "invalid_json" if why[0] == "invalid_utf8" else why[0]
+            return [], [quarantine_row(STAGE, reason, detail=why[1], source_path=rel, record=data[:512])], 1
         items = obj if isinstance(obj, list) else [obj]
-        lines = [(i + 1, item) for i, item in enumerate(items)]
+        lines = [(i + 1, item, None) for i, item in enumerate(items)]
     else:
         lines = []
         physical = data.split(b"\n")
@@ -308,16 +561,17 @@ def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool) -> tupl
             if not raw.strip():  # an empty line is a defect worth counting, not silence
                 rejects.append(quarantine_row(STAGE, "blank_line", source_path=rel, source_line=i))
                 continue
-            try:
-                lines.append((i, json.loads(raw.decode("utf-8"))))
-            except UnicodeDecodeError as e:
-                rejects.append(quarantine_row(STAGE, "invalid_utf8", detail=str(e), source_path=rel, source_line=i, record=raw))
-            except json.JSONDecodeError as e:
-                rejects.append(quarantine_row(STAGE, "invalid_json", detail=str(e), source_path=rel, source_line=i, record=raw))
-    for line_no, obj in lines:
+            obj, why = load_json(raw)
+            if why is not None:
+                rejects.append(quarantine_row(STAGE, why[0], detail=why[1], source_path=rel, source_line=i, record=raw))
+            else:
+                lines.append((i, obj, raw))
+    for line_no, obj, raw in lines:
         rec, why = json_to_record(obj, rel=rel, sha=sha, line=line_no, encoding=encoding, cfg=cfg)
         if rec is None:
-            rejects.append(quarantine_row(STAGE, why[0], detail=why[1], source_path=rel, source_line=line_no, record=obj if isinstance(obj, dict) else json.dumps(obj)))
+            # the line as the file wrote it (a re-dump could fail on what made it bad: depth, surrogates)
+            shown = raw if raw is not None else (obj if isinstance(obj, dict) else json_type(obj))
+            rejects.append(quarantine_row(STAGE, why[0], detail=why[1], source_path=rel, source_line=line_no, record=shown))
         else:
             records.append(rec)
     return records, rejects, len(records) + len(rejects)
@@ -332,7 +586,19 @@ def _ingest_unit(args) -> dict:
 
     def write(tmp: Path) -> dict:
         stats: dict = {}
-        records, rejects, n_in = parse_file(Path(raw_path).read_bytes(), rel, sha, cfg, stats)
+        size = Path(raw_path).stat().st_size
+        if not rel.lower().endswith(".gz") and size > cfg.max_file_bytes:  # refused before it is read into memory
+            records, rejects, n_in = [], [quarantine_row(STAGE, "file_too_large", detail=f"{size} bytes > ingest.max_file_bytes",
+                                                         source_path=rel)], 1
+        else:
+            try:
+                data = Path(raw_path).read_bytes()
+            except OSError as e:  # permissions, an I/O error: this file is quarantined, the run goes on
+                data = None
+                records, rejects, n_in = [], [quarantine_row(STAGE, "unreadable_file", detail=f"{e.strerror or e}; make it "
+                                                             f"readable and rerun", source_path=rel)], 1
+            if data is not None:
+                records, rejects, n_in = parse_file(data, rel, sha, cfg, stats)
         pq.write_table(records_table(records), tmp / "records.parquet")
         files = [FileEntry("records.parquet", role="data", records=len(records))]
         if rejects:
@@ -355,7 +621,14 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     for i, f in enumerate(source.files):
         key = cache_key(STAGE, VERSION, section, [f.path, f.sha256])
         args = (str(ctx.store.root), key, str(raw_dir / f.path), f.path, f.sha256, cfg.ingest)
-        units.append(Unit(key=key, stem=f"{i:06d}-{f.sha256[:12]}", label=f.path, args=args))
+        units.append(Unit(key=key, stem=f"{i:06d}-{f.sha256[:12]}", label=f.path, args=args, bytes=f.bytes))
     files, counters, stats = gather_units(STAGE, units, _ingest_unit, ctx, out_dir, cfg.ingest.workers,
-                                          ("html_trafilatura", "html_stdlib"))
+                                          ("html_trafilatura", "html_stdlib", "decode_repairs"))
+    # Files the scan left out (links leaving the folder, names outside ingest.include, ...): not
+    # records, so not in the counters, but counted with their reasons where the run is reported.
+    skipped = source.stats.get("skipped") or {}
+    if skipped:
+        stats["skipped"] = skipped
+        stats["skipped_files"] = source.stats.get("skipped_files", [])
+        ctx.info("ingest: skipped %s", ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

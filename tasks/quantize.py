@@ -11,7 +11,9 @@ Variants (the heavy lifting is in tasks/model/export.py and tasks/model/modeling
   PyTorch: max |logit diff| must be within ``quantize.onnx_tolerance``.
 * ``onnx_int8_dynamic``: ORT dynamic INT8 of that export, per-channel weights.
 * ``onnx_int8_static``: ORT static INT8 (MatMul/Gemm, uint8 activations, per-channel int8 weights),
-  calibrated on ``calibration_samples`` packed train blocks drawn with ``calibration_seed``.
+  calibrated on ``calibration_samples`` packed train blocks drawn with ``calibration_seed``: the blocks
+  of the tokenize output the stage table passes in (inputs: finetune, tokenize), which must be the one
+  the model was trained on.
 * ``fp16``/``bf16``: the same weights cast, as safetensors.
 * ``bnb_8bit``/``bnb_4bit``: bitsandbytes on a CUDA GPU (``quantize.device: cuda``).
 
@@ -31,6 +33,8 @@ import json
 import time
 from pathlib import Path
 
+from corpus2model.tasks.finetune import task_of
+from corpus2model.tasks.model import classify
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, cache_key, link_or_copy
 
 STAGE = "quantize"
@@ -134,8 +138,10 @@ def plan_detail(qc, store, finetune_key: str, tokenize_key: str | None) -> str:
 class _Maker:
     """Makes (or finds) one variant unit; knows the merged model, its probe logits and the calibration source."""
 
-    def __init__(self, ft: Manifest, merged: Path, qc, ctx: StageContext):
-        self.ft, self.merged, self.qc, self.ctx = ft, merged, qc, ctx
+    def __init__(self, ft: Manifest, tok: Manifest | None, merged: Path, qc, ctx: StageContext):
+        self.ft, self.tok, self.merged, self.qc, self.ctx = ft, tok, merged, qc, ctx
+        # The unit keys name the tokenize output the model was trained on (what the finetune manifest
+        # records), as they did before tokenize was a declared input: existing units stay valid.
         self.tokenize_key = ft.upstream.get("tokenize")
         self._ref = None
         self.computed: list[str] = []
@@ -219,15 +225,13 @@ class _Maker:
         raise StageError(f"quantize.methods: {method!r} has no implementation")
 
     def _train_blocks(self) -> Path:
-        """The packed train blocks of the tokenize output this model was trained on (calibration data)."""
-        if not self.tokenize_key:
-            raise StageError(f"{self.ft.path}: the finetune manifest names no tokenize upstream; static INT8 "
-                             f"calibration reads the packed train blocks")
-        tok, why = self.ctx.store.lookup("tokenize", self.tokenize_key)
-        if tok is None:
-            raise StageError(f"tokenize output {self.tokenize_key} is not in the store ({why}): static INT8 "
-                             f"calibrates on its packed train blocks; rerun the pipeline so tokenize is rebuilt")
-        path = tok.dir / "packed" / "train.parquet"
+        """The packed train blocks of the tokenize input (calibration data); run() checked it is the
+        tokenize output this model was trained on."""
+        if self.tok is None:
+            raise StageError("quantize: static INT8 (onnx_int8_static) calibrates on the tokenize stage's packed "
+                             "train blocks, and no tokenize manifest was passed in; pass the inputs the stage table "
+                             "declares (flows/stages.py: finetune, tokenize)")
+        path = self.tok.dir / "packed" / "train.parquet"
         if not path.is_file():
             raise StageError(f"{path} is missing: static INT8 calibrates on the packed train blocks")
         return path
@@ -241,17 +245,29 @@ def dst_with_info(dst: Path, method: str, dtype: str, kind: str = "hf") -> Path:
     return dst
 
 
-def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if len(inputs) == 1 and inputs[0].stats.get("task") == "classification":  # tasks/model/classify.py
-        from corpus2model.tasks.model.classify import quantize_run
+def split_inputs(inputs: list[Manifest]) -> tuple[Manifest, Manifest | None]:
+    """(finetune, tokenize or None) from the stage's inputs, by stage name. The tokenize manifest is
+    optional (only static INT8 reads it) but, when given, must be the one finetune trained on: the key
+    holds only finetune's key, which chains that tokenize output and no other."""
+    by_stage = {m.stage: m for m in inputs}
+    if len(by_stage) != len(inputs) or "finetune" not in by_stage or set(by_stage) - {"finetune", "tokenize"}:
+        raise StageError(f"quantize takes the finetune output and, optionally, the tokenize output it was trained "
+                         f"on; got {[m.stage for m in inputs]}")
+    ft, tok = by_stage["finetune"], by_stage.get("tokenize")
+    if tok is not None and ft.upstream.get("tokenize") != tok.key:
+        raise StageError(f"quantize: the tokenize input {tok.key} is not the one {ft.path} was trained on "
+                         f"({ft.upstream.get('tokenize') or 'its manifest names none'}); calibrating on other blocks "
+                         f"would hide under the same key")
+    return ft, tok
 
-        return quantize_run(inputs, cfg, out_dir, ctx)
+
+def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
+    ft, tok = split_inputs(inputs)
+    if task_of(ft) == "classification":  # the finetune output says: tasks/model/classify.py (no calibration)
+        return classify.quantize_run([ft], cfg, out_dir, ctx)
     from corpus2model.tasks.common.artifacts import publish_markdown
     from corpus2model.tasks.model.export import ExportError, check_supported
 
-    if len(inputs) != 1:
-        raise StageError(f"quantize takes one upstream manifest (finetune), got {len(inputs)}")
-    (ft,) = inputs
     qc = cfg.quantize
     if not qc.methods:  # e.g. an unmergeable fine-tuning method: nothing to quantize, an empty table
         (out_dir / "quantize.json").write_text(json.dumps({"methods": []}), encoding="utf-8")
@@ -269,7 +285,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     except ExportError as e:
         raise StageError(str(e)) from None
 
-    maker = _Maker(ft, merged, qc, ctx)
+    maker = _Maker(ft, tok, merged, qc, ctx)
     files: list[FileEntry] = []
     stats: dict = {"methods": list(qc.methods)}
     fp32_bytes = _weights_bytes(merged)

@@ -18,13 +18,22 @@ Layout under ``paths.registry``::
         lineage.json      lineage key, config hash, every stage's key/version/counters, raw files
         gate.json         the deploy-gate result
         serve.json        what the server needs: prompt template, default variant, variant folders
-        README.md         Hugging Face style model card
+        README.md         Hugging Face style model card (tasks/model/templates/*.md, string.Template)
       _tmp/               versions being written
+
+Config: like a stage under run_stage, the code that writes a version sees only the sections it declares
+(``SECTIONS``, narrowed by tasks/stage.py ``stage_config``), so a setting it reads is a setting it says it
+reads. The resolved full config comes in as one more explicit input, ``run_config``: a version records
+the whole config that produced it (config.yaml, the lineage's config hash) because the model depends on
+every stage's settings, not just the registry's. It is a record, not identity: the lineage key stays the
+evaluate key (which chains every stage's hashed sections) plus the registry section, so a change to a
+setting no stage hashes (runtime, serve) finds the same version instead of making a copy of the model.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -34,20 +43,29 @@ import shutil
 import struct
 import tempfile
 import time
+import types
 from pathlib import Path
+from string import Template
 from typing import Iterator
 
 from corpus2model.tasks.common.artifacts import publish_markdown
-from corpus2model.tasks.stage import Manifest, StageError, canonical_json, link_or_copy, write_json_atomic
+from corpus2model.tasks.common.resources import package_path
+from corpus2model.tasks.finetune import task_of
+from corpus2model.tasks.stage import (Manifest, StageError, canonical_json, link_or_copy, stage_config,
+                                      write_json_atomic)
+
+STAGE = "registry"
+# The config sections the version-writing code reads: registry (name, gate, serve variant), paths (the
+# registry folder), and what the model card and serve.json describe: model (base model, classifier head),
+# finetune (method, steps, learning rate), tokenize (the prompt template of outputs that predate its
+# record in the tokenize stats), evaluate (split, record limit).
+SECTIONS = ("registry", "paths", "model", "finetune", "tokenize", "evaluate")
 
 LAYOUT_VERSION = "1"  # bump when a version folder's layout changes (part of the lineage key)
 ALIASES = "aliases.json"
 PRODUCTION = "production"
 # serve variant -> folder inside a version
 VARIANT_DIRS = {"tuned": "model", "dynamic_int8": "dynamic_int8"}
-# Stage order for lineage and the model card (DAG order, top to bottom).
-STAGE_ORDER = ["source", "ingest", "clean", "dedup", "augment", "validate", "shard", "tokenize",
-               "finetune", "quantize", "evaluate"]
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
 
@@ -116,31 +134,41 @@ def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
 # hashes and lineage
 # ---------------------------------------------------------------------------------------------
 def config_dump(cfg) -> dict:
+    """The resolved full config as plain JSON data (what ``run_config`` is)."""
     return cfg.model_dump(mode="json", by_alias=True)
 
 
-def config_hash(cfg) -> str:
-    """sha256 of the whole config except ``paths`` (moving folders does not change the model)."""
-    data = {k: v for k, v in config_dump(cfg).items() if k != "paths"}
+def declared(cfg) -> types.SimpleNamespace:
+    """The registry's view of a run's config: its declared SECTIONS only (tasks/stage.py stage_config)."""
+    return stage_config(types.SimpleNamespace(SECTIONS=SECTIONS), cfg)
+
+
+def config_hash(run_config: dict) -> str:
+    """sha256 of the whole resolved config except ``paths`` (moving folders does not change the model)."""
+    data = {k: v for k, v in run_config.items() if k != "paths"}
     return hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
 
 
 def lineage_key(evaluate: Manifest, cfg) -> str:
     """The evaluate key already chains every upstream key (data, tokenizer, training, quantization);
-    the registry section adds the gate and serve variant this version was registered under."""
-    payload = canonical_json({"evaluate": evaluate.key, "registry": cfg.section("registry"), "layout": LAYOUT_VERSION})
+    the registry section adds the gate and serve variant this version was registered under.
+    ``registry.hashed()`` is what ``PipelineConfig.section("registry")`` returned before the registry
+    saw only its sections: the same key, so existing registries still find their versions."""
+    payload = canonical_json({"evaluate": evaluate.key, "registry": cfg.registry.hashed(), "layout": LAYOUT_VERSION})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
-def build_lineage(manifests: dict[str, Manifest], cfg, key: str) -> dict:
-    ordered = [s for s in STAGE_ORDER if s in manifests] + sorted(s for s in manifests if s not in STAGE_ORDER)
+def build_lineage(manifests: dict[str, Manifest], run_config: dict, key: str) -> dict:
+    # In the order given: the flow passes the raw scan, then the stage table's order (flows/stages.py).
+    ordered = list(manifests)
     stages = {
         s: {"key": manifests[s].key, "stage_version": manifests[s].stage_version,
             "config_hash": manifests[s].config_hash, "counters": manifests[s].counters}
         for s in ordered
     }
     raw = [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in manifests["source"].files]
-    return {"lineage_key": key, "config_hash": config_hash(cfg), "stages": stages, "raw_files": raw, "created": _now()}
+    return {"lineage_key": key, "config_hash": config_hash(run_config), "stages": stages, "raw_files": raw,
+            "created": _now()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +258,13 @@ CLASSIFIER_COLUMNS = ["variant", "accuracy", "macro_f1", "latency_p50_ms", "late
                       "speedup_vs_tuned", "size_ratio_vs_tuned", "accuracy_drop_points", "records"]
 
 
-def eval_table(rows: list[dict]) -> str:
-    cols = ["variant", "perplexity", "token_accuracy", "exact_match", "latency_p50_ms", "latency_p95_ms", "size_mb", "records"]
-    if rows and all("accuracy" in r and "perplexity" not in r for r in rows):
-        cols = CLASSIFIER_COLUMNS
+LM_COLUMNS = ["variant", "perplexity", "token_accuracy", "exact_match", "latency_p50_ms", "latency_p95_ms", "size_mb",
+              "records"]
+
+
+def eval_table(rows: list[dict], task: str = "causal_lm") -> str:
+    """The evaluation rows as a markdown table, with the columns of the model's task (finetune.task_of)."""
+    cols = CLASSIFIER_COLUMNS if task == "classification" else LM_COLUMNS
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -259,11 +290,48 @@ def _stage_lines(lineage: dict) -> list[str]:
     return stage_lines
 
 
-def classifier_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict], gate_result: dict,
-                    model_cfg: dict, ft_stats: dict, n_params: int, variants: list[str], has_adapter: bool) -> str:
-    """Model card for a sequence classifier (model.task: classification, tasks/model/classify.py)."""
+# The card texts live in template files (package data, ``tasks/model/templates/``), filled with
+# string.Template: a writer edits the prose without touching code, and no templating dependency is added.
+TEMPLATE_PACKAGE = "corpus2model.tasks.model"
+
+
+@functools.lru_cache(maxsize=None)
+def card_template(name: str) -> Template:
+    return Template(package_path(TEMPLATE_PACKAGE, "templates", name).read_text(encoding="utf-8"))
+
+
+def render(template_name: str, /, **values) -> str:
+    """Fill a template with exactly its placeholders (positional-only name: ``name`` is a placeholder). A
+    placeholder without a value, or a value no placeholder shows, means the template and this code drifted
+    apart: that fails here, naming both, rather than writing a card with a ``${gap}`` or silently dropping
+    a fact."""
+    template = card_template(template_name)
+    wanted = set(template.get_identifiers())
+    missing, unused = sorted(wanted - values.keys()), sorted(values.keys() - wanted)
+    if missing or unused or not template.is_valid():
+        raise StageError(f"model card template {template_name} ({TEMPLATE_PACKAGE} templates/) does not match the "
+                         f"registry code: placeholders without a value {missing}, values without a placeholder {unused}"
+                         + ("" if template.is_valid() else "; it has a '$' that is no placeholder (write '$$')"))
+    return template.substitute(values)
+
+
+def _front_matter(front: dict) -> str:
     import yaml
 
+    return yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+
+
+def _training_data(lineage: dict) -> dict:
+    raw = lineage["raw_files"]
+    return {"lineage_key": lineage["lineage_key"], "raw_files": len(raw),
+            "raw_bytes": f"{sum(f['bytes'] or 0 for f in raw):,}", "stage_table": "\n".join(_stage_lines(lineage))}
+
+
+def classifier_card(*, name: str, version: str, cfg, config_name: str, lineage: dict, rows: list[dict],
+                    gate_result: dict, model_cfg: dict, ft_stats: dict, n_params: int, variants: list[str],
+                    has_adapter: bool) -> str:
+    """Model card for a sequence classifier (model.task: classification, tasks/model/classify.py), from
+    templates/classifier_card.md. ``cfg`` holds the registry's declared sections only."""
     serve_variant = cfg.registry.serve_variant
     labels = ft_stats["labels"]
     metrics = [{"type": m, "name": f"{m} ({r['variant']})", "value": r[m]}
@@ -284,94 +352,38 @@ def classifier_card(*, name: str, version: str, cfg, lineage: dict, rows: list[d
             }],
         }],
     }
-    raw = lineage["raw_files"]
-    raw_bytes = sum(f["bytes"] or 0 for f in raw)
-    arch = ", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")])
     gate = cfg.registry.gate
-    method = cfg.finetune.method
     lora = cfg.finetune.lora
     how = (f"LoRA (r={lora.r}, alpha={lora.alpha}, targets {', '.join(lora.target_modules)}; pooler and head trained "
-           f"in full), merged into `model/`, the adapter kept in `adapter/`") if method == "lora" else "full fine-tuning"
-    peft_snippet = f"""
-# or the adapter on the pretrained encoder (its trained head travels in the adapter):
-from peft import PeftModel
-base = AutoModelForSequenceClassification.from_pretrained(PRETRAINED_ENCODER_FOLDER, num_labels={len(labels)})
-model = PeftModel.from_pretrained(base, "{name}/{version}/adapter")""" if has_adapter else ""
-    body = f"""
-# {name} {version}
-
-A {len(labels)}-way text classifier ({', '.join(labels)}) produced by the corpus2model pipeline (config
-`{cfg.name}`, config hash `{lineage['config_hash'][:16]}`). Served variant: **{serve_variant}** (folder
-`{VARIANT_DIRS[serve_variant]}/`). Variants in this version: {', '.join(variants)}.
-
-## Model description
-
-- Architecture: {arch} ({model_cfg.get('num_hidden_layers')} layers, hidden size {model_cfg.get('hidden_size')},
-  vocabulary {model_cfg.get('vocab_size')}), {n_params:,} parameters
-- Base model: `{cfg.model.pretrained}`, loaded offline
-- Labels: `metadata.{ft_stats['label_field']}` of each record, ids {dict(enumerate(labels))}
-- Training: first the encoder frozen and only the pooler and classification head trained
-  ({cfg.model.classifier.head_epochs} epochs; that model is the `base` row below), then {how};
-  {cfg.finetune.max_steps} steps, learning rate {cfg.finetune.learning_rate}, batch {cfg.finetune.batch_size},
-  inputs truncated to {ft_stats['max_length']} tokens; {ft_stats['train_records']} training records.
-- `dynamic_int8/`: per-channel int8 Linear weights (activations quantized at run time) and an int8
-  word-embedding table (one scale per row, dequantized at load); loads with
-  `tasks.model.classify.load_classifier`.
-
-## Training data
-
-Lineage key `{lineage['lineage_key']}`: {len(raw)} raw files, {raw_bytes:,} bytes in total, each listed with its
-sha256 in `lineage.json`. Records per stage:
-
-{chr(10).join(_stage_lines(lineage))}
-
-## Evaluation
-
-On the held-out `{cfg.evaluate.split}` split (up to {cfg.evaluate.max_records} labelled records); latency is one
-batch-1 forward pass of the longest scored record, on CPU:
-
-{eval_table(rows)}
-
-Deploy gate ({gate.metric}; tuned at least {gate.min_improvement_over_base} above base, {serve_variant} at most
-{gate.max_quantized_degradation} below tuned, absolute): **{'PASSED' if gate_result['passed'] else 'FAILED'}**
-({gate_result['reason']}).
-
-{gate_table(gate_result)}
-
-## Intended use
-
-Classifying short texts into the labels above, as the pipeline's training data defines them, and
-exercising the pipeline's classification path (training, quantization, registry, serving).
-
-## Limitations
-
-Trained on a small slice of one source ({ft_stats['train_records']} records); accuracy on other domains,
-on very short or mixed-language texts, or on labels outside ({', '.join(labels)}) is unknown: every
-input gets one of these labels, whatever it is. The base encoder's tokenizer is an English uncased
-WordPiece vocabulary: scripts it covers poorly (most CJK characters map to few pieces) are
-recognised by their script, not their content. Inputs longer than {ft_stats['max_length']} tokens are truncated.
-
-## How to load
-
-```python
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-# paths are relative to the registry folder (paths.registry in the run config)
-model = AutoModelForSequenceClassification.from_pretrained("{name}/{version}/model")
-tokenizer = AutoTokenizer.from_pretrained("{name}/{version}/model")
-logits = model(**tokenizer(["some text"], return_tensors="pt")).logits
-print(model.config.id2label[int(logits.argmax())]){peft_snippet}
-```
-
-The server (`c2m serve`) resolves the `production` alias and answers `POST /classify`.
-"""
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
+           f"in full), merged into `model/`, the adapter kept in `adapter/`") if cfg.finetune.method == "lora" \
+        else "full fine-tuning"
+    # The adapter lines join the end of the loading snippet, so the fragment's own final newline goes.
+    adapter = ("\n" + render("classifier_card_adapter.md", n_labels=len(labels), name=name, version=version)
+               .rstrip("\n")) if has_adapter else ""
+    return render(
+        "classifier_card.md",
+        front_matter=_front_matter(front), name=name, version=version, n_labels=len(labels),
+        labels=", ".join(labels), config_name=config_name, config_hash=lineage["config_hash"][:16],
+        serve_variant=serve_variant, serve_folder=VARIANT_DIRS[serve_variant], variants=", ".join(variants),
+        architecture=", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")]),
+        num_hidden_layers=model_cfg.get("num_hidden_layers"), hidden_size=model_cfg.get("hidden_size"),
+        vocab_size=model_cfg.get("vocab_size"), n_params=f"{n_params:,}", pretrained=cfg.model.pretrained,
+        label_field=ft_stats["label_field"], label_ids=dict(enumerate(labels)),
+        head_epochs=cfg.model.classifier.head_epochs, how=how, max_steps=cfg.finetune.max_steps,
+        learning_rate=cfg.finetune.learning_rate, batch_size=cfg.finetune.batch_size,
+        max_length=ft_stats["max_length"], train_records=ft_stats["train_records"], **_training_data(lineage),
+        eval_split=cfg.evaluate.split, eval_max_records=cfg.evaluate.max_records,
+        eval_table=eval_table(rows, "classification"), gate_metric=gate.metric,
+        gate_min_improvement=gate.min_improvement_over_base, gate_max_degradation=gate.max_quantized_degradation,
+        gate_word="PASSED" if gate_result["passed"] else "FAILED", gate_reason=gate_result["reason"],
+        gate_table=gate_table(gate_result), adapter_snippet=adapter,
+    )
 
 
-def model_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict], gate_result: dict,
-               model_cfg: dict, n_params: int, prompt_template: str, variants: list[str]) -> str:
-    import yaml
-
+def model_card(*, name: str, version: str, cfg, config_name: str, lineage: dict, rows: list[dict],
+               gate_result: dict, model_cfg: dict, n_params: int, prompt_template: str, variants: list[str]) -> str:
+    """Model card for a causal LM, from templates/model_card.md. ``cfg`` holds the registry's declared
+    sections only."""
     serve_variant = cfg.registry.serve_variant
     metrics = [{"type": cfg.registry.gate.metric, "name": f"{cfg.registry.gate.metric} ({r['variant']})",
                 "value": r.get(cfg.registry.gate.metric)} for r in rows if r.get(cfg.registry.gate.metric) is not None]
@@ -391,86 +403,27 @@ def model_card(*, name: str, version: str, cfg, lineage: dict, rows: list[dict],
             }],
         }],
     }
-    stage_lines = _stage_lines(lineage)
-    raw = lineage["raw_files"]
-    raw_bytes = sum(f["bytes"] or 0 for f in raw)
-    arch = ", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")])
-    shape = (f"hidden size {model_cfg.get('hidden_size')}, layers {model_cfg.get('num_hidden_layers')}, "
-             f"attention heads {model_cfg.get('num_attention_heads')}, vocabulary {model_cfg.get('vocab_size')}")
     lora = cfg.finetune.lora
     gate = cfg.registry.gate
-    gate_word = "PASSED" if gate_result["passed"] else "FAILED"
-    prompt_example = prompt_template.format(input="What is 2 + 3?")
-    body = f"""
-# {name} {version}
-
-Produced by the corpus2model pipeline (config `{cfg.name}`, config hash `{lineage['config_hash'][:16]}`).
-Served variant: **{serve_variant}** (folder `{VARIANT_DIRS[serve_variant]}/`). Variants in this version: {', '.join(variants)}.
-
-## Model description
-
-- Architecture: {arch} ({shape})
-- Parameters: {n_params:,}
-- Fine-tuning: {cfg.finetune.method} (r={lora.r}, alpha={lora.alpha}, targets {', '.join(lora.target_modules)}), \
-{cfg.finetune.max_steps} steps, learning rate {cfg.finetune.learning_rate}, batch {cfg.finetune.batch_size}; the adapter \
-is merged into `model/` and kept in `adapter/`.
-- Base model: {cfg.model.pretrained or 'built from config (random initialisation, no pretrained weights)'}
-- Prompt template (the model was trained on prompts rendered this way):
-
-```text
-{prompt_template}
-```
-
-## Training data
-
-Lineage key `{lineage['lineage_key']}`: {len(raw)} raw files, {raw_bytes:,} bytes in total, each listed with its
-sha256 in `lineage.json`. Records per stage:
-
-{chr(10).join(stage_lines)}
-
-## Evaluation
-
-On the held-out `{cfg.evaluate.split}` split (up to {cfg.evaluate.max_records} records for perplexity):
-
-{eval_table(rows)}
-
-Deploy gate ({gate.metric}; tuned at least {gate.min_improvement_over_base:.0%} better than base, {serve_variant} at most
-{gate.max_quantized_degradation:.0%} worse than tuned): **{gate_word}** ({gate_result['reason']}).
-
-{gate_table(gate_result)}
-
-## Intended use
-
-A demonstration of a reproducible data-to-model pipeline: checking that the data lineage, caching,
-evaluation, quantization, registry and serving work end to end. Use it to exercise the pipeline and
-its server, not to answer questions.
-
-## Limitations
-
-This is a tiny demo model ({n_params:,} parameters, {cfg.finetune.max_steps} fine-tuning steps; the demo
-configuration trains it in minutes on a CPU) fitted to a small sample corpus. Its answers are
-mostly wrong or incoherent, its perplexity is only meaningful relative to the base model it was tuned
-from, and exact match on generated answers is expected to be near zero. It has seen no safety tuning
-and inherits whatever biases the sample corpus has. Do not use it for any real task.
-
-## How to load
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-# paths are relative to the registry folder (paths.registry in the run config)
-model = AutoModelForCausalLM.from_pretrained("{name}/{version}/model")
-tokenizer = AutoTokenizer.from_pretrained("{name}/{version}/model")
-prompt = {prompt_example!r}
-ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=32, do_sample=False)
-print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-The quantized variant loads with the project's loader (`corpus2model.tasks.model.modeling.load_causal_lm("{name}/{version}/dynamic_int8")`),
-and the server with `c2m serve` (it resolves the `production` alias and serves the `{serve_variant}` variant).
-"""
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
+    return render(
+        "model_card.md",
+        front_matter=_front_matter(front), name=name, version=version, config_name=config_name,
+        config_hash=lineage["config_hash"][:16], serve_variant=serve_variant,
+        serve_folder=VARIANT_DIRS[serve_variant], variants=", ".join(variants),
+        architecture=", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")]),
+        shape=(f"hidden size {model_cfg.get('hidden_size')}, layers {model_cfg.get('num_hidden_layers')}, "
+               f"attention heads {model_cfg.get('num_attention_heads')}, vocabulary {model_cfg.get('vocab_size')}"),
+        n_params=f"{n_params:,}", method=cfg.finetune.method, lora_r=lora.r, lora_alpha=lora.alpha,
+        lora_targets=", ".join(lora.target_modules), max_steps=cfg.finetune.max_steps,
+        learning_rate=cfg.finetune.learning_rate, batch_size=cfg.finetune.batch_size,
+        base_model=cfg.model.pretrained or "built from config (random initialisation, no pretrained weights)",
+        prompt_template=prompt_template, **_training_data(lineage), eval_split=cfg.evaluate.split,
+        eval_max_records=cfg.evaluate.max_records, eval_table=eval_table(rows), gate_metric=gate.metric,
+        gate_min_improvement=f"{gate.min_improvement_over_base:.0%}",
+        gate_max_degradation=f"{gate.max_quantized_degradation:.0%}",
+        gate_word="PASSED" if gate_result["passed"] else "FAILED", gate_reason=gate_result["reason"],
+        gate_table=gate_table(gate_result), prompt_example=repr(prompt_template.format(input="What is 2 + 3?")),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +488,8 @@ def publish_gated(folder: Path, name: str, version: str) -> None:
         publish_image("evaluation-gated-chart", str(folder / "eval.png"), what)
 
 
-def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, version: str, key: str) -> dict:
+def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, run_config: dict, name: str, version: str,
+                   key: str) -> dict:
     finetune, evaluate = manifests["finetune"], manifests["evaluate"]
     serve_variant = cfg.registry.serve_variant
 
@@ -543,7 +497,7 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     _copy_tree(_need_dir(finetune.dir / merged, f"finetune {merged}/"), tmp / "model")
     if adapter:  # full fine-tuning has no adapter (its stats say adapter_dir: null)
         _copy_tree(_need_dir(finetune.dir / adapter, f"finetune {adapter}/"), tmp / "adapter")
-    classifier = finetune.stats.get("task") == "classification"
+    classifier = task_of(finetune) == "classification"  # decided once, by model.task, in the finetune output
     variants = ["tuned"]
     quant = manifests.get("quantize")
     if quant is not None and (quant.dir / "dynamic_int8").is_dir():
@@ -560,7 +514,7 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     rows = json.loads(eval_json.read_text(encoding="utf-8")).get("rows", [])
     # The causal-LM table and chart are re-rendered below with the gate's pass/fail marks (written, not
     # linked: a hard link would let the registry's copy edit the evaluate stage's file).
-    gated = any("perplexity" in r for r in rows)  # a causal-LM table (a classifier's has its own layout)
+    gated = not classifier  # a causal-LM table (a classifier's has its own layout)
     reports = [(eval_json, "eval.json"), (finetune.dir / "loss.png", "loss.png")]
     if not gated:
         reports += [(evaluate.dir / "eval.md", "eval.md"), (evaluate.dir / "eval.png", "eval.png")]
@@ -571,9 +525,9 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     import yaml
 
     (tmp / "config.yaml").write_text(
-        f"# run config of {name} {version}\n" + yaml.safe_dump(config_dump(cfg), sort_keys=False, allow_unicode=True),
+        f"# run config of {name} {version}\n" + yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True),
         encoding="utf-8")
-    lineage = build_lineage(manifests, cfg, key)
+    lineage = build_lineage(manifests, run_config, key)
     (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1, ensure_ascii=False), encoding="utf-8")
     gate_result = check_gate(rows, cfg.registry.gate, serve_variant)
     (tmp / "gate.json").write_text(json.dumps(gate_result, indent=1), encoding="utf-8")
@@ -594,21 +548,31 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, name: str, ve
     model_cfg_path = tmp / "model" / "config.json"
     model_cfg = json.loads(model_cfg_path.read_text(encoding="utf-8")) if model_cfg_path.is_file() else {}
     if classifier:
-        card = classifier_card(name=name, version=version, cfg=cfg, lineage=lineage, rows=rows,
-                               gate_result=gate_result, model_cfg=model_cfg, ft_stats=finetune.stats,
+        card = classifier_card(name=name, version=version, cfg=cfg, config_name=run_config["name"], lineage=lineage,
+                               rows=rows, gate_result=gate_result, model_cfg=model_cfg, ft_stats=finetune.stats,
                                n_params=safetensors_params(tmp / "model"), variants=variants,
                                has_adapter=bool(adapter))
     else:
-        card = model_card(name=name, version=version, cfg=cfg, lineage=lineage, rows=rows, gate_result=gate_result,
-                          model_cfg=model_cfg, n_params=safetensors_params(tmp / "model"),
-                          prompt_template=prompt_template, variants=variants)
+        card = model_card(name=name, version=version, cfg=cfg, config_name=run_config["name"], lineage=lineage,
+                          rows=rows, gate_result=gate_result, model_cfg=model_cfg,
+                          n_params=safetensors_params(tmp / "model"), prompt_template=prompt_template,
+                          variants=variants)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     return gate_result
 
 
 def register(manifests: dict[str, Manifest], cfg) -> dict:
+    """Register the evaluated model under a run's full config: what run_stage is to a stage. The
+    version-writing code gets the declared SECTIONS only, and the resolved full config as the explicit
+    record a version keeps (see the module docstring for why both)."""
+    return register_version(manifests, declared(cfg), config_dump(cfg))
+
+
+def register_version(manifests: dict[str, Manifest], cfg, run_config: dict) -> dict:
     """Register the evaluated model as a new version (or find the one these inputs already made),
-    and move ``production`` to it when the gate passes."""
+    and move ``production`` to it when the gate passes. ``cfg`` holds the declared SECTIONS only
+    (``declared``); ``run_config`` is the resolved full config (``config_dump``), written to config.yaml
+    and hashed into the lineage, never into the lineage key."""
     name = cfg.registry.model_name
     root = model_root(cfg.paths.registry, name)
     evaluate = _need(manifests, "evaluate")
@@ -625,7 +589,7 @@ def register(manifests: dict[str, Manifest], cfg) -> dict:
             (root / "_tmp").mkdir(exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=root / "_tmp"))
             try:
-                gate_result = _write_version(tmp, manifests, cfg, name, version, key)
+                gate_result = _write_version(tmp, manifests, cfg, run_config, name, version, key)
                 os.rename(tmp, root / version)  # the version appears complete or not at all
             finally:
                 if tmp.exists():

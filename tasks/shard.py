@@ -50,10 +50,12 @@ import hashlib
 import io
 import json
 import os
+import queue
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -61,16 +63,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corpus2model.schemas.records import RECORD_SCHEMA
-from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, link_or_copy
+from corpus2model.tasks.stage import (FileEntry, Manifest, StageContext, StageError, Store, Unit, canonical_json,
+                                      link_or_copy, map_units)
 
 STAGE = "shard"
-VERSION = "2"
+VERSION = "3"  # 3: dictionary encoding only on columns whose values repeat (DICTIONARY_COLUMNS)
 SECTIONS = ("shard",)
 
 READ_BATCH_ROWS = 8192
 # Min/max statistics only where a reader can filter on them (task type, domain, source, ...):
 # on free text and hash ids they are useless and each costs up to 8 kB of footer per row group.
 STATISTICS_COLUMNS = [f"metadata.{f.name}" for f in RECORD_SCHEMA.field("metadata").type]
+# Dictionary encoding only where values repeat (labels, the source file, its sha256, ...). On free
+# text and per-record ids every dictionary page overflows and is thrown away after it was built: that
+# was a fifth of the write time and slows every reader too.
+UNIQUE_PER_RECORD = {"id", "input", "target", "metadata.source_id", "metadata.source_line", "metadata.parent_id",
+                     "metadata.content_hash"}
+DICTIONARY_COLUMNS = [c for c in ["id", "input", "target", *STATISTICS_COLUMNS] if c not in UNIQUE_PER_RECORD]
 _BUCKETS = 16**15  # 15 hex digits: 60 bits, far finer than any split fraction
 COMPACT_AT = 1.0  # open shards + new records fill a whole shard: rewrite them as full shards
 
@@ -111,16 +120,37 @@ def split_key(record: dict) -> str:
 
 
 def split_codes(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed: int) -> np.ndarray:
-    """Index into ``list(splits)`` of every row's split (int8), in row order."""
+    """Index into ``list(splits)`` of every row's split (int8), in row order: ``assign_split`` for a
+    whole batch. Only the sha256 stays per row; the bucket arithmetic and the cumulative-fraction
+    search run on numpy (per-row Python calls were a tenth of a cold shard run)."""
     names = list(splits)
-    ids = batch.column("id").to_pylist()
-    parents = pc.struct_field(batch.column("metadata"), "parent_id").to_pylist()
-    out = np.empty(len(ids), dtype=np.int8)
-    for i, (rid, parent) in enumerate(zip(ids, parents)):
-        if rid is None:
-            raise StageError(f"a record without an id reached shard (row {i} of a batch): ids are set by ingest/augment")
-        out[i] = names.index(assign_split(parent or rid, splits, seed))
-    return out
+    ids = batch.column("id")
+    if ids.null_count:
+        i = pc.index(pc.is_null(ids), True).as_py()
+        raise StageError(f"a record without an id reached shard (row {i} of a batch): ids are set by ingest/augment")
+    parents = pc.struct_field(batch.column("metadata"), "parent_id")
+    # split_key: the parent's id when there is one (an empty one counts as none), else the record's own.
+    keys = pc.if_else(pc.fill_null(pc.not_equal(parents, ""), False), parents, ids)
+    prefix = f"{seed}:".encode("utf-8")
+    sha = hashlib.sha256
+    # The first 15 hex digits of the digest are its first 60 bits: the top 8 bytes shifted right by 4.
+    top = np.fromiter((int.from_bytes(sha(prefix + k.encode("utf-8")).digest()[:8], "big") >> 4
+                       for k in keys.to_pylist()), dtype=np.uint64, count=len(keys))
+    # A 60-bit integer over 2**60, as split_bucket's int / 16**15: float64 rounds the integer to 53 bits
+    # and the division by a power of two is exact, the same correctly rounded quotient.
+    buckets = top.astype(np.float64) / float(_BUCKETS)
+    live, cums, cumulative = [], [], 0.0
+    for c, (name, fraction) in enumerate(splits.items()):
+        if fraction <= 0:
+            continue
+        cumulative += fraction  # summed in dict order, exactly as assign_split does
+        live.append(c)
+        cums.append(cumulative)
+    if not live:
+        raise StageError(f"shard.splits {splits} has no split with a positive fraction")
+    # The first split whose cumulative fraction exceeds the bucket; the sliver at the top goes to the last.
+    pick = np.minimum(np.searchsorted(np.asarray(cums), buckets, side="right"), len(live) - 1)
+    return np.asarray(live, dtype=np.int8)[pick]
 
 
 def batch_splits(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed: int) -> dict[str, list[int]]:
@@ -140,13 +170,15 @@ def text_bytes(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the rolling writer
 # ---------------------------------------------------------------------------------------------
-def _footer_model(schema: pa.Schema, row: pa.Table, compression, write_statistics) -> tuple[int, int]:
+def _footer_model(schema: pa.Schema, row: pa.Table, compression, write_statistics,
+                  use_dictionary: bool | list[str] = True) -> tuple[int, int]:
     """(footer bytes with one row group, footer bytes added per further row group), measured by
     writing ``row`` (this file's first row) as one and as two row groups into memory."""
     sizes = []
     for groups in (1, 2):
         buf = io.BytesIO()
-        with pq.ParquetWriter(buf, schema, compression=compression, write_statistics=write_statistics) as w:
+        with pq.ParquetWriter(buf, schema, compression=compression, write_statistics=write_statistics,
+                              use_dictionary=use_dictionary) as w:
             for _ in range(groups):
                 w.write_table(row)
         md = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
@@ -213,7 +245,8 @@ class RollingParquetWriter:
                  compression: str | None = "zstd", row_groups_per_file: int = 32,
                  max_row_group_bytes: int = 64_000_000, max_row_group_rows: int = 100_000,
                  write_statistics: bool | list[str] = True, tar_sample_bytes: int | None = None,
-                 start_index: int = 0, on_close: Callable[[dict], None] | None = None):
+                 start_index: int = 0, on_close: Callable[[dict], None] | None = None,
+                 use_dictionary: bool | list[str] = True):
         if target_bytes <= 0 or row_groups_per_file <= 0 or max_row_group_rows <= 0 or max_row_group_bytes <= 0:
             raise ValueError("target_bytes, row_groups_per_file and the row group caps must be positive")
         self.folder = Path(folder)
@@ -225,6 +258,7 @@ class RollingParquetWriter:
         self.max_group_bytes = max_row_group_bytes
         self.max_group_rows = max_row_group_rows
         self.write_statistics = write_statistics
+        self.use_dictionary = use_dictionary
         self.tar_sample_bytes = tar_sample_bytes
         self.on_close = on_close
         self.index = start_index
@@ -293,10 +327,10 @@ class RollingParquetWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._path = self.folder / f"{self.prefix}-{self.index:05d}.parquet"
         self._footer_one, self._footer_per_group = _footer_model(self.schema, first_row, self.compression,
-                                                                 self.write_statistics)
+                                                                 self.write_statistics, self.use_dictionary)
         self._sink = pa.OSFile(str(self._path), "wb")
         self._writer = pq.ParquetWriter(self._sink, self.schema, compression=self.compression,
-                                        write_statistics=self.write_statistics)
+                                        write_statistics=self.write_statistics, use_dictionary=self.use_dictionary)
         self._tar = (TarSampleWriter(self._path.with_suffix(".tar"), self.tar_sample_bytes)
                      if self.tar_sample_bytes else None)
         self._rows_in_file = self._groups = self._file_text = self._written_data = 0
@@ -383,12 +417,21 @@ def _key(*parts) -> str:
     return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()[:24]
 
 
-def _part_index(path: Path, sha: str, splits: dict[str, float], seed: int, ctx: StageContext) -> dict:
-    """Per-split record counts of one upstream part and every row's split code, cached by its sha256."""
-    key = _key("index", VERSION, sha, splits, seed)
-    hit = ctx.store.unit_lookup(STAGE + "-index", key)
-    if hit is not None:
-        return hit
+def _index_units(parts: list[tuple[Path, str]], splits: dict[str, float], seed: int, ctx: StageContext) -> list[dict]:
+    """Per-split record counts of every upstream part and each row's split code, cached by the part's
+    sha256; the missing ones are units on the stage's executor (a Dask cluster: all its workers)."""
+    units = []
+    for path, sha in parts:
+        key = _key("index", VERSION, sha, splits, seed)
+        size = path.stat().st_size if path.is_file() else 0  # a missing part fails in _open_part, with the fix
+        units.append(Unit(key, path.stem, path.name, (str(ctx.store.root), key, str(path), splits, seed), size))
+    return map_units(STAGE + "-index", units, _index_unit, ctx)
+
+
+def _index_unit(args) -> dict:
+    """One part's split codes into the store (runs on any process that sees the store)."""
+    store_root, key, path, splits, seed = args
+    path = Path(path)
 
     def write(tmp: Path) -> dict:
         pf = _open_part(path)
@@ -399,7 +442,7 @@ def _part_index(path: Path, sha: str, splits: dict[str, float], seed: int, ctx: 
         counts = {name: int((codes == c).sum()) for c, name in enumerate(splits)}
         return {"files": [FileEntry("splits.parquet", role="index", records=len(codes))], "counts": counts}
 
-    return ctx.store.unit_write(STAGE + "-index", key, write)
+    return Store(store_root).unit_write(STAGE + "-index", key, write)
 
 
 class _Stream:
@@ -476,7 +519,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     parts = [(upstream.dir / e.path, e.sha256 or _sha_of(upstream.dir / e.path)) for e in entries]
 
     # 1. per-part index (cached per part): how many records of each split every part holds.
-    index = [_part_index(p, sha, splits, c.seed, ctx) for p, sha in parts]
+    index = _index_units(parts, splits, c.seed, ctx)
     n_in = sum(sum(ix["counts"].values()) for ix in index)
     streams = {s: _Stream(s, parts, [ix["counts"][s] for ix in index]) for s in names}
 
@@ -503,13 +546,13 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
             writers[s] = stack.enter_context(RollingParquetWriter(
                 work / s, "part", c.target_bytes, RECORD_SCHEMA, c.compression, c.row_groups_per_shard,
                 c.row_group_max_bytes, c.row_group_rows, write_statistics=STATISTICS_COLUMNS,
-                tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close))
+                tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close,
+                use_dictionary=DICTIONARY_COLUMNS))
         if writers:
-            first = min(streams[s].locate(write_from[s])[0] for s in writers)
-            for i in range(first, len(parts)):
-                if not any(streams[s].starts[i + 1] > write_from[s] and streams[s].counts[i] for s in writers):
-                    continue
-                _feed_part(parts[i][0], index[i], streams, writers, write_from, i, names)
+            # Reading runs one batch ahead in a thread: pyarrow decompresses the next rows (GIL released)
+            # while this thread compresses and writes the current ones.
+            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names)):
+                writers[s].write(rows)
         for w in writers.values():
             w.close()
 
@@ -570,23 +613,83 @@ def _sha_of(path: Path) -> str:
     return sha256_file(path)
 
 
-def _feed_part(path: Path, index: dict, streams: dict, writers: dict, write_from: dict, i: int, names: list) -> None:
-    """Send part i's rows of every split still being written to that split's writer."""
-    codes = pq.read_table(Path(index["dir"]) / "splits.parquet").column("split").to_numpy()
-    pf = _open_part(path)
-    pos = {s: int(streams[s].starts[i]) for s in writers}
-    offset = 0
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
-        bc = codes[offset:offset + batch.num_rows]
-        offset += batch.num_rows
-        for s, w in writers.items():
-            rows = np.flatnonzero(bc == names.index(s))
-            skip = max(0, write_from[s] - pos[s])
-            pos[s] += len(rows)
-            if skip < len(rows):
-                w.write(batch.take(pa.array(rows[skip:], type=pa.int64())))
-    if offset != len(codes):
-        raise StageError(f"{path}: {offset} rows but its cached split index has {len(codes)}; rerun `c2m run`")
+def _rows_to_write(parts: list, index: list[dict], streams: dict, splits: list[str], write_from: dict,
+                   names: list) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(split, rows) in stream order: every part's rows of the splits still being written, from where
+    each split's writing starts (parts holding none of them are not opened)."""
+    first = min(streams[s].locate(write_from[s])[0] for s in splits)
+    for i in range(first, len(parts)):
+        if not any(streams[s].starts[i + 1] > write_from[s] and streams[s].counts[i] for s in splits):
+            continue
+        path, index_i = parts[i][0], index[i]
+        codes = pq.read_table(Path(index_i["dir"]) / "splits.parquet").column("split").to_numpy()
+        pf = _open_part(path)
+        pos = {s: int(streams[s].starts[i]) for s in splits}
+        offset = 0
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
+            bc = codes[offset:offset + batch.num_rows]
+            offset += batch.num_rows
+            for s in splits:
+                rows = np.flatnonzero(bc == names.index(s))
+                skip = max(0, write_from[s] - pos[s])
+                pos[s] += len(rows)
+                if skip < len(rows):
+                    yield s, (batch if skip == 0 and len(rows) == batch.num_rows
+                              else batch.take(pa.array(rows[skip:], type=pa.int64())))
+        if offset != len(codes):
+            raise StageError(f"{path}: {offset} rows but its cached split index has {len(codes)}; rerun `c2m run`")
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced by a background thread at most ``depth`` ahead of the consumer.
+
+    For a producer that spends its time in code that releases the GIL (pyarrow reading and
+    decompressing Parquet), this overlaps it with the consumer's own such work (compressing and
+    writing): a second core at the cost of ``depth`` more items in memory. An exception in the
+    producer is raised in the consumer; a consumer that stops early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+            put(_Failed(e))
+
+    thread = threading.Thread(target=produce, name="c2m-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()  # a generator's own finally blocks (open files) run now, not at garbage collection
 
 
 def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: StageContext) -> dict:

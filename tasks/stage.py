@@ -24,15 +24,19 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
+import sys
 import tempfile
 import time
 import types
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from corpus2model.schemas.records import SCHEMA_VERSION
+from corpus2model.tasks.common.fingerprint import code_changed, on_code_change, stage_fingerprint
 
 CODE_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
@@ -101,6 +105,9 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
     code_version: str = CODE_VERSION
+    # Normalised-AST digest of the stage's code and the project modules it uses (tasks/common/
+    # fingerprint.py). Never part of the key: it tells `c2m status` that the code changed since.
+    code_fingerprint: str = ""
     seconds: float = 0.0
     created: str = ""
     path: str = ""  # absolute folder of this output (not part of the JSON identity)
@@ -169,23 +176,33 @@ def _finalize_files(folder: Path, files: list[FileEntry], hashed: dict[str, str]
 def verify(folder: Path, manifest_name: str = MANIFEST) -> tuple[bool, str]:
     """A cache hit must have its manifest and every listed file, each with the recorded size; a file
     whose mtime moved since it was written is re-hashed, so a same-size edit is caught too."""
-    mpath = folder / manifest_name
-    if not mpath.is_file():
-        return False, "no output yet"
+    data, why = read_verified(folder, manifest_name)
+    return data is not None, why
+
+
+def read_verified(folder: Path, manifest_name: str = MANIFEST) -> tuple[dict | None, str]:
+    """(the manifest's JSON, "verified") when ``verify`` passes, else (None, why). What a cache hit costs:
+    one read of the manifest and one stat per listed file; a data file is opened only when its mtime
+    moved since it was written (then it is re-hashed), never on an untouched hit."""
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        data = json.loads((folder / manifest_name).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None, "no output yet"
     except (OSError, json.JSONDecodeError) as e:
-        return False, f"manifest unreadable ({e})"
+        return None, f"manifest unreadable ({e})"
     for f in data.get("files", []):
         p = folder / f["path"]
-        if not p.is_file():
-            return False, f"output file missing: {f['path']}"
-        st = p.stat()
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None, f"output file missing: {f['path']}"
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"output file missing: {f['path']}"
         if st.st_size != f["bytes"]:
-            return False, f"output file changed size: {f['path']} ({st.st_size} bytes, manifest says {f['bytes']})"
+            return None, f"output file changed size: {f['path']} ({st.st_size} bytes, manifest says {f['bytes']})"
         if f.get("mtime_ns") and st.st_mtime_ns != f["mtime_ns"] and f.get("sha256") and sha256_file(p) != f["sha256"]:
-            return False, f"output file edited: {f['path']} (sha256 differs from the manifest)"
-    return True, "verified"
+            return None, f"output file edited: {f['path']} (sha256 differs from the manifest)"
+    return data, "verified"
 
 
 class Store:
@@ -203,20 +220,65 @@ class Store:
 
     def lookup(self, stage: str, key: str) -> tuple[Manifest | None, str]:
         folder = self.stage_dir(stage, key)
-        ok, why = verify(folder)
-        return (Manifest.load(folder) if ok else None), why
+        data, why = read_verified(folder)
+        return (Manifest.from_dict(data, folder) if data is not None else None), why
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Per-key lock: two runs on one store compute a key once; the second then reuses it."""
-        lockdir = self.root / "_locks"
-        lockdir.mkdir(parents=True, exist_ok=True)
-        with open(lockdir / f"{name}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    def lock(self, name: str, say=None, poll_s: float = 0.5, report_every_s: float = 60.0) -> Iterator[None]:
+        """Per-key lock: two runs on one store compute a key once; the second then reuses it.
+
+        The file holds its holder (pid, host, since), so a waiter says whom it waits for, and again every
+        ``report_every_s``; ``say`` (default: stderr) gets those lines. Forked children (process pool
+        workers) close their copy of the descriptor (``_close_inherited_locks``), so the lock dies with its
+        holder. If it outlives the holder anyway (an orphan from older code, a pool that was not forked by
+        us), a waiter on the same host whose holder pid is gone takes it over: it says so and replaces the
+        lock file, leaving the orphan holding a file nobody opens."""
+        say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        path = self.root / "_locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        waited_since, reported = None, 0.0
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # no O_TRUNC: the holder's note stays
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                now = time.time()
+                waited_since = waited_since or now
+                if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                        and not _alive(holder["pid"]):
+                    say(f"lock {path} is held for pid {holder['pid']}, which is gone (an orphaned child still has "
+                        f"it open); taking it over")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    continue
+                if now - reported >= report_every_s:
+                    reported = now
+                    who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+                           if holder else "a process that left no note")
+                    say(f"waiting for lock {path}: held by {who}; waited {now - waited_since:.0f} s so far")
+                time.sleep(poll_s)
+                continue
+            if not _same_file(fd, path):  # taken over (unlinked) between our open and our flock
+                os.close(fd)
+                continue
+            break
+        _HELD_LOCK_FDS.add(fd)
+        try:
+            note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
+            if waited_since is not None:
+                say(f"lock {path} acquired after {time.time() - waited_since:.0f} s")
+            yield
+        finally:
+            _HELD_LOCK_FDS.discard(fd)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def sweep_tmp(self) -> int:
         """Remove temp folders whose writer process is gone (killed with -9, machine reset).
@@ -253,10 +315,9 @@ class Store:
     # -- per-unit cache -------------------------------------------------------------------
     def unit_lookup(self, stage: str, key: str) -> dict | None:
         folder = self.unit_dir(stage, key)
-        ok, _ = verify(folder, UNIT_MANIFEST)
-        if not ok:
+        data, _ = read_verified(folder, UNIT_MANIFEST)
+        if data is None:
             return None
-        data = json.loads((folder / UNIT_MANIFEST).read_text(encoding="utf-8"))
         data["dir"] = str(folder)
         return data
 
@@ -291,6 +352,39 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = 1) -> None:
         raise
 
 
+# Lock descriptors this process holds. A forked child would keep each one's flock alive after this
+# process dies (the lock belongs to the shared open file, not the process): a SIGTERM'd `c2m ingest`
+# left its pool workers holding the stage lock and the rerun waited silently. Children close them.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closes the child's copy only; the parent still holds the lock
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -320,10 +414,54 @@ class StageContext:
     log: Any = None
     # Where out_dir will live once the runner renames it: artifacts link files people open later.
     final_dir: Path | None = None
+    # Where unit work runs (tasks/common/executor.py): None = the Dask cluster this stage runs on, else a
+    # local process pool of the stage's ``workers``. Tests and benches pass DaskUnits(client) or LocalUnits(n).
+    executor: Any = None
 
     def info(self, msg: str, *args) -> None:
         if self.log is not None:
             self.log.info(msg, *args)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DAG node, declared once in the stage table (flows/stages.py): its name (also the store
+    folder), VERSION (bump when the output for the same input changes), the config sections it reads
+    and hashes, the upstream stages it reads (in order), its run function and, optionally,
+    ``key_extra(cfg)``: content the config only points at (a suite file's bytes).
+
+    ``key_inputs`` names the inputs that enter the key when not all do: an input whose key another
+    input's key already chains (finetune reads shard, and tokenize's key is made from shard's) adds
+    nothing to it, and leaving it out keeps existing keys where they were.
+
+    ``STAGE``/``VERSION``/``SECTIONS`` are the contract's names, so run_stage, stage_key and the code
+    fingerprint take a Stage or a stage module (tests build small ones) alike."""
+
+    name: str
+    version: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...]
+    run: Callable
+    key_extra: Callable | None = None
+    key_inputs: tuple[str, ...] | None = None
+    module: str = ""  # the module that implements it (what the code fingerprint hashes)
+    validation: bool = False  # a validation node: the flow runs its distribution checks after it
+
+    @property
+    def STAGE(self) -> str:  # noqa: N802  (the stage-module contract's name)
+        return self.name
+
+    @property
+    def VERSION(self) -> str:  # noqa: N802
+        return self.version
+
+    @property
+    def SECTIONS(self) -> tuple[str, ...]:  # noqa: N802
+        return self.sections
+
+    @property
+    def __name__(self) -> str:  # tasks/common/fingerprint.py: module_name()
+        return self.module
 
 
 def stage_config(module: types.ModuleType, cfg) -> types.SimpleNamespace:
@@ -335,7 +473,7 @@ def stage_sections(module: types.ModuleType, cfg) -> dict:
     """What a stage's key is computed from besides its upstream keys: its hashed config sections,
     plus ``key_extra`` (e.g. the expectation suite's file content: editing the suite reruns validation)."""
     sections = {s: cfg.section(s) for s in module.SECTIONS}
-    if hasattr(module, "key_extra"):
+    if getattr(module, "key_extra", None) is not None:
         sections["_extra"] = module.key_extra(stage_config(module, cfg))
     return sections
 
@@ -346,6 +484,9 @@ def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str
     sections = stage_sections(module, cfg) if sections is None else sections
     config_hash = hashlib.sha256(canonical_json(sections).encode()).hexdigest()[:16]
     keys = [u if isinstance(u, str) else f"{u.stage}:{u.key}" for u in upstream]
+    keyed = getattr(module, "key_inputs", None)
+    if keyed is not None:  # Stage.key_inputs: an input whose key another input's key already chains
+        keys = [k for k in keys if k.split(":", 1)[0] in keyed]
     return cache_key(module.STAGE, module.VERSION, sections, keys), config_hash
 
 
@@ -354,7 +495,6 @@ def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageC
     key, config_hash = stage_key(module, cfg, inputs)
     store = ctx.store
     try:
-        store.sweep_tmp()  # leftovers of killed runs: never reused, only removed
         return _run_locked(module, inputs, cfg, ctx, key, config_hash)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
@@ -366,13 +506,29 @@ def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageC
         raise
 
 
+def _reusable(module: types.ModuleType, cfg, store: Store, key: str) -> Manifest | None:
+    """The verified stored output for ``key``, marked a hit; None when there is none or when
+    runtime.on_code_change=rerun and the code changed since (atomic_dir then replaces it in one rename)."""
+    hit, _ = store.lookup(module.STAGE, key)
+    if hit is None or (on_code_change(cfg) == "rerun" and code_changed(hit.code_fingerprint, module)):
+        return None
+    hit.stats = {**hit.stats, "cache": "hit"}
+    return hit
+
+
 def _run_locked(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageContext, key: str, config_hash: str) -> Manifest:
     store = ctx.store
-    with store.lock(f"{module.STAGE}-{key}"):
-        hit, _ = store.lookup(module.STAGE, key)
+    # A verified output is final (it was renamed in whole), so a hit needs no lock: it costs the
+    # manifest read and a stat per file. Only a miss waits for the key's lock, then looks again.
+    hit = _reusable(module, cfg, store, key)
+    if hit is not None:
+        return hit
+    with store.lock(f"{module.STAGE}-{key}", say=ctx.log.warning if ctx.log is not None else None):
+        hit = _reusable(module, cfg, store, key)
         if hit is not None:
-            hit.stats = {**hit.stats, "cache": "hit"}
             return hit
+        store.sweep_tmp()  # leftovers of killed runs: never reused, only removed (by the next run that writes)
+        fingerprint = stage_fingerprint(module)  # only for what is computed: parsing the code is not free
         final = store.stage_dir(module.STAGE, key)
         t0 = time.perf_counter()
         with store.atomic_dir(final) as tmp:
@@ -383,6 +539,7 @@ def _run_locked(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: Stag
             result.stage_version = module.VERSION
             result.key = key
             result.config_hash = config_hash
+            result.code_fingerprint = fingerprint
             result.upstream = {u.stage: u.key for u in inputs}
             result.seconds = round(time.perf_counter() - t0, 3)
             result.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -404,24 +561,52 @@ class Unit:
     stem: str  # file name stem of its outputs inside the stage folder
     label: str  # what a person calls it (the raw file path)
     args: tuple  # what the worker gets; the worker returns Store.unit_write's info
+    bytes: int = 0  # input size, for MB/s and the ETA (0: progress counts units only)
+
+
+def compute_units(stage: str, todo: list[Unit], worker, ctx: StageContext, workers: int = 1) -> dict[str, dict]:
+    """Run ``worker(unit.args)`` for every unit of ``todo`` (units not in the store yet) on the stage's
+    executor (tasks/common/executor.py: the Dask cluster the stage runs on, else a process pool of
+    ``workers``), reporting progress (tasks/common/progress.py). Returns the infos by unit key.
+
+    ``worker`` must be a module-level function (it is pickled by name) whose ``args`` hold only paths and
+    plain settings: it may run in another process or on another machine that sees the store."""
+    from corpus2model.tasks.common.executor import unit_executor
+    from corpus2model.tasks.common.progress import Progress
+
+    todo = list({u.key: u for u in todo}.values())  # equal units: once
+    done: dict[str, dict] = {}
+    if not todo:
+        return done
+    executor = unit_executor(workers, ctx.executor)
+    with Progress(stage, total=len(todo), total_bytes=sum(u.bytes for u in todo)) as progress, \
+            contextlib.closing(executor.map(worker, [u.args for u in todo], name=stage)) as results:
+        for i, info in results:  # closing: an error here cancels the units still queued on the executor
+            done[todo[i].key] = info
+            progress.advance(1, todo[i].bytes)
+    if len(todo) > 1:
+        ctx.info("%s", progress.line() + f" on {executor!r}")
+    return done
+
+
+def map_units(stage: str, units: list[Unit], worker, ctx: StageContext, workers: int = 1) -> list[dict]:
+    """The info of every unit, in order: the cached ones reused, the missing ones computed
+    (``compute_units``). For stages that assemble unit results themselves (shard, tokenize, dedup)."""
+    hits = {u.key: ctx.store.unit_lookup(stage, u.key) for u in units}
+    done = compute_units(stage, [u for u in units if hits[u.key] is None], worker, ctx, workers)
+    return [hits[u.key] or done[u.key] for u in units]
 
 
 def gather_units(stage: str, units: list[Unit], worker, ctx: StageContext, out_dir: Path,
                  workers: int = 1, sum_fields: tuple[str, ...] = ()) -> tuple[list[FileEntry], dict, dict]:
-    """Reuse every cached unit, compute the missing ones (in a process pool when ``workers`` > 1),
-    and link all unit files into ``out_dir`` as ``parts/<stem>.parquet`` / ``quarantine/<stem>.parquet``.
+    """Reuse every cached unit, compute the missing ones (``compute_units``: on the Dask cluster the stage
+    runs on, else in a process pool when ``workers`` > 1), and link all unit files into ``out_dir`` as
+    ``parts/<stem>.parquet`` / ``quarantine/<stem>.parquet``.
 
     Returns (files, counters summed over units, stats with units/units_computed/computed_files and
     the sums of ``sum_fields``)."""
-    from concurrent.futures import ProcessPoolExecutor
-
     hits = {u.key: ctx.store.unit_lookup(stage, u.key) for u in units}
-    todo = list({u.key: u.args for u in units if hits[u.key] is None}.values())  # equal units: once
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            done = {info["key"]: info for info in pool.map(worker, todo, chunksize=max(1, len(todo) // (4 * workers)))}
-    else:
-        done = {info["key"]: info for info in map(worker, todo)}
+    done = compute_units(stage, [u for u in units if hits[u.key] is None], worker, ctx, workers)
 
     files: list[FileEntry] = []
     counters: dict = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}

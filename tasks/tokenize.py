@@ -1,15 +1,21 @@
 """tokenize: shards -> a byte-level BPE tokenizer trained on train + packed token blocks per split.
 
-Reads the shard stage's Parquet files through Hugging Face ``datasets`` (as training does,
-DESIGN.md "Model side"), trains a byte-level BPE tokenizer with ``tokenizers`` on the train split
+Reads the shard stage's Parquet files with pyarrow (``iter_records`` says why not through
+``datasets``), trains a byte-level BPE tokenizer with ``tokenizers`` on the train split
 only (held-out text must not shape the vocabulary), and turns every record into
 ``prompt tokens + target tokens + <|eos|>`` with the loss on the target and the eos.
 
-Packing (``pack``): consecutive documents are laid greedily into blocks of exactly ``seq_len``
-tokens. A document that fits in a block is never split; when it does not fit in what is left of
-the current block, that block is padded and the document starts the next one. A document longer
-than ``seq_len`` starts a fresh block and is cut into ``seq_len`` chunks; its last, shorter chunk
-packs like any short document. ``position_ids`` restart at 0 at every document (and chunk) start.
+Packing (``pack``): documents are laid into blocks of exactly ``seq_len`` tokens, a window of
+``PACK_WINDOW_TOKENS`` at a time (memory stays bounded), by best-fit decreasing: longest first,
+each into the fullest block that still holds it whole. An SFT example (a masked prompt) is never
+split: its target would lose the prompt it answers. A plain document (no prompt) may be: it goes
+whole into a gap if one holds it, else it is cut to fill the largest gaps and its remainder runs
+into new blocks. A document longer than ``seq_len`` is first cut into ``seq_len`` chunks (a full
+chunk is a block of its own; the tail packs like a short document). ``position_ids`` restart at 0 at
+every segment (document, chunk or cut piece). Greedy first-fit in input order, the baseline this
+replaces, left 25% of every demo block as padding at seq_len 256; this leaves well under 1% on
+lognormal SFT lengths (tests/test_tokenize.py measures it). Blocks no longer follow input order:
+training shuffles blocks anyway, and each segment's tokens stay in order.
 
 The trade-off: documents share a block, so with plain causal attention a token can attend to
 the earlier documents of its block; restarted ``position_ids`` keep each document's positions
@@ -17,10 +23,10 @@ right, and attention backends that read them (flash-attention varlen) keep docum
 Masking cross-document attention everywhere is the fine-tuning issue's job. What packing does
 guarantee here: no loss term crosses a document boundary. A causal LM predicts ``labels[t+1]``
 from token ``t``, so the first label of every document (and chunk) is set to -100: otherwise the
-previous document's last token would be trained to predict it. Nothing is lost by that: the first
+previous segment's last token would be trained to predict it. Nothing is lost by that: the first
 token of a sequence is never predicted unpacked either.
 
-Per shard, cached: every shard is read (through ``datasets`` streaming) only after its sha256
+Per shard, cached: every shard is read (a record batch at a time) only after its sha256
 matches the shard manifest, tokenized and packed on its own (documents never cross a shard, so
 each shard costs at most one padded block), and its Arrow blocks are cached as a unit keyed by the
 shard's sha256 + the tokenizer's sha256 + this section. An append that reuses shards re-tokenizes
@@ -31,24 +37,28 @@ The tokenizer is trained on the first train shards only, up to ``tokenizer_sampl
 files (a demo-sized corpus whole). Those shards are full, reused shards after an append, so the
 tokenizer (itself a cached unit keyed by their sha256s) and with it every token id stays the same.
 
-Baseline parts (replaced by later issues): one tokenizer per run (no reuse of a pretrained
-model's tokenizer when ``model.pretrained`` is set), greedy first-fit packing in input order.
+Baseline part (replaced by a later issue): one tokenizer per run (no reuse of a pretrained
+model's tokenizer when ``model.pretrained`` is set).
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import shutil
-import tempfile
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, canonical_json, sha256_file
+from corpus2model.tasks.stage import (FileEntry, Manifest, StageContext, StageError, Store, Unit, canonical_json,
+                                      compute_units, sha256_file)
 
 STAGE = "tokenize"
-VERSION = "2"
+VERSION = "3"  # 3: best-fit decreasing packing
 SECTIONS = ("tokenize",)
 
 PAD, EOS, UNK = "<|pad|>", "<|eos|>", "<|unk|>"
@@ -81,60 +91,205 @@ def encode_example(prompt_ids: list[int], target_ids: list[int], eos_id: int) ->
     return {"input_ids": ids, "labels": labels}
 
 
-def iter_pack(examples: Iterable[dict], seq_len: int, pad_id: int) -> Iterator[dict]:
+PACK_WINDOW_TOKENS = 1 << 19  # documents packed together: bounds memory (a few bytes a token as arrays)
+
+
+def _plan_window(lengths: list[int], splittable: list[bool], seq_len: int) -> list[list[tuple[int, int, int]]]:
+    """Best-fit decreasing on piece lengths alone: per block, its segments as (piece, offset, length).
+
+    First the pieces that must stay whole, then the cuttable ones: whole where they fit, else cut to
+    fill the largest gaps, the rest laid end to end into new blocks. Only lengths decide, so the plan
+    is made on ints and the tokens are moved once, by ``_materialise``."""
+    bins: list[list[tuple[int, int, int]]] = []  # segments per block
+    fill: list[int] = []  # tokens per block
+    free: list[tuple[int, int]] = []  # sorted (room left, block index) of blocks with room
+
+    def place(k: int, piece: int, offset: int, n: int) -> None:
+        bins[k].append((piece, offset, n))
+        fill[k] += n
+        if fill[k] < seq_len:
+            bisect.insort(free, (seq_len - fill[k], k))
+
+    def best_fit(n: int) -> int | None:
+        i = bisect.bisect_left(free, (n, -1))
+        if i == len(free):
+            return None
+        return free.pop(i)[1]
+
+    def new_bin() -> int:
+        bins.append([])
+        fill.append(0)
+        return len(bins) - 1
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # stable: deterministic
+    rest = []
+    for i in order:
+        if splittable[i]:
+            rest.append(i)
+            continue
+        k = best_fit(lengths[i])
+        place(new_bin() if k is None else k, i, 0, lengths[i])
+    leftover = []
+    for i in rest:  # cuttable pieces, longest first: whole into the tightest gap that holds them
+        k = best_fit(lengths[i])
+        if k is None:
+            leftover.append(i)
+        else:
+            place(k, i, 0, lengths[i])
+    # What fits nowhere whole: cut, in input order, into the gaps (largest first), then new blocks.
+    leftover.sort()
+    for i in leftover:
+        offset, left = 0, lengths[i]
+        while left:
+            if free:
+                room, k = free.pop()  # the largest gap
+            else:
+                room, k = seq_len, new_bin()
+            take = min(room, left)
+            place(k, i, offset, take)
+            offset, left = offset + take, left - take
+    return bins
+
+
+def _materialise(bins: list[list[tuple[int, int, int]]], starts: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                 seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The planned blocks as ``(blocks, seq_len)`` arrays, every token moved by one gather.
+
+    Each segment's first label is -100 (never predicted from the previous segment); padding is
+    ``pad_id`` with label -100, attention 0 and positions 0, 1, ... of its own."""
+    seg_block = np.fromiter((b for b, segs in enumerate(bins) for _ in segs), dtype=np.int64)
+    seg_src = np.fromiter((starts[p] + off for segs in bins for p, off, _ in segs), dtype=np.int64,
+                          count=len(seg_block))
+    seg_len = np.fromiter((n for segs in bins for _, _, n in segs), dtype=np.int64, count=len(seg_block))
+    n_blocks = len(bins)
+    before = np.cumsum(seg_len) - seg_len  # tokens before each segment, over all blocks
+    first = np.searchsorted(seg_block, np.arange(n_blocks))  # each block's first segment
+    dest_start = seg_block * seq_len + before - before[first][seg_block]
+    n_real = np.bincount(seg_block, weights=seg_len, minlength=n_blocks).astype(np.int64)
+    seg_of = np.repeat(np.arange(len(seg_len)), seg_len)
+    within = np.arange(int(seg_len.sum())) - before[seg_of]  # position of each token in its segment
+    dest, src = dest_start[seg_of] + within, seg_src[seg_of] + within
+
+    cols = np.arange(seq_len)
+    out_ids = np.full((n_blocks, seq_len), pad_id, dtype=ids.dtype)
+    out_labels = np.full((n_blocks, seq_len), IGNORE_INDEX, dtype=ids.dtype)
+    positions = (cols[None, :] - n_real[:, None]).astype(ids.dtype)  # padding counts 0, 1, ... after the tokens
+    out_ids.reshape(-1)[dest] = ids[src]
+    out_labels.reshape(-1)[dest] = labels[src]
+    out_labels.reshape(-1)[dest_start] = IGNORE_INDEX
+    positions.reshape(-1)[dest] = within
+    mask = (cols[None, :] < n_real[:, None]).astype(ids.dtype)
+    return {"input_ids": out_ids, "labels": out_labels, "position_ids": positions, "attention_mask": mask}
+
+
+class Packer:
+    """Streaming packer over flat token arrays: documents in, ``(blocks, seq_len)`` arrays out.
+
+    ``add(ids, labels, lengths)`` takes documents laid end to end (``lengths`` tokens each); every
+    ``PACK_WINDOW_TOKENS`` of pieces it yields one window's blocks, ``finish()`` the last window's.
+    A document longer than ``seq_len`` is cut into ``seq_len`` chunks first; a document whose labels
+    hold no -100 (no prompt) may be cut at block edges, any other never. The rule is the module
+    docstring's; ``iter_pack`` runs this packer and yields its blocks as Python lists."""
+
+    def __init__(self, seq_len: int, pad_id: int, window_tokens: int = PACK_WINDOW_TOKENS):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.seq_len, self.pad_id, self.window_tokens = seq_len, pad_id, window_tokens
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []  # piece lengths
+        self._split: list[np.ndarray] = []  # piece may be cut
+        self._tokens = 0
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(ids) or len(ids) != len(labels):
+            raise ValueError(f"{len(ids)} input_ids and {len(labels)} labels for documents of {int(lengths.sum())} tokens")
+        lengths = lengths[lengths > 0]  # an empty document has no piece
+        if not len(lengths):
+            return
+        starts = np.cumsum(lengths) - lengths
+        masked = np.add.reduceat((labels == IGNORE_INDEX).astype(np.int64), starts)
+        split = masked == 0
+        chunks = -(-lengths // self.seq_len)
+        doc = np.repeat(np.arange(len(lengths)), chunks)
+        k = np.arange(len(doc)) - np.repeat(np.cumsum(chunks) - chunks, chunks)  # chunk index in its document
+        piece_len = np.minimum(self.seq_len, lengths[doc] - k * self.seq_len)
+        piece_split = split[doc]
+        # Windows close after the piece that brings them to window_tokens, as iter_pack always did.
+        flat_at = 0
+        while len(piece_len):
+            cum = self._tokens + np.cumsum(piece_len)
+            j = int(np.searchsorted(cum, self.window_tokens, side="left"))
+            if j == len(piece_len):
+                self._keep(ids[flat_at:], labels[flat_at:], piece_len, piece_split)
+                self._tokens = int(cum[-1])
+                return
+            n_flat = int(piece_len[:j + 1].sum())
+            self._keep(ids[flat_at:flat_at + n_flat], labels[flat_at:flat_at + n_flat], piece_len[:j + 1],
+                       piece_split[:j + 1])
+            flat_at += n_flat
+            piece_len, piece_split = piece_len[j + 1:], piece_split[j + 1:]
+            yield self._pack()
+
+    def finish(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._lengths:
+            yield self._pack()
+
+    def _keep(self, ids, labels, piece_len, piece_split) -> None:
+        self._ids.append(ids)
+        self._labels.append(labels)
+        self._lengths.append(piece_len)
+        self._split.append(piece_split)
+
+    def _pack(self) -> dict[str, np.ndarray]:
+        ids, labels = np.concatenate(self._ids), np.concatenate(self._labels)
+        lengths, split = np.concatenate(self._lengths), np.concatenate(self._split)
+        self._ids, self._labels, self._lengths, self._split, self._tokens = [], [], [], [], 0
+        bins = _plan_window(lengths.tolist(), split.tolist(), self.seq_len)
+        return _materialise(bins, np.cumsum(lengths) - lengths, ids, labels, self.seq_len, self.pad_id)
+
+
+def iter_pack(examples: Iterable[dict], seq_len: int, pad_id: int,
+              window_tokens: int = PACK_WINDOW_TOKENS) -> Iterator[dict]:
     """Stream blocks of exactly ``seq_len`` tokens from ``{"input_ids", "labels"}`` documents.
 
     Each block has input_ids, labels, position_ids and attention_mask (1 = real token,
     0 = padding). Padding is ``pad_id`` with label -100 and positions 0, 1, ... of its own.
-    See the module docstring for the packing rule and why each document's first label is -100.
+    See the module docstring for the packing rule and why each segment's first label is -100.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    packer = Packer(seq_len, pad_id, window_tokens)
+
+    def rows(blocks: dict[str, np.ndarray]) -> Iterator[dict]:
+        lists = {c: blocks[c].tolist() for c in PACKED_COLUMNS}
+        for i in range(len(lists["input_ids"])):
+            yield {c: lists[c][i] for c in PACKED_COLUMNS}
+
     ids: list[int] = []
     labels: list[int] = []
-    pos: list[int] = []
-
-    def block() -> dict:
-        n_pad = seq_len - len(ids)
-        out = {
-            "input_ids": ids + [pad_id] * n_pad,
-            "labels": labels + [IGNORE_INDEX] * n_pad,
-            "position_ids": pos + list(range(n_pad)),
-            "attention_mask": [1] * len(ids) + [0] * n_pad,
-        }
-        ids.clear()
-        labels.clear()
-        pos.clear()
-        return out
-
+    lengths: list[int] = []
     for n, ex in enumerate(examples):
-        doc_ids, doc_labels = list(ex["input_ids"]), list(ex["labels"])
+        doc_ids, doc_labels = ex["input_ids"], ex["labels"]
         if len(doc_ids) != len(doc_labels):
             raise ValueError(f"document {n}: {len(doc_ids)} input_ids but {len(doc_labels)} labels")
-        if not doc_ids:
-            continue
-        if len(doc_ids) > seq_len:
-            if ids:
-                yield block()
-            chunks = [(doc_ids[i:i + seq_len], doc_labels[i:i + seq_len]) for i in range(0, len(doc_ids), seq_len)]
-        else:
-            chunks = [(doc_ids, doc_labels)]
-        for c_ids, c_labels in chunks:
-            if len(ids) + len(c_ids) > seq_len:
-                yield block()
-            ids.extend(c_ids)
-            labels.append(IGNORE_INDEX)
-            labels.extend(c_labels[1:])
-            pos.extend(range(len(c_ids)))
-            if len(ids) == seq_len:
-                yield block()
-    if ids:
-        yield block()
+        ids.extend(doc_ids)
+        labels.extend(doc_labels)
+        lengths.append(len(doc_ids))
+        if len(ids) >= 65_536:  # hand the documents over in batches: the packer works on arrays
+            for blocks in packer.add(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), lengths):
+                yield from rows(blocks)
+            ids, labels, lengths = [], [], []
+    if lengths:
+        for blocks in packer.add(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), lengths):
+            yield from rows(blocks)
+    for blocks in packer.finish():
+        yield from rows(blocks)
 
 
 def pack(examples: Iterable[dict], seq_len: int, pad_id: int) -> list[dict]:
     """All blocks of ``iter_pack`` as a list (for tests and small data)."""
     return list(iter_pack(examples, seq_len, pad_id))
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +343,43 @@ def encode_records(records: dict[str, list], tokenizer, template: str) -> list[d
     return [encode_example(p, t, tokenizer.eos_token_id) for p, t in zip(p_ids, t_ids)]
 
 
+def _encoder(tokenizer):
+    """``texts -> token id lists`` as ``tokenizer(texts, add_special_tokens=False)["input_ids"]`` gives
+    them, straight from the Rust tokenizer: the wrapper builds a BatchEncoding with offsets and
+    attention masks per call that the packer never reads. Literal special-token strings stay text
+    (the wrapper's ``split_special_tokens``, set on the backend the way the wrapper sets it per call)."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation or backend.padding:  # not a tokenizer this stage saved: let the wrapper decide
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def encode_batch(inputs: list, targets: list, tokenizer, template: str,
+                 encode=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``encode_records`` for a column batch as flat arrays, the documents laid end to end:
+    (input_ids, labels, tokens per document), int32. The same tokens and labels (tests pin it),
+    without a Python list per document: prompts are encoded only where there is an input, and the
+    prompt mask is set with one numpy comparison."""
+    encode = encode or _encoder(tokenizer)
+    n = len(targets)
+    with_input = [i for i, x in enumerate(inputs) if x]
+    p_ids: list[list[int]] = [[]] * n
+    for i, ids in zip(with_input, encode([template.format(input=inputs[i]) for i in with_input])):
+        p_ids[i] = ids
+    t_ids = encode([t or "" for t in targets])
+    n_prompt = np.fromiter(map(len, p_ids), dtype=np.int64, count=n)
+    lengths = n_prompt + np.fromiter(map(len, t_ids), dtype=np.int64, count=n) + 1  # + eos
+    total = int(lengths.sum())
+    eos = [tokenizer.eos_token_id]
+    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(p_ids, t_ids, repeat(eos)))), dtype=np.int32,
+                      count=total)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels = ids.copy()
+    labels[np.arange(total) - starts < np.repeat(n_prompt, lengths)] = IGNORE_INDEX  # the prompt is not trained on
+    return ids, labels, lengths
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
@@ -221,16 +413,14 @@ def verified_shard(upstream: Manifest, path: Path) -> Path:
     return path
 
 
-def iter_records(path: Path, batch_size: int = ENCODE_BATCH, cache_dir: Path | None = None) -> Iterator[dict[str, list]]:
-    """Column batches of one shard through Hugging Face ``datasets`` (streaming: no Arrow copy;
-    ``cache_dir`` takes the lock files datasets still writes, so nothing lands in ~/.cache)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.load_dataset("parquet", data_files={"shard": [str(path)]}, split="shard", streaming=True,
-                               cache_dir=str(cache_dir) if cache_dir else None)
+def iter_records(path: Path, batch_size: int = ENCODE_BATCH) -> Iterator[dict[str, list]]:
+    """Column batches (``{"input": [...], "target": [...]}``) of one shard, read by pyarrow's Parquet
+    reader, the one ``datasets`` streams Parquet with. Going through ``datasets`` here cost its import
+    (it loads torch: seconds and ~150 MB per worker process) and a lock-file cache folder, for the
+    same two columns."""
     try:
-        yield from ds.select_columns(["input", "target"]).iter(batch_size=batch_size)
+        for b in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["input", "target"]):
+            yield {"input": b.column(0).to_pylist(), "target": b.column(1).to_pylist()}
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"shard {path} could not be read ({e}); rerun `c2m run`") from None
 
@@ -250,10 +440,10 @@ def tokenizer_sample(upstream: Manifest, sample_bytes: int) -> list[Path]:
     return out
 
 
-def _train_texts(paths: list[Path], template: str, max_bytes: int, cache_dir: Path) -> Iterator[list[str]]:
+def _train_texts(paths: list[Path], template: str, max_bytes: int) -> Iterator[list[str]]:
     seen = 0
     for path in paths:
-        for batch in iter_records(path, cache_dir=cache_dir):
+        for batch in iter_records(path):
             texts = ["".join(render({"input": i, "target": t}, template)) for i, t in zip(batch["input"], batch["target"])]
             yield texts
             seen += sum(len(t.encode("utf-8")) for t in texts)
@@ -261,7 +451,7 @@ def _train_texts(paths: list[Path], template: str, max_bytes: int, cache_dir: Pa
                 return
 
 
-def _tokenizer_unit(upstream: Manifest, c, ctx: StageContext, cache_dir: Path) -> Path:
+def _tokenizer_unit(upstream: Manifest, c, ctx: StageContext) -> Path:
     """The tokenizer folder, trained once per (sample shards, settings) and cached as a unit."""
     sample = tokenizer_sample(upstream, c.tokenizer_sample_bytes)
     shas = [_sha_listed(upstream, p) for p in sample]
@@ -272,7 +462,7 @@ def _tokenizer_unit(upstream: Manifest, c, ctx: StageContext, cache_dir: Path) -
         def write(tmp: Path) -> dict:
             for p in sample:
                 verified_shard(upstream, p)
-            tok = train_tokenizer(_train_texts(sample, c.prompt_template, c.tokenizer_sample_bytes, cache_dir),
+            tok = train_tokenizer(_train_texts(sample, c.prompt_template, c.tokenizer_sample_bytes),
                                   c.vocab_size, c.min_frequency)
             tok.save_pretrained(str(tmp / "tokenizer"))
             return {"files": [FileEntry(q.relative_to(tmp).as_posix(), role="tokenizer")
@@ -291,38 +481,83 @@ def _sha_listed(upstream: Manifest, path: Path) -> str:
     raise StageError(f"shard {path} is not listed in {upstream.dir}/manifest.json; rerun `c2m run`")
 
 
-def pack_shard(path: Path, tokenizer, template: str, seq_len: int, out_path: Path,
-               cache_dir: Path | None = None) -> dict:
-    """Tokenize and pack one shard into an Arrow IPC file (zstd); returns its counts."""
+def pack_shard(path: Path, tokenizer, template: str, seq_len: int, out_path: Path) -> dict:
+    """Tokenize and pack one shard into an Arrow IPC file (zstd); returns its counts.
+
+    Records go through as arrays end to end: ``encode_batch`` lays a batch's documents out flat,
+    ``Packer`` plans blocks on lengths and moves the tokens with one gather, and the blocks become
+    Arrow list columns without a Python int per token (lists cost ~100 bytes and ~1 us a token)."""
     counts = {"records": 0, "tokens": 0, "long_documents": 0}
-
-    def documents() -> Iterator[dict]:
-        for batch in iter_records(path, cache_dir=cache_dir):
-            for ex in encode_records(batch, tokenizer, template):
-                counts["records"] += 1
-                counts["tokens"] += len(ex["input_ids"])
-                counts["long_documents"] += len(ex["input_ids"]) > seq_len
-                yield ex
-
     blocks = real = target = 0
+    encode = _encoder(tokenizer)
+    packer = Packer(seq_len, tokenizer.pad_token_id)
     options = pa.ipc.IpcWriteOptions(compression="zstd")
-    # Blocks are Python int lists until written (~100 bytes a token): flush every ~256k tokens.
+    # Record batches of this many blocks (the last one shorter): what _concat_packed turns into row groups.
     flush_every = max(1, min(WRITE_BATCH, 262_144 // seq_len))
+    pending: list[dict[str, np.ndarray]] = []
+    n_pending = 0
+
+    def write(writer, final: bool = False) -> None:
+        nonlocal pending, n_pending
+        if not pending:
+            return
+        cols = {c: np.concatenate([p[c] for p in pending]) for c in PACKED_COLUMNS}
+        n_full = len(cols["input_ids"]) if final else len(cols["input_ids"]) // flush_every * flush_every
+        for i in range(0, n_full, flush_every):
+            writer.write_batch(_record_batch({c: v[i:i + flush_every] for c, v in cols.items()}))
+        rest = {c: v[n_full:] for c, v in cols.items()}
+        pending, n_pending = ([rest], len(rest["input_ids"])) if len(rest["input_ids"]) else ([], 0)
+
+    def take(window: dict[str, np.ndarray], writer) -> None:
+        nonlocal blocks, real, target, n_pending
+        blocks += len(window["input_ids"])
+        real += int(window["attention_mask"].sum())
+        target += int(np.count_nonzero(window["labels"] != IGNORE_INDEX))
+        pending.append(window)
+        n_pending += len(window["input_ids"])
+        if n_pending >= flush_every:
+            write(writer)
+
     with pa.OSFile(str(out_path), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA, options=options) as writer:
-        buf: list[dict] = []
-        for b in iter_pack(documents(), seq_len, tokenizer.pad_token_id):
-            blocks += 1
-            real += sum(b["attention_mask"])
-            target += sum(1 for x in b["labels"] if x != IGNORE_INDEX)
-            buf.append(b)
-            if len(buf) == flush_every:
-                writer.write_table(pa.Table.from_pylist(buf, schema=PACKED_SCHEMA))
-                buf.clear()
-        if buf:
-            writer.write_table(pa.Table.from_pylist(buf, schema=PACKED_SCHEMA))
+        for batch in iter_records(path):
+            ids, labels, lengths = encode_batch(batch["input"], batch["target"], tokenizer, template, encode)
+            counts["records"] += len(lengths)
+            counts["tokens"] += len(ids)
+            counts["long_documents"] += int(np.count_nonzero(lengths > seq_len))
+            for window in packer.add(ids, labels, lengths):
+                take(window, writer)
+        for window in packer.finish():
+            take(window, writer)
+        write(writer, final=True)
     if real != counts["tokens"]:
-        raise StageError(f"packing {path.name} kept {real} of {counts['tokens']} tokens: a bug in iter_pack")
+        raise StageError(f"packing {path.name} kept {real} of {counts['tokens']} tokens: a bug in the packer")
     return {**counts, "target_tokens": target, "blocks": blocks}
+
+
+def _record_batch(cols: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """``(blocks, seq_len)`` int32 arrays -> a record batch of list<int32> columns, without copying per row."""
+    n, seq_len = cols["input_ids"].shape
+    offsets = pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32))
+    return pa.RecordBatch.from_arrays(
+        [pa.ListArray.from_arrays(offsets, pa.array(cols[c].reshape(-1).astype(np.int32, copy=False)))
+         for c in PACKED_COLUMNS], schema=PACKED_SCHEMA)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(folder: str):
+    return load_tokenizer(folder)  # once per worker process, not once per shard
+
+
+def _pack_unit(args) -> dict:
+    """One shard -> its packed Arrow blocks in the store (runs on any process that sees the store)."""
+    store_root, key, path, tok_dir, template, seq_len = args
+    tokenizer = _cached_tokenizer(tok_dir)
+
+    def write(tmp: Path) -> dict:
+        counts = pack_shard(Path(path), tokenizer, template, seq_len, tmp / "packed.arrow")
+        return {"files": [FileEntry("packed.arrow", role="packed", records=counts["blocks"])], **counts}
+
+    return Store(store_root).unit_write(STAGE, key, write)
 
 
 def _concat_packed(units: list[dict], path: Path) -> None:
@@ -349,17 +584,11 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     if not files.get("train"):
         raise StageError(f"{upstream.path}: the train split has no shards, so there is no text to train a "
                          f"tokenizer on; add data or raise shard.splits['train']")
-
-    # datasets' lock files live next to out_dir (same store, nothing in ~/.cache) and go away after.
-    hf_cache = Path(tempfile.mkdtemp(prefix="hf-datasets-", dir=out_dir.parent))
-    try:
-        return _run(upstream, files, c, out_dir, ctx, hf_cache)
-    finally:
-        shutil.rmtree(hf_cache, ignore_errors=True)
+    return _run(upstream, files, c, out_dir, ctx)
 
 
-def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext, hf_cache: Path) -> Manifest:
-    cached_tok = _tokenizer_unit(upstream, c, ctx, hf_cache)
+def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext) -> Manifest:
+    cached_tok = _tokenizer_unit(upstream, c, ctx)
     tok_dir = out_dir / "tokenizer"
     shutil.copytree(cached_tok, tok_dir)
     # Encode with the tokenizer as saved, so training here and loading downstream cannot differ.
@@ -369,27 +598,27 @@ def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext, h
                  for p in sorted(tok_dir.rglob("*")) if p.is_file()]
 
     section = {"seq_len": c.seq_len, "prompt_template": c.prompt_template}
-    n_units = n_computed = 0
-    computed: list[str] = []
-    split_stats: dict[str, dict] = {}
+    # One unit per shard, submitted to the stage's executor (a Dask cluster spreads them over all its
+    # workers): each loads the cached tokenizer from the store, the same bytes as tok_dir.
+    planned: dict[str, list[Unit]] = {}
     for split, paths in files.items():
-        units = []
+        planned[split] = []
         for path in paths:
             key = _unit_key("packed", VERSION, _sha_listed(upstream, path), tok_sha, section)
-            unit = ctx.store.unit_lookup(STAGE, key)
-            if unit is None:
-                verified_shard(upstream, path)
-
-                def write(tmp: Path, path=path) -> dict:
-                    counts = pack_shard(path, tokenizer, c.prompt_template, c.seq_len, tmp / "packed.arrow",
-                                        hf_cache)
-                    return {"files": [FileEntry("packed.arrow", role="packed", records=counts["blocks"])], **counts}
-
-                unit = ctx.store.unit_write(STAGE, key, write)
-                n_computed += 1
-                computed.append(path.relative_to(upstream.dir).as_posix())
-            n_units += 1
-            units.append(unit)
+            args = (str(ctx.store.root), key, str(path), str(cached_tok), c.prompt_template, c.seq_len)
+            planned[split].append(Unit(key, path.stem, path.relative_to(upstream.dir).as_posix(), args,
+                                       path.stat().st_size))
+    hits = {u.key: ctx.store.unit_lookup(STAGE, u.key) for us in planned.values() for u in us}
+    todo = [u for us in planned.values() for u in us if hits[u.key] is None]
+    for u in todo:
+        verified_shard(upstream, upstream.dir / u.label)
+    done = compute_units(STAGE, todo, _pack_unit, ctx)
+    n_units = sum(len(us) for us in planned.values())
+    computed = list(dict.fromkeys(u.label for u in todo))
+    n_computed = len(computed)
+    split_stats: dict[str, dict] = {}
+    for split, us in planned.items():
+        units = [hits[u.key] or done[u.key] for u in us]
         keys = ("records", "tokens", "long_documents", "target_tokens", "blocks")
         st = {k: sum(u[k] for u in units) for k in keys}
         total = st["blocks"] * c.seq_len

@@ -14,8 +14,7 @@ from corpus2model.schemas.config import parse_config  # noqa: E402
 from corpus2model.schemas.records import records_table  # noqa: E402
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, Store, sha256_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
+from helpers import ROOT, SHARED  # noqa: E402,F401  (re-exported for fixtures; tests import them from helpers)
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from corpus2model.schemas.records import make_record
-from corpus2model.tasks.model import classify
+from corpus2model.flows.stages import STAGES
+from corpus2model.tasks.model import classify, metrics
 from corpus2model.tasks import registry
 from corpus2model.tasks.stage import Manifest, StageContext, StageError, Store, run_stage
 
@@ -27,12 +28,12 @@ SLICE = ROOT / "data" / "sample_langid" / "raw" / "ntrex_langid_1600.jsonl.gz"
 # pure functions
 # ---------------------------------------------------------------------------------------------
 def test_accuracy_and_macro_f1():
-    acc, f1 = classify.accuracy_f1([0, 0, 1, 1], [0, 1, 1, 1], 2)
+    acc, f1 = metrics.accuracy_f1([0, 0, 1, 1], [0, 1, 1, 1], 2)
     assert acc == 0.75
     # label 0: tp 1 fp 0 fn 1 -> 2/3; label 1: tp 2 fp 1 fn 0 -> 4/5
     assert f1 == pytest.approx((2 / 3 + 4 / 5) / 2)
     # a label that never occurs and is never predicted does not count toward the mean
-    assert classify.accuracy_f1([0, 0], [0, 0], 3) == (1.0, 1.0)
+    assert metrics.accuracy_f1([0, 0], [0, 0], 3) == (1.0, 1.0)
 
 
 def test_labels_come_from_metadata_and_unlabelled_records_are_counted():
@@ -117,15 +118,16 @@ def pipeline(tmp_path_factory):
     # the shard key it was made from (that is how finetune's cache key chains the records).
     tok = Manifest(stage="tokenize", stage_version="2", key="tok0001", upstream={"shard": shard_m.key},
                    path=str(root / "tok"))
-    ft = run_stage(finetune, [tok], cfg, ctx)
-    ft_again = run_stage(finetune, [tok], cfg, ctx)
+    # finetune as the stage table declares it: tokenize and shard in, keyed on tokenize (which chains shard).
+    ft = run_stage(STAGES["finetune"], [tok, shard_m], cfg, ctx)
+    ft_again = run_stage(STAGES["finetune"], [tok, shard_m], cfg, ctx)
     quant = run_stage(quantize, [ft], cfg, ctx)
     ev = run_stage(evaluate, [shard_m, tok, ft, quant], cfg, ctx)
     source = Manifest(stage="source", key="src0001", path=str(root / "raw"),
                       files=[FileEntry("ntrex_langid.jsonl.gz", 123, "ab" * 32, "data")])
     reg = registry.register({"source": source, "validate": validated, "shard": shard_m, "tokenize": tok,
                              "finetune": ft, "quantize": quant, "evaluate": ev}, cfg)
-    return types.SimpleNamespace(cfg=cfg, ft=ft, ft_again=ft_again, quant=quant, ev=ev, reg=reg, root=root)
+    return types.SimpleNamespace(cfg=cfg, shard=shard_m, ft=ft, ft_again=ft_again, quant=quant, ev=ev, reg=reg, root=root)
 
 
 def test_finetune_trains_head_then_lora_and_is_cached(pipeline):
@@ -204,16 +206,15 @@ def test_wrong_lora_targets_are_a_clear_error(pipeline, tmp_path):
 
     cfg = pipeline.cfg
     ft_cfg = cfg.finetune.model_copy(update={"lora": cfg.finetune.lora.model_copy(update={"target_modules": ["q_proj"]})})
-    shard_key = next(p.name for p in (pipeline.root / "store" / "shard").iterdir() if not p.name.startswith((".", "_")))
-    tok = Manifest(stage="tokenize", key="tok0002", upstream={"shard": shard_key})
+    tok = Manifest(stage="tokenize", key="tok0002", upstream={"shard": pipeline.shard.key})
     with pytest.raises(StageError, match=r"\['q_proj'\] are not modules of BertForSequenceClassification"):
-        finetune.run([tok], types.SimpleNamespace(finetune=ft_cfg, model=cfg.model), tmp_path,
+        finetune.run([tok, pipeline.shard], types.SimpleNamespace(finetune=ft_cfg, model=cfg.model), tmp_path,
                      StageContext(store=Store(cfg.paths.store)))
 
 
 def test_full_finetuning_trains_every_weight_and_saves_no_adapter(pipeline, tmp_path):
     """method: full on a tiny BERT (the registry tests' 2-layer model) over the same shard records."""
-    from test_registry import tiny_bert_classifier
+    from helpers import tiny_bert_classifier
 
     from corpus2model.tasks import finetune
 
@@ -222,10 +223,9 @@ def test_full_finetuning_trains_every_weight_and_saves_no_adapter(pipeline, tmp_
     model_cfg = cfg.model.model_copy(update={"pretrained": str(tmp_path / "tiny"), "classifier": cfg.model.classifier.model_copy(
         update={"labels": ["de", "en", "fr", "zh"], "head_epochs": 2})})
     ft_cfg = cfg.finetune.model_copy(update={"method": "full", "max_steps": 4, "threads": 1})
-    shard_key = next(p.name for p in (pipeline.root / "store" / "shard").iterdir() if not p.name.startswith((".", "_")))
     out = tmp_path / "ft"
     out.mkdir()
-    m = finetune.run([Manifest(stage="tokenize", key="tok0003", upstream={"shard": shard_key})],
+    m = finetune.run([Manifest(stage="tokenize", key="tok0003", upstream={"shard": pipeline.shard.key}), pipeline.shard],
                      types.SimpleNamespace(finetune=ft_cfg, model=model_cfg), out,
                      StageContext(store=Store(cfg.paths.store)))
     assert m.stats["method"] == "full" and m.stats["adapter_dir"] is None

@@ -30,11 +30,42 @@ def test_mojibake_is_repaired():
 
 
 def test_control_and_zero_width_characters_are_removed():
-    assert clean_text("a\u200bb\u200cc\u200dd\ufeffe\u2060f", CFG) == "abcdef"
-    assert clean_text("x\x00y\x07z\x0bw\x1f!", CFG) == "xyzw!"
+    assert clean_text("a\u200bb\u200cc\u200dd\ufeffe\u2060f", CFG) == "abcdef"  # stray joiners in Latin
+    assert clean_text("x\x00y\x07z\x0bw\x1f!", CFG) == "xyz\nw!"  # VT is a line break, not debris
     assert clean_text("tab\there\nnext", CleanConfig(keep_indentation=True)) == "tab here\nnext"
-    # C1 controls: with mojibake repair off nothing reinterprets them, so they just go.
-    assert clean_text("a\x80b\x9fc\x85d", CleanConfig(fix_mojibake=False)) == "abcd"
+    # C1 controls: with mojibake repair off nothing reinterprets them, so they go; NEL is a line break.
+    assert clean_text("a\x80b\x9fc\x85d", CleanConfig(fix_mojibake=False)) == "abc\nd"
+
+
+@pytest.mark.parametrize("text", [
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian "mi-khaham": ZWNJ keeps the prefix apart
+    "\U0001F468\u200d\U0001F469\u200d\U0001F467",  # family emoji
+    "\U0001F3F3\ufe0f\u200d\U0001F308",  # rainbow flag: VS16 before the ZWJ
+    "\U0001F9D1\U0001F3FD\u200d\U0001F4BB",  # skin-tone modifier before the ZWJ
+    "\u0d05\u0d35\u0d28\u0d4d\u200d \u0d2a\u0d4b\u0d2f\u0d3f",  # Malayalam chillu before a space
+    "\u0915\u094d\u200d\u0937",  # Hindi half-form with ZWJ
+])
+def test_meaningful_joiners_are_kept(text):
+    repairs: dict = {}
+    assert clean_text(text, CFG, repairs) == text
+    assert repairs == {}
+
+
+def test_separators_become_line_breaks_and_are_counted():
+    repairs: dict = {}
+    assert clean_text("page one.\x0cStart", CFG, repairs) == "page one.\nStart"
+    assert clean_text("a\x85b\u2028c\u2029d", CFG, repairs) == "a\nb\nc\n\nd"  # NEL is not "\u2026" here
+    assert clean_text("don\x92t\x85", CFG, repairs) == "don\u2019t\u2026"  # cp1252 mojibake: \x85 is "\u2026"
+    assert repairs == {"line_breaks": 2, "mojibake": 1}
+
+
+def test_stage_stats_count_repairs(make_cfg, ctx, records_manifest):
+    records = [_rec("Stray\u200djoiner in a question?", "Page one.\x0cPage two.", source_path="r.jsonl", source_line=1),
+               _rec("Family \U0001F468\u200d\U0001F469\u200d\U0001F467 question?", "An answer.", source_path="r.jsonl", source_line=2)]
+    m = run_stage(clean, [records_manifest(records, parts=1)], make_cfg(), ctx)
+    assert m.stats["repairs"]["debris"] == 1 and m.stats["repairs"]["line_breaks"] == 1
+    kept = [r for p in m.files_with("data") for r in pq.read_table(p).to_pylist()]
+    assert any("\U0001F468\u200d\U0001F469\u200d\U0001F467" in r["input"] for r in kept)
 
 
 def test_whitespace_and_line_endings():

@@ -320,7 +320,7 @@ def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
     """The standalone JSONL path builds the records ingest builds, rejects the same lines with
     the same reasons, and makes the dedup stage's decisions."""
     from corpus2model.flows.standalone import _stage_on_folder, dedup_folder, write_removed_jsonl
-    from corpus2model.schemas.records import record_id
+    from corpus2model.schemas.records import occurrence_id
 
     ind = _jsonl_folder(tmp_path)
     for method in ("minhash", "exact"):
@@ -338,11 +338,26 @@ def test_jsonl_direct_path_matches_ingest_then_dedup(make_cfg, tmp_path):
         rm = lambda d: sorted((r["id"], r["duplicate_of"], r["kind"]) for r in  # noqa: E731
                               map(json.loads, (d / "removed.jsonl").read_text().splitlines()))
         assert rm(tmp_path / f"fast-{method}") == rm(tmp_path / f"slow-{method}")
-        # b3 repeats line 6 of a.jsonl, which has no id of its own: it is named by its record id
-        expected = [("b1", "a1", "exact"), ("b3", record_id("Q?", _text(72)), "exact")]
+        # b3 repeats line 6 of a.jsonl, which has no id of its own: it is named by its occurrence id
+        expected = [("b1", "a1", "exact"), ("b3", occurrence_id("a.jsonl", 6), "exact")]
         expected += [("a2", "a1", "near")] if method == "minhash" else []
         assert rm(tmp_path / f"fast-{method}") == sorted(expected)
         q = _read(fast.files_with("quarantine"))
         assert sorted((r["source_path"], r["source_line"] or -1, r["reason"]) for r in q) == [
             ("a.jsonl", 2, "blank_line"), ("a.jsonl", 3, "invalid_json"), ("a.jsonl", 5, "wrong_type"), ("a.jsonl", 8, "wrong_type"),
             ("c.jsonl.gz", -1, "corrupt_gzip")]
+
+
+def test_batched_normalised_digests_equal_the_per_record_digest():
+    """tasks.text.dedup_index.normalized_digests (numpy over a whole batch: ASCII bytes, other text
+    as code points) is normalize_for_hash + sha256 record by record, whitespace of every kind included."""
+    from corpus2model.tasks.dedup import _digest
+    from corpus2model.tasks.text.dedup_index import normalized_digests
+
+    rng = random.Random(5)
+    alphabet = "aB z.!\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\u00a0\u2003\u3000\u2028\u0085ßİﬁ½é\u0301中ǅ"
+    for _ in range(400):
+        targets = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 15))) for _ in range(rng.randint(1, 8))]
+        inputs = [rng.choice(["", "", "", "Q  ß?"]) for _ in targets]
+        for normalize in (True, False):
+            assert normalized_digests(inputs, targets, normalize) == [_digest(i, t, normalize) for i, t in zip(inputs, targets)]

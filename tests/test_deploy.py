@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

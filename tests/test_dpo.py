@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 import tiny_lm  # noqa: E402
 from corpus2model.tasks.model import dpo, peft_methods, trainer  # noqa: E402
-from tests.conftest import SHARED  # noqa: E402
+from helpers import SHARED  # noqa: E402
 
 KIND = ["I am glad to help with {x}, here is a kind answer.", "Happy to help with {x}: here is what I know."]
 RUDE = ["No. Go away, I will not do {x}.", "No, {x} is not my problem, go away."]
@@ -86,7 +86,7 @@ def test_short_dpo_run_widens_the_heldout_margin():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_finetune_stage_runs_dpo_on_a_pairs_file(tmp_path):
-    from test_finetune import chain_config, run_chain
+    from helpers import chain_config, run_chain
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(40, 3)), encoding="utf-8")

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 from corpus2model.schemas.config import ModelConfig  # noqa: E402
 from corpus2model.schemas.records import make_record  # noqa: E402
 from corpus2model.tasks import evaluate  # noqa: E402
-from corpus2model.tasks.evaluate import extract_final_number  # noqa: E402
+from corpus2model.tasks.model import metrics  # noqa: E402
+from corpus2model.tasks.model.metrics import extract_final_number  # noqa: E402
 from corpus2model.tasks.stage import StageContext, Store, run_stage  # noqa: E402
-from test_finetune import chain_config, learnable_records, run_chain  # noqa: E402
+from helpers import chain_config, learnable_records, run_chain  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,16 +41,16 @@ def test_extract_final_number(text, want):
 
 
 def test_answers_match_compares_numbers_not_strings():
-    assert evaluate.answers_match("so the total is 1234.0", "work...\n#### 1,234")
-    assert not evaluate.answers_match("so the total is 1235", "#### 1,234")
-    assert not evaluate.answers_match("no idea", "#### 5")
+    assert metrics.answers_match("so the total is 1234.0", "work...\n#### 1,234")
+    assert not metrics.answers_match("so the total is 1235", "#### 1,234")
+    assert not metrics.answers_match("no idea", "#### 5")
 
 
 def test_percentile_interpolates_like_numpy():
     vals = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert evaluate._percentile(vals, 50) == 3.0
-    assert evaluate._percentile(vals, 95) == pytest.approx(4.8)
-    assert evaluate._percentile([7.0], 95) == 7.0
+    assert metrics.percentile(vals, 50) == 3.0
+    assert metrics.percentile(vals, 95) == pytest.approx(4.8)
+    assert metrics.percentile([7.0], 95) == 7.0
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +111,15 @@ def test_exact_match_is_null_without_math_records(tiny_model):
 
 
 def test_rouge_l_and_macro_f1():
-    assert evaluate.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
-    assert evaluate.rouge_l("dogs bark", "the cat sat") == 0.0
+    assert metrics.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert metrics.rouge_l("dogs bark", "the cat sat") == 0.0
     # LCS "the cat on mat" (4 words) of 6 and 5: P 4/5, R 4/6
-    assert evaluate.rouge_l("the cat on a mat", "the cat sat on the mat") == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+    assert metrics.rouge_l("the cat on a mat", "the cat sat on the mat") == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
     # label a: tp 1 fp 2 fn 1 -> F1 2/5; label b: tp 1 fp 1 fn 1 -> 1/2; label c never predicted -> 0
-    assert evaluate.macro_f1(["a", "a", "b", "b", "c"], ["a", "b", "b", "a", "a"]) == pytest.approx((0.4 + 0.5 + 0) / 3)
-    assert evaluate.macro_f1([], []) is None
-    assert evaluate.agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
-    assert evaluate.agreement([1], [1, 2]) is None
+    assert metrics.macro_f1(["a", "a", "b", "b", "c"], ["a", "b", "b", "a", "a"]) == pytest.approx((0.4 + 0.5 + 0) / 3)
+    assert metrics.macro_f1([], []) is None
+    assert metrics.agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert metrics.agreement([1], [1, 2]) is None
 
 
 def test_classification_picks_the_most_likely_label(tiny_model):
@@ -130,7 +131,7 @@ def test_classification_picks_the_most_likely_label(tiny_model):
     want = [max(labels, key=lambda lab: (evaluate.continuation_logprob(model, tok, TEMPLATE.format(input=r["input"]), lab), lab))
             for r in recs]
     assert n == 3 and acc == pytest.approx(sum(w == r["target"] for w, r in zip(want, recs)) / 3)
-    assert f1 == pytest.approx(evaluate.macro_f1([r["target"] for r in recs], want))
+    assert f1 == pytest.approx(metrics.macro_f1([r["target"] for r in recs], want))
 
 
 def test_preference_accuracy_is_antisymmetric(tiny_model):

@@ -1,8 +1,8 @@
 """finetune: the schedule and batch helpers, and the stage on a small learnable dataset
 (records -> shard -> tokenize -> finetune, the real upstream stages).
 
-``learnable_records``, ``chain_config`` and ``run_chain`` are reused by test_quantize.py and
-test_evaluate.py.
+``learnable_records``, ``chain_config`` and ``run_chain`` live in tests/helpers.py (test_quantize.py,
+test_evaluate.py and others use them too).
 """
 from __future__ import annotations
 
@@ -18,68 +18,10 @@ torch = pytest.importorskip("torch")
 
 from corpus2model.schemas.config import parse_config  # noqa: E402
 from corpus2model.schemas.records import make_record, records_table  # noqa: E402
+from corpus2model.flows.stages import STAGES  # noqa: E402
 from corpus2model.tasks import finetune  # noqa: E402
-from corpus2model.flows.plan import module  # noqa: E402
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, Store, run_stage, sha256_file  # noqa: E402
-
-UPSTREAM = {"shard": [], "tokenize": ["shard"], "finetune": ["tokenize"], "quantize": ["finetune"],
-            "evaluate": ["shard", "tokenize", "finetune", "quantize"]}
-
-
-def learnable_records(n: int = 200, seed: int = 0) -> list[dict]:
-    """GSM8K-shaped addition questions plus a few plain sentences: a format a tiny model learns fast."""
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
-        a, b = rng.randint(1, 60), rng.randint(1, 60)
-        if len(out) % 5 == 4:
-            out.append(make_record("", f"The sum of {a} and {b} is {a + b}, and {a} is less than {a + b}.",
-                                   task_type="text", domain="general"))
-        else:
-            out.append(make_record(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.\n#### {a + b}",
-                                   task_type="math_qa", domain="math"))
-    return out
-
-
-def chain_config(root: Path, **overrides):
-    """A tiny model and a short run; every section the model-side stages read."""
-    data = {
-        "paths": {"store": str(root / "store"), "raw": str(root / "raw"), "registry": str(root / "registry")},
-        "shard": {"splits": {"train": 0.8, "validation": 0.1, "test": 0.1}},
-        "tokenize": {"vocab_size": 320, "seq_len": 64, "min_frequency": 2},
-        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
-        "finetune": {"max_steps": 60, "batch_size": 8, "eval_every": 20, "warmup_steps": 5,
-                     "learning_rate": 1e-2, "threads": 1, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "evaluate": {"max_records": 40, "generate_records": 4, "max_new_tokens": 12, "latency_runs": 5},
-    }
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    return parse_config(data)
-
-
-def validated_manifest(root: Path, records: list[dict]) -> Manifest:
-    """What the validate stage hands to shard: one records Parquet file with role "data"."""
-    folder = root / "validated"
-    (folder / "parts").mkdir(parents=True, exist_ok=True)
-    p = folder / "parts" / "000000.parquet"
-    pq.write_table(records_table(records), p)
-    return Manifest(stage="validate", stage_version="1", key="validated-" + sha256_file(p)[:12],
-                    files=[FileEntry("parts/000000.parquet", p.stat().st_size, sha256_file(p), "data", len(records))],
-                    counters={"in": len(records), "out": len(records), "rejected": {}, "duplicates": 0},
-                    path=str(folder))
-
-
-def run_chain(root: Path, cfg, upto: str, records: list[dict] | None = None) -> dict[str, Manifest]:
-    """Run shard .. ``upto`` through run_stage; returns the manifests by stage."""
-    ctx = StageContext(store=Store(cfg.paths.store))
-    done = {"validate": validated_manifest(root, records if records is not None else learnable_records())}
-    for stage in UPSTREAM:
-        inputs = [done[s] for s in UPSTREAM[stage]] or [done["validate"]]
-        done[stage] = run_stage(module(stage), inputs, cfg, ctx)
-        if stage == upto:
-            break
-    return done
-
+from helpers import UPSTREAM, chain_config, learnable_records, run_chain, validated_manifest  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -195,15 +137,15 @@ def test_merged_model_equals_base_plus_adapter(trained):
 def test_finetune_rerun_is_a_cache_hit_and_a_new_store_reproduces_it(trained, tmp_path):
     root, cfg, ms = trained
     ctx = StageContext(store=Store(cfg.paths.store))
-    again = run_stage(finetune, [ms["tokenize"]], cfg, ctx)
+    again = run_stage(STAGES["finetune"], [ms["tokenize"], ms["shard"]], cfg, ctx)
     assert again.stats["cache"] == "hit" and again.key == ms["finetune"].key
     # threads only changes speed: same key
     faster = chain_config(root, finetune={"threads": 1})
-    assert run_stage(finetune, [ms["tokenize"]], faster, ctx).stats["cache"] == "hit"
+    assert run_stage(STAGES["finetune"], [ms["tokenize"], ms["shard"]], faster, ctx).stats["cache"] == "hit"
 
     # Same inputs and seeds in a fresh store: the same weights, byte for byte.
     cfg2 = chain_config(tmp_path)
-    fresh = run_stage(finetune, [ms["tokenize"]], cfg2, StageContext(store=Store(cfg2.paths.store)))
+    fresh = run_stage(STAGES["finetune"], [ms["tokenize"], ms["shard"]], cfg2, StageContext(store=Store(cfg2.paths.store)))
     assert fresh.stats["cache"] == "computed"
     sha = {f.path: f.sha256 for f in ms["finetune"].files}
     for f in fresh.files:
@@ -218,4 +160,4 @@ def test_finetune_names_a_bad_target_module(trained, tmp_path):
     root, _, ms = trained
     cfg = chain_config(tmp_path, finetune={"lora": {"target_modules": ["no_such_proj"]}})
     with pytest.raises(StageError, match="target_modules"):
-        run_stage(finetune, [ms["tokenize"]], cfg, StageContext(store=Store(cfg.paths.store)))
+        run_stage(STAGES["finetune"], [ms["tokenize"], ms["shard"]], cfg, StageContext(store=Store(cfg.paths.store)))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corpus2model.flows.plan import DAG, DATA_STAGES
-from tests.conftest import ROOT
+from corpus2model.flows.stages import DAG, DATA_STAGES
+from helpers import ROOT
 
 pytestmark = pytest.mark.flow
 

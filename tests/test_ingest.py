@@ -12,7 +12,7 @@ import pytest
 from corpus2model.tasks import ingest
 from corpus2model.tasks.ingest import DecodeError, decode_bytes, extract_html, html_to_text, parse_file, scan_raw
 from corpus2model.tasks.stage import run_stage
-from tests.conftest import SHARED
+from helpers import SHARED
 
 
 @pytest.mark.parametrize("codec,bom", [("utf-8-sig", b""), ("utf-16", b""), ("utf-8", b"")])

@@ -124,3 +124,12 @@ def test_recall_on_planted_pairs_above_threshold():
     assert len(above) >= 45
     assert above <= found
     assert found <= truth
+
+
+def test_non_ascii_words_are_the_regex_words():
+    """The code-point table path of _doc_bytes gives re.findall(r"\\w+", text.lower())'s words."""
+    rng = random.Random(3)
+    alphabet = "abcXYZ _-–—'’ßİıÅéñ中文字🙂١٢٣\u0301\u00a0\t\n½Ⅻﬁ"
+    for _ in range(500):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert mh._doc_bytes(t).split() == [w.encode() for w in re.findall(r"\w+", t.lower())]

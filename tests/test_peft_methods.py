@@ -88,7 +88,7 @@ def test_bottleneck_starts_as_the_identity():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_one_run_trains_an_adapter_per_task_type_selectable_at_inference(tmp_path):
-    from test_finetune import chain_config, run_chain
+    from helpers import chain_config, run_chain
 
     from corpus2model.tasks.model.modeling import load_causal_lm
 

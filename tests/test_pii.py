@@ -65,3 +65,29 @@ def test_clean_masks_input_and_target_of_every_task_type():
     assert {k: v for k, v in stats.items() if k.startswith("pii_")} == {"pii_email": 1, "pii_phone": 1, "pii_card": 1}
     off, _, _, _ = clean_document(rec, CleanConfig(pii_mask=[]))
     assert "bob@example.org" in off["input"]
+
+
+@pytest.mark.parametrize("text", [
+    "Upgrade to version 1.2.3.4 today.",
+    "Built from v1.2.3.4 and Release v 10.0.0.1.",
+    "The OID 1.3.6.1 names the internet subtree.",
+    "See 1.2.3.4 for details.",  # a section number: no address context at all
+    "Section 1.2.3.4 of the server manual covers it.",  # a numbering word wins over "server"
+    "As § 10.1.2.3 says.",
+])
+def test_dotted_numbers_without_address_context_are_not_ips(text):
+    assert mask_pii(text, ALL) == (text, {})
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("connect to 192.168.1.20 now", "connect to <IP> now"),
+    ("IP 10.0.0.1", "IP <IP>"),
+    ("host 8.8.8.8:53", "host <IP>:53"),
+    ("dig @8.8.4.4 example.org", "dig @<IP> example.org"),
+    ("open http://203.0.113.9/admin", "open http://<IP>/admin"),
+    ("Failed password for root from 203.0.113.5 port 22", "Failed password for root from <IP> port 22"),
+    ("route 10.0.0.0/8 via the gateway", "route <IP>/8 via the gateway"),
+    ("My IP address is 203.0.113.5.", "My IP address is <IP>."),  # a sentence's period may follow
+])
+def test_addresses_in_context_are_masked(text, expected):
+    assert mask_pii(text, ALL) == (expected, {"ip": 1})

@@ -9,14 +9,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from corpus2model.flows.stages import STAGES  # noqa: E402
 from corpus2model.schemas.config import ConfigError, parse_config  # noqa: E402
 from corpus2model.tasks import quantize  # noqa: E402
 from corpus2model.tasks.model.export import load_variant  # noqa: E402
 from corpus2model.tasks.model.modeling import load_causal_lm, quantize_dynamic_int8  # noqa: E402
-from corpus2model.tasks.stage import StageContext, StageError, Store, run_stage  # noqa: E402
-from test_finetune import chain_config, run_chain  # noqa: E402
+from corpus2model.tasks.stage import Manifest, StageContext, StageError, Store, run_stage, stage_key  # noqa: E402
+from helpers import chain_config, run_chain  # noqa: E402
 
 METHODS = ["dynamic_int8", "onnx_int8_static", "fp16"]
+QUANTIZE = STAGES["quantize"]  # as the stage table declares it: finetune and tokenize in, keyed on finetune
+
+
+def inputs(ms):
+    """quantize's declared inputs, in the table's order."""
+    return [ms[s] for s in QUANTIZE.inputs]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +103,66 @@ def test_fp16_variant_is_half_size_and_agrees(quantized):
 
 def test_quantize_rerun_is_a_cache_hit(quantized):
     cfg, ms = quantized
-    again = run_stage(quantize, [ms["finetune"]], cfg, StageContext(store=Store(cfg.paths.store)))
+    again = run_stage(QUANTIZE, inputs(ms), cfg, StageContext(store=Store(cfg.paths.store)))
     assert again.stats["cache"] == "hit" and again.key == ms["quantize"].key
+    assert again.upstream == {"finetune": ms["finetune"].key, "tokenize": ms["tokenize"].key}
+
+
+def test_quantize_declares_tokenize_but_keys_on_finetune(make_cfg):
+    """Declaring tokenize moved no key: finetune's key already chains tokenize's (tests/test_plan.py holds
+    the demo's recorded quantize key); a different finetune output is a different key."""
+    cfg = make_cfg()
+    ft, tok = Manifest(stage="finetune", key="f1"), Manifest(stage="tokenize", key="t1")
+    assert QUANTIZE.inputs == ("finetune", "tokenize") and QUANTIZE.key_inputs == ("finetune",)
+    assert stage_key(QUANTIZE, cfg, [ft, tok]) == stage_key(QUANTIZE, cfg, [ft]) == stage_key(quantize, cfg, [ft])
+    assert stage_key(QUANTIZE, cfg, [Manifest(stage="finetune", key="f2"), tok])[0] != stage_key(QUANTIZE, cfg, [ft])[0]
+
+
+def test_quantize_inputs_must_be_finetune_and_the_tokenize_it_trained_on():
+    ft = Manifest(stage="finetune", key="f1", upstream={"tokenize": "t1", "shard": "s1"}, path="/ft")
+    tok = Manifest(stage="tokenize", key="t1")
+    assert quantize.split_inputs([ft, tok]) == (ft, tok)
+    assert quantize.split_inputs([tok, ft]) == (ft, tok)  # by stage name, not position
+    assert quantize.split_inputs([ft]) == (ft, None)  # only static INT8 needs tokenize
+    with pytest.raises(StageError, match="t2 is not the one /ft was trained on \\(t1\\)"):
+        quantize.split_inputs([ft, Manifest(stage="tokenize", key="t2")])
+    with pytest.raises(StageError, match="optionally, the tokenize"):
+        quantize.split_inputs([tok])
+    with pytest.raises(StageError, match=r"got \['finetune', 'shard'\]"):
+        quantize.split_inputs([ft, Manifest(stage="shard", key="s1")])
+
+
+def test_static_int8_calibrates_on_the_tokenize_manifest_passed_in(quantized, tmp_path):
+    """The calibration blocks come from the tokenize input, not from a store lookup by key: a copy of the
+    tokenize output holding 3 train blocks (same key, another folder) calibrates on exactly 3 sequences."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    cfg, ms = quantized
+    tok = ms["tokenize"]
+    shutil.copytree(tok.path, tmp_path / "tok")
+    blocks = tmp_path / "tok" / "packed" / "train.parquet"
+    pq.write_table(pq.read_table(blocks).slice(0, 3), blocks)
+    copy = Manifest.from_dict(tok.to_dict(), path=tmp_path / "tok")
+    # a calibration seed no other test uses: the static unit is computed here, the other variants reused
+    recal = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"calibration_seed": 7})})
+    m = run_stage(QUANTIZE, [ms["finetune"], copy], recal, StageContext(store=Store(cfg.paths.store)))
+    assert m.stats["computed_files"] == ["onnx_int8_static"]
+    assert m.stats["onnx_int8_static"]["calibration_sequences"] == 3
+
+
+def test_static_int8_without_a_tokenize_input_names_the_declared_inputs(quantized):
+    cfg, ms = quantized
+    recal = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"calibration_seed": 8})})
+    with pytest.raises(StageError, match=r"no tokenize manifest was passed in.*flows/stages.py: finetune, tokenize"):
+        run_stage(QUANTIZE, [ms["finetune"]], recal, StageContext(store=Store(cfg.paths.store)))
 
 
 def test_adding_a_variant_computes_only_that_variant(quantized):
     cfg, ms = quantized
     more = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"methods": METHODS + ["bf16"]})})
-    m = run_stage(quantize, [ms["finetune"]], more, StageContext(store=Store(cfg.paths.store)))
+    m = run_stage(QUANTIZE, inputs(ms), more, StageContext(store=Store(cfg.paths.store)))
     assert m.stats["cache"] == "computed" and m.key != ms["quantize"].key
     assert m.stats["computed_files"] == ["bf16"] and m.stats["units_reused"] == len(METHODS)
     # the reused variants are the same bytes
@@ -112,7 +171,7 @@ def test_adding_a_variant_computes_only_that_variant(quantized):
     assert new == old
     # a calibration setting recomputes the static variant only
     recal = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"calibration_seed": 1})})
-    m2 = run_stage(quantize, [ms["finetune"]], recal, StageContext(store=Store(cfg.paths.store)))
+    m2 = run_stage(QUANTIZE, inputs(ms), recal, StageContext(store=Store(cfg.paths.store)))
     assert m2.stats["computed_files"] == ["onnx_int8_static"]
 
 

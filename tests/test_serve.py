@@ -11,7 +11,7 @@ from corpus2model.schemas.config import parse_config
 from corpus2model.tasks import registry
 from corpus2model.flows import serve
 from corpus2model.tasks.stage import StageError
-from test_registry import CLS_LABELS, TEMPLATE, fake_classifier_pipeline, fake_pipeline  # the registry tests' fake store outputs
+from helpers import CLS_LABELS, TEMPLATE, fake_classifier_pipeline, fake_pipeline  # the registry tests' fake store outputs
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,32 @@ def test_generate_returns_text_and_version(client):
     assert client.post("/generate", json={"prompt": "what is two plus three?", "max_new_tokens": 5}).json()["text"] == body["text"]
 
 
+@pytest.mark.parametrize("variant", ["dynamic_int8", "tuned"])
+def test_concurrent_generate_is_batched_and_matches_one_at_a_time(registered, variant):
+    """8 concurrent greedy requests (different prompts, lengths and max_new_tokens) through a 200 ms
+    gathering window: decode steps ran several prompts together, and every answer equals the one the
+    one-at-a-time server (HF generate per prompt) gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    reqs = [{"prompt": f"what is {i} plus {3 * i}?" + " tell me" * (i % 3), "max_new_tokens": 3 + i % 4}
+            for i in range(8)]
+    batched = serve.create_app(registered.paths.registry, registered.registry.model_name, variant=variant,
+                               max_batch_size=8, max_batch_wait_ms=200)
+    single = serve.create_app(registered.paths.registry, registered.registry.model_name, variant=variant,
+                              max_batch_size=1)
+    with TestClient(batched) as c, TestClient(single) as u:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda r: c.post("/generate", json=r).json()["text"], reqs))
+        reference = [u.post("/generate", json=r).json()["text"] for r in reqs]
+        metrics = c.get("/metrics").text
+    assert answers == reference
+    # rows per decode step, summed over steps: more rows than steps means prompts decoded together
+    assert _metric(metrics, "c2m_generate_batch_size_sum") > _metric(metrics, "c2m_generate_batch_size_count") > 0
+    assert _metric(metrics, "c2m_generate_batch_size_sum") <= sum(r["max_new_tokens"] for r in reqs)
+
+
 @pytest.mark.parametrize("payload", [
     {"prompt": "hi", "max_new_tokens": 0},
     {"max_new_tokens": 4},
@@ -62,7 +88,44 @@ def test_generate_rejects_bad_requests(client, payload):
     assert client.post("/generate", json=payload).status_code == 422
 
 
-def test_prompt_is_rendered_with_the_version_template(registered, monkeypatch):
+@pytest.mark.parametrize("body, field, says", [
+    ('{"prompt": "\\ud800 hi"}', "prompt", "unicode"),  # a lone surrogate: valid JSON, no valid text
+    ('{"prompt": "hi", "temperature": NaN}', "temperature", "finite"),
+    ('{"prompt": "hi", "temperature": Infinity}', "temperature", "finite"),
+    ('{"prompt": "hi", "temperature": 1e-300}', "temperature", "0 (greedy) or between"),  # overflowed logits / t
+    ('{"texts": ["ok", "\\udfff"]}', "texts", "unicode"),
+])
+def test_unrepresentable_inputs_are_422_not_500(client, body, field, says):
+    path = "/classify" if "texts" in body else "/generate"
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"][1] == field and says in err["msg"]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 8])
+def test_server_errors_are_counted_in_metrics(registered, monkeypatch, max_batch_size):
+    from fastapi.testclient import TestClient
+
+    from corpus2model.tasks.model import modeling
+
+    def broken(*a, **k):
+        raise RuntimeError("model blew up")
+
+    # max_batch_size 1: one-at-a-time generate_text; above 1: the engine's decode step fails.
+    monkeypatch.setattr(modeling, "generate_text", broken)
+    monkeypatch.setattr(modeling.DecodeBatch, "step", broken)
+    app = serve.create_app(registered.paths.registry, registered.registry.model_name, max_batch_size=max_batch_size)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/generate", json={"prompt": "hi"}).status_code == 500
+        assert 'c2m_requests_total{endpoint="/generate",status="500"} 1' in c.get("/metrics").text
+        if max_batch_size > 1:  # the engine's worker survived the failed step
+            monkeypatch.undo()
+            assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 8])
+def test_prompt_is_rendered_with_the_version_template(registered, monkeypatch, max_batch_size):
     from fastapi.testclient import TestClient
 
     from corpus2model.tasks.model import modeling
@@ -73,9 +136,19 @@ def test_prompt_is_rendered_with_the_version_template(registered, monkeypatch):
         seen.append((prompts, max_new_tokens, temperature))
         return ["ok"]
 
+    def fake_engine_submit(self, prompt, max_new_tokens=32, temperature=0.0, group=None):
+        from concurrent.futures import Future
+
+        seen.append(([prompt], max_new_tokens, temperature))
+        done = Future()
+        done.set_result("ok")
+        return done
+
     # create_app binds generate_text when it is called, so patch the module it imports from first.
     monkeypatch.setattr(modeling, "generate_text", fake_generate)
-    app = serve.create_app(registered.paths.registry, registered.registry.model_name, ref="v1", variant="tuned")
+    monkeypatch.setattr(modeling.GenerationEngine, "submit", fake_engine_submit)
+    app = serve.create_app(registered.paths.registry, registered.registry.model_name, ref="v1", variant="tuned",
+                           max_batch_size=max_batch_size)
     with TestClient(app) as c:
         body = c.post("/generate", json={"prompt": "a {brace}", "max_new_tokens": 3, "temperature": 0.5}).json()
         assert c.get("/health").json()["variant"] == "tuned"
@@ -135,9 +208,12 @@ def test_serve_binds_configured_batching(registered, monkeypatch):
     import uvicorn
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(batcher=app.state.batcher))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(batcher=app.state.batcher, engine=app.state.engine))
     serve.serve(registered)
-    assert seen["batcher"] is None  # causal LMs are not batched
+    assert seen["batcher"] is None  # causal LMs are batched by the generation engine, not the classifier batcher
+    assert seen["engine"].max_batch_size == registered.serve.max_batch_size
+    assert seen["engine"].max_wait == registered.serve.max_batch_wait_ms / 1000
+    seen["engine"].close()
 
 
 def test_generate_on_a_causal_lm_rejects_classify(client):

@@ -162,3 +162,20 @@ def test_only_transient_failures_are_retried():
     assert retry_transient(None, None, failed(TimeoutError()))
     assert not retry_transient(None, None, failed(StageError("bad record")))
     assert not retry_transient(None, None, failed(ValueError("bug")))
+
+
+def test_a_declared_stage_runs_and_keys_like_the_same_module(make_cfg, ctx):
+    """A tasks.stage.Stage (what flows/stages.py declares) and a stage module with the same name,
+    version, sections and run give the same key and the same output; the manifest names its upstream."""
+    from corpus2model.tasks.stage import Stage
+
+    mod = make_stage(name="declared")
+    st = Stage(name="declared", version="1", sections=("finetune",), inputs=("a", "b"), run=mod.run,
+               key_inputs=("a",), module=__name__)
+    cfg = make_cfg()
+    a, b = Manifest(stage="a", key="ka"), Manifest(stage="b", key="kb")
+    assert stage_key(st, cfg, [a, b]) == stage_key(mod, cfg, [a])  # b is read, not keyed (key_inputs)
+    assert stage_key(mod, cfg, [a, b])[0] != stage_key(mod, cfg, [a])[0]  # a module keys every input
+    m = run_stage(st, [a, b], cfg, ctx)
+    assert m.stage == "declared" and m.stage_version == "1" and m.upstream == {"a": "ka", "b": "kb"}
+    assert run_stage(mod, [a], cfg, ctx).stats["cache"] == "hit"  # the same key: the same store entry

@@ -2,22 +2,18 @@
 its packed + chunked-loss step (the finetune stage's code) runs on a tiny shape on CPU."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.conftest import ROOT  # noqa: E402
+from helpers import load_bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("train_throughput")
 
 
 def test_refuses_without_cuda(bench, monkeypatch, capsys):

@@ -15,7 +15,7 @@ from corpus2model.schemas.config import load_config  # noqa: E402
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_search_writes_the_best_trials_config(tmp_path):
-    from test_finetune import chain_config, run_chain
+    from helpers import chain_config, run_chain
 
     cfg = chain_config(tmp_path, finetune={"eval_every": 3, "max_steps": 40},
                        tune={"trials": 3, "max_steps": 6, "lora_r": [2, 4], "warmup_steps": [0, 2],
@@ -51,7 +51,7 @@ def test_trials_are_cached_prefect_tasks(tmp_path, monkeypatch, prefect_harness)
 
     from corpus2model.tasks import finetune
     from corpus2model.tasks.stage import Manifest
-    from test_finetune import chain_config
+    from helpers import chain_config
 
     calls = []
 

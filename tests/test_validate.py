@@ -15,7 +15,8 @@ from corpus2model.schemas.records import empty_metadata, make_record, records_ta
 from corpus2model.tasks import validate
 from corpus2model.tasks.stage import StageError, run_stage, sha256_bytes, sha256_file, stage_config, stage_key
 from corpus2model.tasks.validate import ValidationFailed, load_suite, records_frame, validate_table
-from tests.conftest import ROOT, SHARED
+from corpus2model.tasks.validate import stage as validate_stage
+from helpers import ROOT, SHARED
 
 SUITE = ROOT / "schemas" / "suites" / "training_records.yaml"
 DIRTY = SHARED / "sft_instructions" / "dirty.jsonl"
@@ -176,8 +177,9 @@ def test_suite_path_resolves_from_any_cwd(make_cfg, monkeypatch, tmp_path):
 
 def test_stage_warn_continues_and_caches(make_cfg, ctx, records_manifest, tmp_path, monkeypatch):
     published = {}
-    monkeypatch.setattr(validate, "publish_link", lambda key, link, **kw: published.update({key: link}))
-    monkeypatch.setattr(validate, "publish_markdown", lambda key, md, **kw: published.update({key: md}))
+    # The stage module publishes the artifacts (the package only re-exports it).
+    monkeypatch.setattr(validate_stage, "publish_link", lambda key, link, **kw: published.update({key: link}))
+    monkeypatch.setattr(validate_stage, "publish_markdown", lambda key, md, **kw: published.update({key: md}))
     recs = clean_records(10)
     recs[3]["metadata"]["task_type"] = "poetry"  # unknown type: warn
     recs[7]["metadata"]["source_path"] = None  # no lineage: warn

@@ -14,11 +14,11 @@ import pytest
 from corpus2model.flows.cli import main
 from corpus2model.schemas.records import make_record, records_table
 from corpus2model.tasks import validate
-from corpus2model.flows.plan import DAG, module
-from corpus2model.tasks.stage import StageContext, Store, run_stage, stage_key
+from corpus2model.flows.stages import DAG, STAGES
+from corpus2model.tasks.stage import StageContext, Store, run_stage, stage_config, stage_key
 from corpus2model.tasks.validate import (ValidationFailed, apply_severity, check_drift, compare_profiles, load_suite, raw_shapes,
                             save_stats, validate_preference_pairs)
-from tests.conftest import ROOT, SHARED
+from helpers import ROOT, SHARED
 
 DIRTY = SHARED / "sft_instructions" / "dirty.jsonl"
 LABELS = SHARED / "sft_instructions" / "dirty.labels.jsonl"
@@ -123,7 +123,7 @@ def _run_until(stop: str, cfg, store: Store) -> dict:
     for stage, ups in DAG:
         if stage == stop:
             break
-        done[stage] = run_stage(module(stage), [done[u] for u in ups], cfg, ctx)
+        done[stage] = run_stage(STAGES[stage], [done[u] for u in ups], cfg, ctx)
     return done
 
 
@@ -152,7 +152,7 @@ def test_flow_refuses_dirty_file_unless_config_relaxes_the_suite(make_cfg, tmp_p
     assert done["validate"].stats["errors_failed"] == 0 and sum(e.records for e in done["shard"].entries("data")) > 0
     for stage in ("check_clean", "check_augment"):
         assert done[stage].stats["errors_failed"] == 0 and not done[stage].files_with("data")
-        assert run_stage(module(stage), [done[u] for u in dict(DAG)[stage]], relaxed, StageContext(store=store)).stats["cache"] == "hit"
+        assert run_stage(STAGES[stage], [done[u] for u in dict(DAG)[stage]], relaxed, StageContext(store=store)).stats["cache"] == "hit"
 
 
 def test_check_node_key_follows_its_suite(make_cfg, records_manifest, tmp_path):
@@ -173,6 +173,22 @@ def test_check_node_key_follows_its_suite(make_cfg, records_manifest, tmp_path):
     assert stage_key(mod, cfg, [up])[0] != key  # an edited suite reruns its node, and only its node's key moves
     with pytest.raises(ValidationFailed, match=r"expect_column_value_lengths_to_be_between\(target\): 4 unexpected"):
         run_stage(mod, [up], cfg, StageContext(store=Store(tmp_path / "store")))
+
+
+def test_boundary_declarations_key_alike(make_cfg):
+    """tasks/validate/boundary.py's CHECKS, the boundary_module() form and the stage table's check_*
+    entries are one node each: same name, version, sections, upstream and key (a warm store stays warm)."""
+    from corpus2model.tasks.validate.boundary import CHECKS
+
+    cfg = make_cfg()
+    for b, c in CHECKS.items():
+        mod, declared = validate.boundary_module(b), STAGES[c.stage]
+        ups = [f"{u}:k{i}" for i, u in enumerate(c.upstream)]
+        assert (c.stage, c.version, c.sections) == (mod.STAGE, mod.VERSION, tuple(mod.SECTIONS)) == (
+            declared.name, declared.version, tuple(declared.sections))
+        assert c.upstream == tuple(declared.inputs) and c.version == validate.VERSION
+        assert c.key_extra(stage_config(mod, cfg)) == mod.key_extra(stage_config(mod, cfg))
+        assert stage_key(mod, cfg, ups) == stage_key(declared, cfg, ups)
 
 
 # ---------------------------------------------------------------------------------------------

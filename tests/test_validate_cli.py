@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus2model.flows.cli import main
-from tests.conftest import SHARED
+from helpers import SHARED
 
 DIRTY = SHARED / "sft_instructions" / "dirty.jsonl"
 LABELS = SHARED / "sft_instructions" / "dirty.labels.jsonl"

@@ -10,6 +10,12 @@ log = logging.getLogger("corpus2model")
 
 
 def _in_prefect_run() -> bool:
+    import sys
+
+    if "prefect" not in sys.modules:
+        # No Prefect run can be active in a process that never imported prefect; importing it just to
+        # ask costs ~1 s and ~100 MB per standalone command (c2m dedup) and in every forked worker.
+        return False
     try:
         from prefect.context import FlowRunContext, TaskRunContext
     except ImportError:

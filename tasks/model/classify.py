@@ -1,10 +1,11 @@
 """classify: the sequence-classification path of the DAG, for pretrained encoders (the MiniLM case).
 
-The DAG and the stage names stay the same; when ``model.task`` is ``classification`` the finetune,
-quantize and evaluate stages hand their work to this module:
+The DAG and the stage names stay the same. ``model.task`` decides the branch once: the finetune stage
+hands its work here when it is ``classification`` and records the task in its output's stats["task"];
+quantize and evaluate read that field (tasks/finetune.task_of) and hand their work here too:
 
-* finetune -> ``finetune_run``: records come from the shard stage's Parquet files (reached through
-  the tokenize manifest's upstream key, so the finetune cache key still chains them) and are
+* finetune -> ``finetune_run``: records come from finetune's shard input (declared in the stage table,
+  flows/stages.py; tokenize's key already chains shard's, so only tokenize enters the key) and are
   tokenized here with the pretrained model's own tokenizer; the BPE that the tokenize stage trains is
   for causal LMs and is not used. Labels are ``metadata.<model.classifier.label_field>``. Two models
   come out:
@@ -32,6 +33,10 @@ import time
 import warnings
 from pathlib import Path
 
+from corpus2model.tasks.model.metrics import accuracy_f1, percentile
+from corpus2model.tasks.model.peft_methods import canonical_adapter_config
+from corpus2model.tasks.model.plots import plot_losses
+from corpus2model.tasks.model.trainer import lr_at
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 PKG_PREFIX = "pkg:"
@@ -99,45 +104,9 @@ def labelled(records: list[dict], field: str, labels: list[str]) -> tuple[list[d
     return keep, ids, len(records) - len(keep)
 
 
-def accuracy_f1(y_true: list[int], y_pred: list[int], n_labels: int) -> tuple[float, float]:
-    """Accuracy and macro-F1 (mean over labels present in y_true or y_pred; F1 of a label = 0 when
-    it is never predicted correctly)."""
-    if not y_true:
-        return float("nan"), float("nan")
-    acc = sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
-    f1s = []
-    for k in range(n_labels):
-        tp = sum(1 for a, b in zip(y_true, y_pred) if a == k and b == k)
-        fp = sum(1 for a, b in zip(y_true, y_pred) if a != k and b == k)
-        fn = sum(1 for a, b in zip(y_true, y_pred) if a == k and b != k)
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return acc, sum(f1s) / len(f1s)
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 # ---------------------------------------------------------------------------------------------
 # records from the shard stage
 # ---------------------------------------------------------------------------------------------
-def shard_manifest_of(tok: Manifest, ctx: StageContext) -> Manifest:
-    """The shard output the tokenize output was made from (its key is in tok.upstream)."""
-    key = (tok.upstream or {}).get("shard")
-    if not key:
-        raise StageError(f"{tok.path}: the tokenize manifest names no upstream shard key; classification reads "
-                         f"the shard records it was made from")
-    folder = ctx.store.stage_dir("shard", key)
-    if not (folder / "manifest.json").is_file():
-        raise StageError(f"shard output {folder} is missing; rerun `c2m run` to recompute it")
-    return Manifest.load(folder)
-
-
 def split_records(shard: Manifest) -> dict[str, list[dict]]:
     """Every split's records (sorted by id: the order does not depend on shard layout)."""
     import pyarrow as pa
@@ -305,8 +274,6 @@ def train_tuned(model, tokenizer, records: list[dict], y: list[int], cc, ft, log
     the finetune section's schedule (linear warmup, cosine decay), AdamW and gradient clipping."""
     import torch
 
-    from corpus2model.tasks.finetune import lr_at
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -340,16 +307,14 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     """The finetune stage for ``model.task: classification`` (see the module docstring)."""
     import torch
 
-    from corpus2model.tasks.finetune import canonical_adapter_config
     from corpus2model.tasks.model.modeling import save_model
 
-    if len(inputs) != 1:
-        raise StageError(f"finetune takes one upstream manifest (tokenize), got {len(inputs)}")
+    _tok, shard = inputs  # the classifier trains on the shard records (its own tokenizer, not tokenize's BPE)
     ft, mc = cfg.finetune, cfg.model
     cc = mc.classifier
     if ft.method not in ("lora", "full"):
         raise StageError(f"finetune.method {ft.method!r} is not supported for classification; use lora or full")
-    splits = split_records(shard_manifest_of(inputs[0], ctx))
+    splits = split_records(shard)
     train_all = splits.get("train") or []
     labels = label_list(train_all, cc.label_field, cc.labels)
     train, y, skipped_train = labelled(train_all, cc.label_field, labels)
@@ -409,8 +374,6 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
     history = [{"step": i + 1, "train_loss": v, "lr": None, "eval_loss": None} for i, v in enumerate(losses)]
     (out_dir / "loss.json").write_text(json.dumps({"rows": history, "head_losses": head["head_losses"]}, indent=1),
                                        encoding="utf-8")
-    from corpus2model.tasks.finetune import plot_losses
-
     plot_losses(history, out_dir / "loss.png")
     files = [FileEntry(p.relative_to(out_dir).as_posix(), role="model")
              for folder in ("base", "adapter", "merged") for p in sorted((out_dir / folder).rglob("*")) if p.is_file()]
@@ -575,16 +538,16 @@ def classifier_variants(ft: Manifest, quant: Manifest) -> dict[str, Path]:
     return out
 
 
-def evaluate_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    """The evaluate stage for a classifier: every variant on the same held-out labelled records."""
+def evaluate_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext,
+                 held_out: tuple[list[dict], str, list[str]]) -> Manifest:
+    """The evaluate stage for a classifier: every variant on the same held-out labelled records
+    (``held_out``: the evaluate stage's held_out_records of the shard input, all of them)."""
     import torch
-
-    from corpus2model.tasks.evaluate import held_out_records
 
     shard, _tok, ft, quant = inputs
     ec = cfg.evaluate
     labels, field, max_length = ft.stats["labels"], ft.stats["label_field"], int(ft.stats["max_length"])
-    records, split, notes = held_out_records(shard, ec.split, 10**9)
+    records, split, notes = held_out
     records, y, skipped = labelled(records, field, labels)
     records, y = records[:ec.max_records], y[:ec.max_records]
     if not records:

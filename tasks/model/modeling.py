@@ -31,10 +31,16 @@ def _offline() -> None:
 
 
 def build_model(model_cfg, tokenizer, seq_len: int):
-    """A causal LM for ``tokenizer``: random init from ``model_cfg`` (seeded), or ``model_cfg.pretrained``."""
+    """A causal LM for ``tokenizer``: random init from ``model_cfg`` (seeded), or ``model_cfg.pretrained``.
+
+    Its attention is ``losses.PACKED_SDPA`` where the architecture allows (sdpa once per document of
+    a packed block instead of a dense block-diagonal mask; the same numbers, less work; generation
+    unchanged), for this process only: saved folders load with transformers' default."""
     _offline()
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from corpus2model.tasks.model.losses import use_packed_attention
 
     if model_cfg.pretrained:
         from corpus2model.tasks.common.security import load_kwargs
@@ -46,6 +52,7 @@ def build_model(model_cfg, tokenizer, seq_len: int):
         )
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
+        use_packed_attention(model)
         return model
     if model_cfg.arch != "llama":
         raise ValueError(f"model.arch {model_cfg.arch!r} is not supported; use 'llama'")
@@ -68,6 +75,7 @@ def build_model(model_cfg, tokenizer, seq_len: int):
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    use_packed_attention(model)
     return model
 
 
@@ -228,28 +236,36 @@ def load_dynamic_int8(folder: Path, model_class=None, prepare=None, ignore_missi
 # ---------------------------------------------------------------------------------------------
 # inference helpers
 # ---------------------------------------------------------------------------------------------
+def _prompt_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[list[int], int]:
+    """(prompt token ids, token budget): the end of an over-long prompt is kept, since positions beyond the
+    trained range are undefined; a budget of 0 (or no ids) means the answer is empty."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    budget = max_new_tokens
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        ids = ids[-max(1, limit - max_new_tokens):]
+        budget = min(max_new_tokens, limit - len(ids))
+    return ids, (budget if ids else 0)
+
+
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0) -> list[str]:
     """New text for each prompt (greedy when temperature == 0), cut at the first eos.
 
-    Prompts are run one at a time: no padding, so the answer for a prompt never depends on what
-    else was in the batch (and exact-match scores are reproducible).
+    Prompts are run one at a time through HF ``generate``: no padding, so the answer for a prompt never
+    depends on what else was asked (exact-match scores are reproducible). This is the reference the
+    batched engine below is tested against.
     """
     import torch
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    limit = getattr(model.config, "max_position_embeddings", None)
     outs = []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        budget = max_new_tokens
-        if limit:
-            # Keep the end of an over-long prompt; positions beyond the trained range are undefined.
-            ids = ids[:, -max(1, limit - max_new_tokens):]
-            budget = min(max_new_tokens, limit - ids.shape[1])
-        if budget <= 0 or ids.shape[1] == 0:
+        ids, budget = _prompt_ids(model, tokenizer, prompt, max_new_tokens)
+        if budget <= 0:
             outs.append("")
             continue
+        ids = torch.tensor([ids])
         kwargs = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": float(temperature)}
         with torch.inference_mode():
             seq = model.generate(
@@ -261,6 +277,459 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 32
             new = new[: new.index(eos)]
         outs.append(tokenizer.decode(new, skip_special_tokens=True))
     return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# batched generation: continuous batching over one KV cache
+# ---------------------------------------------------------------------------------------------
+# How a batched forward pass gives each request exactly what it would get alone:
+# - The batch shares one KV cache, left-padded to its longest row; each row carries its own position
+#   ids, and the row-wise attention below reads only that row's real queries and keys (no padded
+#   column enters a softmax or a reduction), through the model's own attention function.
+# - Dynamic INT8 Linears quantize their input with one scale per call: fed the whole batch, a row's
+#   answer would depend on its neighbours' activations (and on padding). In batched passes they run
+#   once per row, on that row's real tokens only.
+# - The forward inputs are those HF generate (transformers 5.x) gives a prompt alone: ids, position ids,
+#   the last position's logits only, no mask.
+# - Float Linears run as one matmul over the batch. A batched matmul may round differently from a
+#   1-row one (last-bit differences, measured ~1e-7); greedy choices change only on exact near-ties.
+KEY_STARTS = "c2m_key_starts"  # forward kwarg: per row, the first position (cache column) that is real
+_ROWWISE = "c2m_rowwise_"
+
+
+def _attention_function(name: str, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    import sys
+
+    # "eager" is not registered: each HF model module defines its own eager_attention_forward.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _register_rowwise(original: str) -> str:
+    """An attention implementation that is ``original`` unless the forward passes KEY_STARTS; then it
+    attends row by row over each row's real keys. A prefill (as many queries as keys) also drops the
+    row's padded queries; their outputs are zeros, which no real position ever reads."""
+    import torch
+    from transformers import AttentionInterface
+
+    name = _ROWWISE + original
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        starts = kwargs.pop(KEY_STARTS, None)
+        fn = _attention_function(original, module)
+        if starts is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        prefill = query.shape[2] == key.shape[2] and query.shape[2] > 1
+        pos = kwargs.pop("position_ids", None)
+        outs = []
+        for i, s in enumerate(starts):
+            q0 = s if prefill else 0
+            if pos is not None:
+                kwargs["position_ids"] = pos[i:i + 1, q0:]
+            mask = None if attention_mask is None else attention_mask[i:i + 1, :, q0:, s:]
+            out = fn(module, query[i:i + 1, :, q0:], key[i:i + 1, :, s:], value[i:i + 1, :, s:], mask, **kwargs)[0]
+            outs.append(torch.nn.functional.pad(out, (0, 0, 0, 0, q0, 0)) if q0 else out)  # [1, q, heads, dim]
+        return torch.cat(outs, 0), None
+
+    AttentionInterface.register(name, attend)
+    return name
+
+
+class _BatchedMode:
+    """While entered: row-wise attention on the model, and its dynamic INT8 Linears called once per row
+    (on the row's real tokens: ``starts``, set around a padded prefill, says where they begin)."""
+
+    def __init__(self, model):
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.quantized = list(_quantized_linears(model).values())
+        self.original = None
+        self.starts: list[int] | None = None
+
+    def _rowwise_call(self, forward, row_fn, x):
+        import torch
+
+        if x.shape[0] <= 1:
+            return forward(x)
+        starts = self.starts if x.dim() == 3 and x.shape[1] > 1 else None
+        outs = []
+        for i in range(x.shape[0]):
+            s = starts[i] if starts else 0
+            y = row_fn(x[i:i + 1, s:] if s else x[i:i + 1])
+            outs.append(torch.nn.functional.pad(y, (0, 0, s, 0)) if s else y)
+        return torch.cat(outs, 0)
+
+    @staticmethod
+    def _row_op(mod):
+        """What ``mod.forward`` computes for float32 input, as a direct call of its quantized op: the
+        module's Python costs 6 of its 20 us per call, and a batched step makes one call per row."""
+        import functools
+
+        import torch
+
+        forward = type(mod).forward.__get__(mod)
+        if mod._packed_params.dtype != torch.qint8:
+            return forward
+        reduce_range = not (mod.version is None or mod.version < 4)  # as Linear.forward decides
+        op = functools.partial(torch.ops.quantized.linear_dynamic.default,
+                               W_prepack=mod._packed_params._packed_params, reduce_range=reduce_range)
+        return lambda x: op(x) if x.dtype == torch.float32 else forward(x)
+
+    def __enter__(self):
+        import functools
+
+        self.original = self.base.config._attn_implementation or "eager"
+        if not self.original.startswith(_ROWWISE):
+            self.base.set_attn_implementation(_register_rowwise(self.original))
+        for mod in self.quantized:
+            forward = type(mod).forward.__get__(mod)
+            mod.forward = functools.partial(self._rowwise_call, forward, self._row_op(mod))
+        return self
+
+    def __exit__(self, *exc):
+        for mod in self.quantized:
+            mod.__dict__.pop("forward", None)
+        if not self.original.startswith(_ROWWISE):
+            self.base.set_attn_implementation(self.original)
+        return False
+
+
+class GenRequest:
+    """One prompt's state in the batch: prompt token ids, budget (new tokens), sampling temperature, group,
+    ``done`` (whatever the batch's ``finish`` callback needs), and the tokens generated so far."""
+
+    __slots__ = ("ids", "budget", "temperature", "group", "done", "out", "pos", "last")
+
+    def __init__(self, ids: list[int], budget: int, temperature: float = 0.0, group=None, done=None):
+        self.ids, self.budget, self.temperature, self.group, self.done = ids, budget, float(temperature), group, done
+        self.out: list[int] = []
+        self.pos = len(ids)  # position id of the next token fed to the model
+        self.last = None  # that token
+
+
+class DecodeBatch:
+    """The running batch. ``join`` prefills new requests (together, padded on the left) and adds them
+    (or finishes those done at once); ``step`` runs one decode step for every row and removes the rows
+    that finished. Finished requests go to ``finish(request)``. Row-wise attention and per-row INT8
+    calls are on while the batch is entered (``with batch:``). Not thread-safe: one thread drives it."""
+
+    def __init__(self, model, tokenizer, finish, context=None):
+        import inspect
+
+        import torch
+
+        self.torch = torch
+        self.model, self.tokenizer, self.finish = model, tokenizer, finish
+        self.context = context or (lambda group: _nullcontext())
+        self.mode = _BatchedMode(model)
+        base = self.mode.base
+        params = inspect.signature(base.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        # HF generate asks for the last position's logits only; the lm_head then runs on one row, which
+        # rounds differently (and, quantized, is scaled differently) from slicing all rows' logits.
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.config = base.config
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        gen = getattr(model, "generation_config", None)
+        self.top_k = getattr(gen, "top_k", None) or 0
+        self.top_p = getattr(gen, "top_p", None) or 1.0
+        self.rows: list[GenRequest] = []
+        self.starts: list[int] = []
+        self.cache = None
+        self.group = None
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _new_cache(self):
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def _pick(self, logits, rows: list[GenRequest]) -> list[int]:
+        torch = self.torch
+        logits = logits.float()
+        picks = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                row = logits[i] / r.temperature
+                if self.top_k and self.top_k < row.shape[-1]:
+                    kth = torch.topk(row, self.top_k).values[-1]
+                    row = row.masked_fill(row < kth, float("-inf"))
+                probs = torch.softmax(row, -1)
+                if self.top_p < 1.0:
+                    sp, si = torch.sort(probs, descending=True)
+                    drop = sp.cumsum(-1) - sp > self.top_p
+                    probs = probs.scatter(0, si, sp.masked_fill(drop, 0.0))
+                picks[i] = int(torch.multinomial(probs / probs.sum(), 1))
+        return picks
+
+    def _advance(self, r: GenRequest, token: int) -> bool:
+        """Record ``token`` for ``r``; True when ``r`` is finished."""
+        if self.eos is not None and token == self.eos:
+            return True
+        r.out.append(token)
+        r.last = token
+        return len(r.out) >= r.budget
+
+    def _forward(self, ids, pos, cache, starts, group):
+        torch = self.torch
+        kwargs = {KEY_STARTS: starts} if starts is not None else {}
+        self.mode.starts = starts
+        try:
+            with torch.inference_mode(), self.context(group):
+                return self.model(input_ids=ids, position_ids=pos, use_cache=True, **{self.cache_kw: cache},
+                                  **self.extra, **kwargs).logits[:, -1, :]
+        finally:
+            self.mode.starts = None
+
+    def join(self, requests) -> None:
+        """Prefill ``requests`` (one GenRequest or a list, all of this batch's group) in one forward pass and
+        add the ones that go on. One request alone is exactly HF generate's prefill; several are padded
+        on the left, each row seeing only its own tokens."""
+        torch = self.torch
+        requests = [requests] if isinstance(requests, GenRequest) else list(requests)
+        live = [r for r in requests if r.budget > 0]
+        for r in requests:
+            if r.budget <= 0:
+                self.finish(r)
+        if not live:
+            return
+        group = live[0].group
+        if any(r.group != group for r in live) or (self.rows and group != self.group):
+            raise ValueError("a batch runs one group (adapter) at a time")
+        length = max(len(r.ids) for r in live)
+        starts = [length - len(r.ids) for r in live]
+        ids = torch.tensor([[self.pad] * s + r.ids for s, r in zip(starts, live)])
+        pos = torch.tensor([[0] * s + list(range(len(r.ids))) for s, r in zip(starts, live)])
+        cache = self._new_cache()
+        logits = self._forward(ids, pos, cache, starts if len(live) > 1 else None, group)
+        keep = []
+        for i, (r, token) in enumerate(zip(live, self._pick(logits, live))):
+            if self._advance(r, token):
+                self.finish(r)
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(live):
+            cache, starts = self._select(cache, starts, keep)
+            live = [live[i] for i in keep]
+        if not self.rows:
+            self.rows, self.starts, self.cache, self.group = live, starts, cache, group
+            return
+        old, new = self.cache.get_seq_length(), cache.get_seq_length()
+        pad_old, pad_new = max(0, new - old), max(0, old - new)
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+                a = torch.nn.functional.pad(a, (0, 0, pad_old, 0)) if pad_old else a
+                b = torch.nn.functional.pad(b, (0, 0, pad_new, 0)) if pad_new else b
+                setattr(old_layer, attr, torch.cat([a, b], 0))
+        self.starts = [s + pad_old for s in self.starts] + [s + pad_new for s in starts]
+        self.rows += live
+
+    def step(self) -> int:
+        """One decode step for every row; returns the number of rows it ran."""
+        torch = self.torch
+        n = len(self.rows)
+        if not n:
+            return 0
+        ids = torch.tensor([[r.last] for r in self.rows])
+        pos = torch.tensor([[r.pos] for r in self.rows])
+        logits = self._forward(ids, pos, self.cache, list(self.starts), self.group)
+        keep = []
+        for i, (r, token) in enumerate(zip(self.rows, self._pick(logits, self.rows))):
+            r.pos += 1
+            if self._advance(r, token):
+                self.finish(r)
+            else:
+                keep.append(i)
+        if not keep:
+            self.reset()
+        elif len(keep) < n:
+            self.cache, self.starts = self._select(self.cache, self.starts, keep)
+            self.rows = [self.rows[i] for i in keep]
+        return n
+
+    def _select(self, cache, starts: list[int], keep: list[int]):
+        """The cache rows ``keep``, without the columns that are padding in all of them."""
+        idx = self.torch.tensor(keep)
+        starts = [starts[i] for i in keep]
+        trim = min(starts)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
+            layer.values = layer.values.index_select(0, idx)[:, :, trim:]
+        return cache, [s - trim for s in starts]
+
+    def reset(self) -> list[GenRequest]:
+        rows, self.rows, self.starts, self.cache, self.group = self.rows, [], [], None, None
+        return rows
+
+    def text(self, r: GenRequest) -> str:
+        return self.tokenizer.decode(r.out, skip_special_tokens=True)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int] = 32,
+                     temperature: float | list[float] = 0.0, max_batch_size: int = 8) -> list[str]:
+    """``generate_text`` for many prompts at once: up to ``max_batch_size`` decode together, and free
+    places are refilled from the waiting prompts (prefilled together). Greedy answers are those of
+    ``generate_text``."""
+    n = len(prompts)
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
+    temps = temperature if isinstance(temperature, list) else [temperature] * n
+    texts: dict[int, str] = {}
+    batch = DecodeBatch(model, tokenizer, finish=lambda r: texts.__setitem__(r.done, batch.text(r)))
+    waiting = []
+    for i, (p, m, t) in enumerate(zip(prompts, budgets, temps)):
+        ids, budget = _prompt_ids(model, tokenizer, p, m)
+        waiting.append(GenRequest(ids, budget, t, done=i))
+    waiting.reverse()
+    with batch:
+        while waiting or len(batch):
+            free = max_batch_size - len(batch)
+            if waiting and free > 0:
+                batch.join([waiting.pop() for _ in range(min(free, len(waiting)))])
+            batch.step()
+    return [texts[i] for i in range(n)]
+
+
+class GenerationEngine:
+    """Continuous batching for a server: request threads ``submit`` prompts; one worker thread keeps a
+    ``DecodeBatch`` going. Requests join between decode steps (up to ``max_batch_size`` rows) and leave
+    when they finish; when the batch is empty the worker waits up to ``max_wait_ms`` after the first
+    arrival to gather the rest. ``context(group)`` is entered around every forward pass (e.g. to switch a
+    PEFT adapter); a batch holds one group, others wait until it drains (first come, first served).
+    ``on_step(rows)`` is called after each decode step."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_wait_ms: float = 5.0, context=None,
+                 on_step=None):
+        import queue
+        import threading
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_wait = max(1, int(max_batch_size)), max_wait_ms / 1000.0
+        self.on_step = on_step
+        self.queue: queue.Queue = queue.Queue()
+        self.batch = DecodeBatch(model, tokenizer, self._finish, context)
+        self.closed = False
+        self.batch.__enter__()
+        self.thread = threading.Thread(target=self._loop, name="c2m-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, group=None):
+        """A Future of the new text. The worker tokenizes (not the caller, which may be an event loop)."""
+        from concurrent.futures import Future
+
+        if self.closed:
+            raise RuntimeError("generation engine closed")
+        fut: Future = Future()
+        self.queue.put((prompt, max_new_tokens, temperature, group, fut))
+        return fut
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, group=None) -> str:
+        return self.submit(prompt, max_new_tokens, temperature, group).result()
+
+    def close(self) -> None:
+        """Stop the worker: requests not finished yet fail with RuntimeError; the model is left as it was."""
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+        self.batch.__exit__(None, None, None)
+
+    def _finish(self, r: GenRequest) -> None:
+        if not r.done.done():
+            r.done.set_result(self.batch.text(r))
+
+    def _fail(self, requests, exc) -> None:
+        for r in requests:
+            if not r.done.done():
+                r.done.set_exception(exc)
+
+    def _loop(self) -> None:
+        import collections
+        import queue
+        import time
+
+        pending: collections.deque = collections.deque()
+        stopping = False
+        batch = self.batch
+        while True:
+            if not len(batch) and not pending and not stopping:
+                job = self.queue.get()
+                if job is None:
+                    stopping = True
+                else:
+                    pending.append(job)
+                    deadline = time.perf_counter() + self.max_wait
+                    while len(pending) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                        try:
+                            job = self.queue.get(timeout=left)
+                        except queue.Empty:
+                            break
+                        if job is None:
+                            stopping = True
+                            break
+                        pending.append(job)
+            while not stopping:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                else:
+                    pending.append(job)
+            if stopping:
+                closed = RuntimeError("generation engine closed")
+                for *_, fut in pending:
+                    fut.set_exception(closed)
+                self._fail(batch.reset(), closed)
+                return
+            # Admit waiting requests of the batch's group (the first one's when it is empty), first come first
+            # served: one of another group at the head of the line waits for the batch to drain.
+            group = batch.group if len(batch) else (pending[0][3] if pending else None)
+            new = []
+            while pending and len(batch) + len(new) < self.max_batch_size and pending[0][3] == group:
+                prompt, max_new_tokens, temperature, _, fut = pending.popleft()
+                r = GenRequest([], 0, temperature, group, done=fut)
+                try:
+                    r.ids, r.budget = _prompt_ids(self.model, self.tokenizer, prompt, max_new_tokens)
+                    r.pos = len(r.ids)
+                    new.append(r)
+                except Exception as e:  # a prompt the tokenizer rejects fails alone
+                    self._fail([r], e)
+            if new:
+                try:
+                    batch.join(new)
+                except Exception as e:  # their prefill failed: those requests get the error, the batch goes on
+                    self._fail(new, e)
+            if len(batch):
+                try:
+                    n = batch.step()
+                except Exception as e:  # every row of the failed step gets the error; the worker lives on
+                    self._fail(batch.reset(), e)
+                    continue
+                if self.on_step:
+                    self.on_step(n)
 
 
 def count_params(model) -> int:

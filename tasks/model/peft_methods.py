@@ -192,6 +192,16 @@ def prepare(model, ft, base_dir: Path | None = None):
         raise StageError(f"finetune.{section}.target_modules do not fit the model: {e}") from None
 
 
+def canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a Python set, whose order changes with the process's hash
+    seed; sort it (and the keys) so the same training gives the same bytes in any process."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for k, v in cfg.items():
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            cfg[k] = sorted(v)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_adapter(model, method: str, folder: Path) -> bool:
     """Write the adapter (nothing for ``full``); True when something was written."""
     if method == "full":
@@ -199,8 +209,6 @@ def save_adapter(model, method: str, folder: Path) -> bool:
     if method == "bottleneck":
         save_bottleneck(model, folder)
         return True
-    from corpus2model.tasks.finetune import canonical_adapter_config
-
     model.save_pretrained(str(folder), safe_serialization=True)
     for cfg_file in sorted(folder.rglob("adapter_config.json")):  # per-task adapters sit in subfolders
         canonical_adapter_config(cfg_file)

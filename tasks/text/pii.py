@@ -4,8 +4,10 @@ numbers are replaced by placeholders (<EMAIL>, <PHONE>, <IP>, <CARD>) in every t
 A transform, not a filter: the record stays, its personal data does not reach training. Each
 pattern is written to prefer a miss over masking ordinary text: years, dates, version numbers,
 prices and section numbers are not phone numbers; a 16-digit run is a card only when it passes
-the Luhn check (so order numbers and ISBNs stay); an IPv4 needs four octets of at most 255; an
-IPv6 needs hex groups with colons and is validated by ``ipaddress``.
+the Luhn check (so order numbers and ISBNs stay); an IPv4 needs four octets of at most 255 and an
+address context (``_ipv4``: "version 1.2.3.4", "OID 1.3.6.1" and "section 1.2.3.4" are dotted numbers,
+"connect to 192.168.1.20", "IP 10.0.0.1" and "8.8.8.8:53" are addresses); an IPv6 needs hex groups
+with colons and is validated by ``ipaddress``.
 
 ``mask_pii(text, kinds) -> (masked text, {kind: count})``. Kinds run in the order card, email,
 ip, phone: a card number is a digit run a phone pattern would also see, and an e-mail's domain
@@ -22,7 +24,26 @@ PLACEHOLDER = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>", "card": "<C
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
 # 13-19 digits, optionally in groups separated by single spaces or hyphens (4-4-4-4, 4-6-5).
 _CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)")
+# A sentence-ending period may follow ("IP 10.0.0.1."); a fifth ".<digit>" part may not.
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)")
+# What makes a dotted quad an address (``_ipv4``): a port or CIDR prefix right after it, a URL or
+# user@ right before it, or a networking word in the words around it on its line; a numbering word
+# right before it ("version", "v", "OID", "section", "§", ...) makes it a number whatever else is near.
+_IP_SUFFIX = re.compile(r"(?::\d{1,5}|/\d{1,2})(?!\d)")
+_IP_PREFIX = re.compile(r"(?://|@)$")
+_NET_WORD = re.compile(
+    r"\b(?:ips?|ipv4|ip-?address(?:es)?|address(?:es)?|addr|inet|hosts?|hostname|servers?|connect\w*|"
+    r"ping(?:ed|ing)?|gateway|router|dns|nameservers?|resolv\w*|proxy|subnet|netmask|firewall|vpn|"
+    r"clients?|peers?|remote|origin|src|dst|listen\w*|bind|ssh|telnet|ftp|curl|wget|nslookup|traceroute|"
+    r"port|login|logged|blocked|banned|whitelist\w*|allowlist\w*|localhost|lan|wan)\b",
+    re.I,
+)
+_NUMBERING_WORD = re.compile(
+    r"(?:\b(?:v|ver|version|versions|release|build|oid|section|sections|sec|chapter|ch|clause|article|art|"
+    r"rule|step|figure|fig|table|item|paragraph|para|no|nr)\.?|§)\s*$",
+    re.I,
+)
+_IP_WINDOW = 40  # characters looked at on each side (same line)
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # A phone number: an international "+<country> ..." form, or a North-American/European grouped
 # form with an area code in parentheses or separated by - . or space. Needs >= 9 digits in all.
@@ -69,6 +90,23 @@ def _ipv6(m: re.Match) -> str | None:
     return PLACEHOLDER["ip"]
 
 
+def _ipv4(m: re.Match) -> str | None:
+    """Mask a dotted quad only in an address context (see _IP_SUFFIX, _IP_PREFIX, _NET_WORD): four
+    numbers of at most 255 are also version, OID and section numbers, and masking those alters text
+    that holds no personal data."""
+    text, start, end = m.string, m.start(), m.end()
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    before = text[max(line_start, start - _IP_WINDOW):start]
+    if _NUMBERING_WORD.search(before):
+        return None
+    after = text[end:min(line_end, end + _IP_WINDOW)]
+    if _IP_SUFFIX.match(after) or _IP_PREFIX.search(before) or _NET_WORD.search(before) or _NET_WORD.search(after):
+        return PLACEHOLDER["ip"]
+    return None
+
+
 def _phone(m: re.Match) -> str | None:
     return PLACEHOLDER["phone"] if sum(c.isdigit() for c in m.group(0)) >= 9 else None
 
@@ -76,7 +114,7 @@ def _phone(m: re.Match) -> str | None:
 _RULES = {
     "card": [(_CARD, _card)],
     "email": [(_EMAIL, lambda m: PLACEHOLDER["email"])],
-    "ip": [(_IPV4, lambda m: PLACEHOLDER["ip"]), (_IPV6, _ipv6)],
+    "ip": [(_IPV4, _ipv4), (_IPV6, _ipv6)],
     "phone": [(_PHONE, _phone)],
 }
 # Cheap pre-checks: most documents hold no "@", no run of digits, no "::"-like text.
