@@ -482,8 +482,12 @@ def cpu_rows(runs: list[dict], repeats: int) -> tuple[list[dict], str]:
         if r["metric"].endswith("vs hf x"):
             cells = [str(r["value"]) if s == "corpus2model" else "" for s in systems]
             lines.append(f"| {r['metric']} | " + " | ".join(cells) + " |")
-    table_md = "\n".join(lines) + "\n\nTokens/s of the anchor: its own figure (same-token figure in brackets).\n"
-    return rows, table_md
+    loads = [r["load_before"] for r in runs if r.get("load_before") is not None]
+    table_md = "\n".join(lines) + "\n\nTokens/s of the anchor: its own figure (same-token figure in brackets)."
+    if loads:
+        table_md += (f" The {CPU_THREADS} cores were shared with other work: 1-minute load average {min(loads)}-"
+                     f"{max(loads)} before the runs; slowed steps show in each run's step_seconds (JSON).")
+    return rows, table_md + "\n"
 
 
 def table(rows: list[dict]) -> str:

@@ -9,16 +9,19 @@ One code path from the CPU tests to the GPU benchmark:
 - ``varlen_kwargs``: the same boundaries as ``cu_seq_lens`` for flash-attention's varlen kernel, for
   callers that pass them explicitly instead of letting transformers find them.
 - ``chunked_cross_entropy``: cross-entropy through the output head ``chunk_tokens`` positions at a
-  time, each chunk recomputed in backward (activation checkpointing), so the [tokens, vocab] logits
-  (152k columns for Qwen2) never exist whole: peak extra memory is one chunk's logits. Only target
-  positions (label != -100) go through the head at all.
+  time, each chunk recomputed in backward (activation checkpointing) when there are several, so the
+  [tokens, vocab] logits (152k columns for Qwen2) never exist whole: peak extra memory is one chunk's
+  logits. Only target positions (label != -100) go through the head at all. With grad_accum > 1 the
+  trainer holds every micro-batch's graph until it has all their target counts, so a single-chunk
+  micro-batch keeps its log-probabilities (one chunk's worth) until then, like its activations.
 - ``causal_lm_loss``: the model's decoder, then the chunked loss; it falls back to the model's own
   loss for methods that add inputs around the decoder (prefix tuning).
 - ``PACKED_SDPA`` (``use_packed_attention``): sdpa run once per document of a packed row, each with
   ``is_causal=True``, where plain sdpa gets a dense [T, T] block-diagonal mask. With a mask sdpa
   computes every block of the row (T^2) and no kernel skips the masked ones; per document it computes
-  the sum of l_i^2 / 2, about 5x less attention work on 8 documents of lognormal lengths. What
-  flash-attention's varlen kernel does on a GPU, for CPUs and GPUs without flash_attn.
+  the sum of l_i^2 / 2, 11-15x less attention work on the CPU bench's steps of 8 documents (a LoRA
+  step of the CPU bench: 1.23 s against 1.66 s). What flash-attention's varlen kernel does on a GPU,
+  for CPUs and GPUs without flash_attn.
 """
 from __future__ import annotations
 
@@ -85,8 +88,8 @@ def chunked_cross_entropy(hidden, head, labels, chunk_tokens: int = 4096):
     step = max(1, int(chunk_tokens))
     if n <= step:
         # One chunk holds every target: recomputing it in backward would save no memory (its logits
-        # exist whole during the forward either way) and costs one more pass through the head, 15%
-        # of a LoRA step on the 48M CPU bench model (a 20k vocabulary).
+        # exist whole during the forward either way) and costs one more pass through the head (about
+        # a tenth of a LoRA step's FLOPs on the 46M CPU bench model; under the timing noise there).
         return chunk_loss(h, y) / n, n
     total = None
     for i in range(0, n, step):
