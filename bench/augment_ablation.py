@@ -1,28 +1,27 @@
-"""Does augmentation earn its place? The demo's finetune trained twice, with and without the augmented
-records, scored on the same held-out records (issue 15).
+"""Does augmentation earn its place? The demo's DAG with ``evaluate.ablate: [augment]`` (issue 15): the same
+finetune trained with and without the augmented records, both scored on the same held-out records.
 
-    python bench/augment_ablation.py                  # ~2x the demo's data stages + finetune (minutes on 2 cores)
-    python bench/augment_ablation.py --max-steps 20 --no-write   # smoke test
+    python bench/augment_ablation.py            # the demo DAG + its no-augment branch: ~10 min cold on 2 quiet cores
+    python bench/augment_ablation.py --smoke    # 20 steps, no quantization, 16 held-out records: ~2 min; writes nothing
 
-Both runs go through the project's own stage table (flows/stages.py, ``run_stage``) into one temp
-store, stages up to finetune: configs/demo.yaml as is (``with augment``) and the same config with
-``augment.max_ratio: 0`` (``without augment``: the augment stage runs but adds nothing, so every other
-stage and setting is identical; the stages before augment are cache hits the second time).
+The run is the project's own: ``flows.plan.run_local`` (the flow's stages, keys and store, without Prefect)
+on configs/demo.yaml plus ``evaluate.ablate: [augment]``, in a temp store. The flow then reruns augment ..
+finetune with augment switched off (flows/stages.py ``nodes``; augment's records pass through), and the
+evaluate stage scores that model as the row ``tuned_no_augment`` beside ``tuned``.
 
-Held-out set: the originals of the ``without`` run's test split (shard buckets a record by its
-parent id, so the ``with`` run's test split holds the same originals plus augmented copies of them,
-which are left out). Both models score the same records with tasks/evaluate.py's encoding (prompt
-template, loss on target + eos). Metrics:
-* ``eval loss``: mean NLL per target token; each run trains its own BPE tokenizer on its own corpus,
-  so token-level figures are *not* strictly comparable between the rows;
-* ``eval perplexity``: exp(eval loss), same caveat;
-* ``eval NLL per target character``: the NLL summed over the target tokens divided by the target
-  characters (+1 for eos): independent of the tokenizer, the comparable figure.
+Reported per system (rows "with augment" = ``tuned``, "without augment" = ``tuned_no_augment``):
+* the evaluation table's figures on its held-out records (evaluate.max_records of the test split by id):
+  perplexity, token accuracy, exact match (math_qa), ROUGE-L (open generation). Each branch trains its own
+  BPE tokenizer on its own train split, so perplexity / token accuracy count slightly different tokens;
+* ``eval NLL per target character`` on the held-out *originals* (the test split without augmented copies,
+  which the no-augment branch does not have): the NLL summed over the target tokens divided by the target
+  characters (+1 for eos), independent of the tokenizer: the figure that compares strictly.
 Rows are written through bench/results_io.py to bench/results/augment_ablation.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -30,41 +29,26 @@ from pathlib import Path
 
 from results_io import RESULTS, ROOT, write_results
 
-SYSTEMS = {"with": "corpus2model (with augment)", "without": "corpus2model (without augment)"}
+SYSTEMS = {"tuned": "corpus2model (with augment)", "tuned_no_augment": "corpus2model (without augment)"}
+FINETUNE = {"tuned": "finetune", "tuned_no_augment": "finetune_no_augment"}
+TABLE_METRICS = [("perplexity", "per token (own tokenizer)"), ("token_accuracy", "share"),
+                 ("exact_match", "share (math_qa)"), ("rouge_l", "F1 (open generation)")]
+SMOKE = {"finetune.max_steps": 20, "finetune.eval_every": 10, "quantize.methods": [], "evaluate.max_records": 16,
+         "evaluate.generate_records": 2, "evaluate.max_new_tokens": 8, "evaluate.latency_runs": 2,
+         "evaluate.throughput_runs": 1}
 
 
-def run_through_finetune(config: Path, store: Path, overrides: dict) -> dict:
-    from corpus2model.flows.stages import STAGES, through
-    from corpus2model.schemas.config import load_config
-    from corpus2model.tasks.ingest import scan_raw
-    from corpus2model.tasks.stage import StageContext, Store, run_stage
-
-    cfg = load_config(config, {"paths.store": str(store), "paths.raw": str(ROOT / "data" / "sample" / "raw"), **overrides})
-    st = Store(cfg.paths.store)
-    done = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, st), "cfg": cfg}
-    ctx = StageContext(store=st)
-    for name in through("finetune"):
-        t0 = time.perf_counter()
-        done[name] = run_stage(STAGES[name], [done[u] for u in STAGES[name].inputs], cfg, ctx)
-        print(f"  {name}: {done[name].stats.get('cache', '')} {time.perf_counter() - t0:.1f} s", flush=True)
-    return done
-
-
-def score(done: dict, records: list[dict]) -> dict:
-    """Target-token NLL of the tuned model on ``records`` (tasks/evaluate.py's encoding)."""
+def score(ft, template: str, records: list[dict]) -> dict:
+    """Target-token NLL of a finetune output's tuned model on ``records`` (tasks/evaluate.py's encoding)."""
     import torch
     import torch.nn.functional as F
 
-    from corpus2model.tasks.evaluate import encode_for_scoring, load_row_model
+    from corpus2model.tasks.evaluate import encode_for_scoring, load_row_model, variant_folders
+    from corpus2model.tasks.stage import Manifest
     from corpus2model.tasks.tokenize import render
 
-    ft = done["finetune"]
-    st = ft.stats
-    adapter = ft.dir / (st.get("adapter_dir") or "adapter")
-    source = (ft.dir / (st.get("base_dir") or "base"), adapter) if adapter.is_dir() else ft.dir / (st.get("merged_dir") or "merged")
-    model, tok, _ = load_row_model(source)
+    model, tok, _ = load_row_model(variant_folders(ft, Manifest(stage="quantize"))["tuned"])
     model.eval()
-    template = done["tokenize"].stats["prompt_template"]
     max_len = getattr(model.config, "max_position_embeddings", None)
     nll, n_tok, n_chars = 0.0, 0, 0
     with torch.inference_mode():
@@ -78,15 +62,14 @@ def score(done: dict, records: list[dict]) -> dict:
             nll += float(F.cross_entropy(logits[keep], y[keep], reduction="sum"))
             n_tok += int(keep.sum())
             n_chars += len(render(rec, template)[1]) + 1  # + eos, which is scored too
-    return {"loss": nll / n_tok, "ppl": math.exp(nll / n_tok), "nll_per_char": nll / n_chars, "tokens": n_tok,
-            "chars": n_chars}
+    return {"loss": nll / n_tok, "nll_per_char": nll / n_chars, "tokens": n_tok, "chars": n_chars}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    ap.add_argument("--smoke", action="store_true", help="a quick check of the wiring: tiny training, nothing written")
     ap.add_argument("--max-steps", type=int, default=0, help="override finetune.max_steps (0: the config's)")
-    ap.add_argument("--max-records", type=int, default=0, help="held-out records scored (0: all test originals)")
     ap.add_argument("--store", type=Path, default=None, help="store folder (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true")
@@ -94,59 +77,61 @@ def main(argv: list[str] | None = None) -> dict:
 
     import pyarrow.parquet as pq
 
+    from corpus2model.flows.plan import run_local
+    from corpus2model.schemas.config import load_config
     from corpus2model.tasks.tokenize import shard_files
 
-    common = {"finetune.max_steps": args.max_steps} if args.max_steps else {}
+    overrides = {"evaluate.ablate": ["augment"], "paths.raw": str(ROOT / "data" / "sample" / "raw"),
+                 **(SMOKE if args.smoke else {}), **({"finetune.max_steps": args.max_steps} if args.max_steps else {})}
     with tempfile.TemporaryDirectory(prefix="augment-ablation-") as tmp:
-        store = args.store or Path(tmp) / "store"
-        runs = {}
-        for name, extra in (("without", {"augment.max_ratio": 0.0}), ("with", {})):
-            print(f"{SYSTEMS[name]}:", flush=True)
-            t0 = time.perf_counter()
-            runs[name] = run_through_finetune(args.config, store, {**common, **extra})
-            runs[name]["seconds"] = time.perf_counter() - t0
-        test = [r for p in shard_files(runs["without"]["shard"]).get("test", []) for r in pq.read_table(p).to_pylist()]
-        test = sorted((r for r in test if not (r["metadata"] or {}).get("parent_id")), key=lambda r: r["id"])
-        if args.max_records:
-            test = test[: args.max_records]
-        with_test = {r["id"] for p in shard_files(runs["with"]["shard"]).get("test", []) for r in pq.read_table(p).to_pylist()}
-        missing = [r["id"] for r in test if r["id"] not in with_test]
-        if missing:  # the held-out originals must be held out in both runs, or the comparison is void
-            raise SystemExit(f"{len(missing)} held-out records of the 'without' run are not in the 'with' run's test split")
-        scores = {name: score(done, test) for name, done in runs.items()}
+        overrides["paths.store"] = str(args.store or Path(tmp) / "store")
+        cfg = load_config(args.config, overrides)
+        t0 = time.perf_counter()
+        done = run_local(cfg, log=None)
+        seconds = time.perf_counter() - t0
+        report = json.loads((done["evaluate"].dir / "eval.json").read_text(encoding="utf-8"))
+        table = {r["variant"]: r for r in report["rows"]}
+        # the held-out originals: the no-augment branch's test split (the main one adds augmented copies of them)
+        test = [r for p in shard_files(done["shard_no_augment"]).get("test", []) for r in pq.read_table(p).to_pylist()]
+        test = sorted(test, key=lambda r: r["id"])
+        template = done["tokenize"].stats["prompt_template"]
+        scores = {v: score(done[FINETUNE[v]], template, test) for v in SYSTEMS}
 
-    cfg = runs["with"]["cfg"]
-    aug = runs["with"]["augment"].stats
-    added = runs["with"]["augment"].counters["added"]
-    train = {n: runs[n]["shard"].stats.get("splits", {}) for n in runs}
+    aug, added = done["augment"].stats, done["augment"].counters["added"]
+    steps = cfg.finetune.max_steps
+    base_conf = (f"{args.config.name}{' --smoke' if args.smoke else ''}, finetune {cfg.finetune.method} {steps} steps; "
+                 f"{table['tuned']['records']} held-out records (evaluate table)")
     rows = []
-    for name in ("with", "without"):
-        s = scores[name]
-        conf = (f"configs/demo.yaml{'' if name == 'with' else ' + augment.max_ratio 0'}, finetune {cfg.finetune.method} "
-                f"{args.max_steps or cfg.finetune.max_steps} steps; {len(test)} held-out test originals, {s['tokens']} target tokens"
-                + (f"; +{added} augmented records ({aug['methods']}), {aug['candidates']} candidates, rejected {aug['rejected_by_reason']}"
-                   if name == "with" else "; no augmented records"))
-        rows += [
-            {"system": SYSTEMS[name], "metric": "eval loss", "value": round(s["loss"], 4), "unit": "nats/token", "config": conf},
-            {"system": SYSTEMS[name], "metric": "eval perplexity", "value": round(s["ppl"], 3), "unit": "per token",
-             "config": "own tokenizer per run: not strictly comparable"},
-            {"system": SYSTEMS[name], "metric": "eval NLL per target character", "value": round(s["nll_per_char"], 4),
-             "unit": "nats/char", "config": f"{s['chars']} target chars (+eos); tokenizer-independent"},
-        ]
-    delta = scores["with"]["nll_per_char"] - scores["without"]["nll_per_char"]
+    for variant, system in SYSTEMS.items():
+        conf = base_conf + (f"; +{added} augmented records ({aug['methods']}), rejected {aug['rejected_by_reason']}"
+                            if variant == "tuned" else "; augment switched off (evaluate.ablate), its own tokenizer")
+        for metric, unit in TABLE_METRICS:
+            if table[variant].get(metric) is not None:
+                rows.append({"system": system, "metric": metric, "value": table[variant][metric], "unit": unit,
+                             "config": conf})
+        s = scores[variant]
+        rows.append({"system": system, "metric": "eval NLL per target character", "value": round(s["nll_per_char"], 4),
+                     "unit": "nats/char", "config": f"{len(test)} held-out originals, {s['chars']} target chars (+eos); "
+                                                    f"tokenizer-independent"})
+    delta = scores["tuned"]["nll_per_char"] - scores["tuned_no_augment"]["nll_per_char"]
     verdict = ("augmentation helped (lower held-out NLL per character)" if delta < 0 else
                "augmentation did not help (held-out NLL per character is not lower)")
-    notes = (f"{verdict}: {delta:+.4f} nats/char ({100 * delta / scores['without']['nll_per_char']:+.2f}%). One seed per "
-             f"system, so a difference of this size may be noise. Both runs train the same number of steps; the 'with' run "
-             f"spreads them over {added} more records. Wall time: with {runs['with']['seconds']:.0f} s, without "
-             f"{runs['without']['seconds']:.0f} s (stages before augment were cache hits in the second run).")
+    ppl = (table["tuned"]["perplexity"], table["tuned_no_augment"]["perplexity"])
+    notes = (f"{verdict}: {delta:+.4f} nats/char ({100 * delta / scores['tuned_no_augment']['nll_per_char']:+.2f}%); "
+             f"table perplexity tuned {ppl[0]} vs tuned_no_augment {ppl[1]} (per token of each run's own tokenizer). "
+             f"One seed per system, so a difference of this size may be noise. Both runs train the same number of "
+             f"steps; the 'with' run spreads them over {added} more records. One cold run_local of the DAG with "
+             f"evaluate.ablate: [augment]: {seconds:.0f} s wall (stages before augment are shared by both branches).")
     for r in rows:
         print(f"{r['system']:32s} {r['metric']:30s} {r['value']} {r['unit']}")
     print(notes)
-    if not args.no_write:
-        write_results("augment_ablation", rows, notes, out_dir=args.out, title="augment ablation: finetune with and without augmented records",
-                      extra={"splits": train, "scores": scores})
-    return {"rows": rows, "scores": scores}
+    if not (args.no_write or args.smoke):
+        write_results("augment_ablation", rows, notes, out_dir=args.out,
+                      title="augment ablation: finetune with and without augmented records (evaluate.ablate)",
+                      extra={"scores": scores, "eval_rows": [table[v] for v in SYSTEMS], "seconds": round(seconds, 1),
+                             "splits": {v: done[k].stats.get("splits", {}) for v, k in
+                                        (("tuned", "shard"), ("tuned_no_augment", "shard_no_augment"))}})
+    return {"rows": rows, "scores": scores, "seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def main() -> None:
     cold_s, summary = c2m_run(work)  # cold, or the rerun of an earlier bench's store: not measured
     ran = [r["stage"] for r in summary["rows"] if r["status"] != "cached"]
     reruns = []
+    load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         secs, summary = c2m_run(work)
         ran = [r["stage"] for r in summary["rows"] if r["status"] != "cached"]
@@ -149,6 +150,7 @@ def main() -> None:
         reruns.append({"total_seconds": round(secs, 2),
                        "stage_seconds": round(sum(r["seconds"] for r in summary["rows"]), 2),
                        "stages": {r["stage"]: r["seconds"] for r in summary["rows"]}})
+    load.append(os.getloadavg()[0])
     with running_server(work) as url:
         on_server = [round(c2m_run(work, url)[0], 2) for _ in range(args.rounds)]
     tags = tagged_vs_untagged(args.tasks, work)
@@ -177,9 +179,12 @@ def main() -> None:
     verdict = (f"Issue 16's target: stage work < 2 s ({'met' if stage_s < 2 else 'missed'}: {stage_s:.2f} s) and total "
                f"< 8 s on a temporary server ({'met' if total_s < 8 else f'missed by {total_s - 8:.1f} s'}: "
                f"{total_s:.1f} s); against a running server the same rerun takes {server_s:.1f} s, so "
-               f"{total_s - server_s:.1f} s is the temporary server: in a cProfile of one rerun the parent imported Prefect's "
-               f"server module (3.2 s) before it launched the server process, then waited for it to boot (3.7 s), and "
-               f"stopped it at the end. ")
+               f"{total_s - server_s:.1f} s is the temporary server. `c2m run` launches that server first thing and "
+               f"imports Prefect and the stages while it boots (flows/runners.py TemporaryServer; before, Prefect "
+               f"started it at the flow's first API call after a 3.2 s import of its server module, and the run "
+               f"waited 3.7 s for the boot), and code fingerprints come from a disk cache keyed by each file's sha256 "
+               f"(tasks/common/fingerprint.py; before, 2-5 s of AST parsing per run). Load average (1 min) "
+               f"{load[0]:.2f} before the reruns, {load[1]:.2f} after, on {os.cpu_count()} cores. ")
     notes = (verdict + f"Reruns: total {[r['total_seconds'] for r in reruns]} s, stage work "
              f"{[r['stage_seconds'] for r in reruns]} s (slowest stage of the last: {slowest[0]} {slowest[1]} s); "
              f"on a running server {on_server} s; the untimed first run took {cold_s:.0f} s. "

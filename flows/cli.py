@@ -58,19 +58,30 @@ def _load(args):
 def cmd_run(args) -> int:
     cfg = _load(args)
     _project_env(cfg)
-    from corpus2model.flows.runners import flow_for, prefect_api
-    from corpus2model.schemas.config import ConfigError
-    from corpus2model.flows.plan import check_runtime
-    from corpus2model.tasks.stage import StageError
+    from corpus2model.flows.runners import prefect_api
+
+    flows = []
+
+    def load_code() -> None:
+        """Imports Prefect and every stage module (seconds): done while the temporary server boots."""
+        from corpus2model.flows.plan import check_runtime
+        from corpus2model.flows.runners import flow_for
+        from corpus2model.schemas.config import ConfigError
+
+        try:
+            check_runtime(cfg.runtime)
+        except ConfigError as e:
+            raise SystemExit(f"error: {args.config}: {e}") from None
+        flows.append(flow_for(cfg))
 
     try:
-        check_runtime(cfg.runtime)
-    except ConfigError as e:
-        raise SystemExit(f"error: {args.config}: {e}") from None
-    try:
-        with prefect_api(cfg):
-            result = flow_for(cfg)(config_path=str(args.config), overrides=_parse_set(args.set))
-    except StageError as e:
+        with prefect_api(cfg, before_wait=load_code):
+            result = flows[0](config_path=str(args.config), overrides=_parse_set(args.set))
+    except Exception as e:
+        from corpus2model.tasks.stage import StageError
+
+        if not isinstance(e, StageError):
+            raise
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     print()

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from corpus2model.flows.stages import DAG, STAGES
+from corpus2model.flows.stages import DAG, STAGES, ablated_config, nodes
 from corpus2model.tasks.common.fingerprint import check_entry
 from corpus2model.tasks.ingest import scan_raw
 from corpus2model.tasks.quantize import plan_detail
@@ -115,17 +115,23 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
     keys = {"source": source.key}
     steps: list[StepPlan] = []
     src_changes = source_diff(last.get("source", {}), {f.path: f.sha256 for f in source.files}) if last else []
-    for stage, ups in DAG:
-        mod = STAGES[stage]
-        upstream = [f"{u}:{keys[u]}" for u in ups]
-        sections = stage_sections(mod, cfg)  # also what the next run diffs against
-        key, _ = stage_key(mod, cfg, upstream, sections)
-        keys[stage] = key
+    # evaluate.ablate: branch nodes (flows/stages.py nodes) run their stage under the ablated config
+    configs = {None: cfg, **{t: ablated_config(cfg, t) for t in cfg.evaluate.ablate}}
+    stage_of = {"source": "source"}
+    for node in nodes(cfg.evaluate.ablate):
+        mod, stage, ups, ncfg = node.stage, node.stage.name, node.inputs, configs[node.ablation]
+        stage_of[node.label] = stage
+        upstream = [f"{u}:{keys[u]}" for u in ups]  # by label: what the run record keeps and the next run diffs
+        # also what the next run diffs against; finetune's key_extra reads its inputs' keys (its parent version)
+        sections = stage_sections(mod, ncfg, [f"{stage_of[u]}:{keys[u]}" for u in ups])
+        # by stage name, as run_stage names its input manifests (a branch's finetune is "finetune:<key>")
+        key, _ = stage_key(mod, ncfg, [f"{stage_of[u]}:{keys[u]}" for u in ups], sections)
+        keys[node.label] = key
         ok, verdict = verify(store.stage_dir(stage, key))
         code_note = ""
         if ok:  # code changed since this entry without a VERSION bump: named; runtime.on_code_change decides
-            ok, code_note = check_entry(store.stage_dir(stage, key), mod, cfg)
-        prev = last_stages.get(stage)
+            ok, code_note = check_entry(store.stage_dir(stage, key), mod, ncfg)
+        prev = last_stages.get(node.label)
         if ok:
             why = f"cached ({code_note})" if code_note else "cached"
         elif code_note:
@@ -145,10 +151,12 @@ def plan(cfg, store: Store, source: Manifest) -> list[StepPlan]:
             why = "; ".join(reasons)
         else:
             why = "first run" if not last else "not in store"
-        detail = _ingest_detail(source, cfg, store) if stage == "ingest" and not ok else ""
-        if stage == "quantize" and not ok:  # each variant is cached on its own: say which ones are new
+        detail = _ingest_detail(source, cfg, store) if node.label == "ingest" and not ok else ""
+        if node.label == "quantize" and not ok:  # each variant is cached on its own: say which ones are new
             detail = plan_detail(cfg.quantize, store, keys["finetune"], keys.get("tokenize"))
-        steps.append(StepPlan(stage, key, ok, why, sections, upstream, detail))
+        if node.ablation:
+            detail = f"evaluate.ablate: {stage} without {node.ablation}"
+        steps.append(StepPlan(node.label, key, ok, why, sections, upstream, detail))
     return steps
 
 
@@ -158,6 +166,7 @@ def run_local(cfg, log=None) -> dict[str, Manifest]:
     store = Store(cfg.paths.store)
     done: dict[str, Manifest] = {"source": scan_raw(cfg.paths.raw, cfg.ingest.include, store)}
     ctx = StageContext(store=store, log=log)
-    for stage, ups in DAG:
-        done[stage] = run_stage(STAGES[stage], [done[u] for u in ups], cfg, ctx)
+    for node in nodes(cfg.evaluate.ablate):  # an ablation branch's stages under the ablated config
+        ncfg = ablated_config(cfg, node.ablation) if node.ablation else cfg
+        done[node.label] = run_stage(node.stage, [done[u] for u in node.inputs], ncfg, ctx)
     return done

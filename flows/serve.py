@@ -9,6 +9,7 @@ template the model was trained on (the version's ``serve.json``) before generati
     GET  /metrics   -> Prometheus text: requests by endpoint and status, latency and batch-size histograms
     POST /generate  {"prompt", "max_new_tokens", "temperature"} -> {"text", ..., "latency_ms"}   (causal LMs)
     POST /classify  {"texts": [...]} -> {"results": [{"label", "score", "scores"}], ..., "batch_size"}  (classifiers)
+    POST /score     {"pairs": [{"prompt", "response"}]} -> {"scores": [...], ..., "batch_size"}  (reward models)
 
 Dynamic batching (classifiers): request threads put their texts on a queue; one worker thread takes
 what is waiting, up to ``max_batch_size`` texts or ``max_batch_wait_ms`` after the first arrived, sorts
@@ -85,6 +86,28 @@ class ClassifyRequest(BaseModel):
 
     texts: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
         min_length=1, max_length=MAX_TEXTS)
+
+
+class ScorePair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+    response: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[ScorePair] = Field(min_length=1, max_length=MAX_TEXTS)
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="r(prompt, response): higher = preferred (pairwise-trained, no fixed scale)")
+    model: str
+    version: str
+    variant: str
+    latency_ms: float
+    batch_size: int = Field(description="pairs in the forward pass that answered this request")
 
 
 class Prediction(BaseModel):
@@ -323,6 +346,14 @@ def _adapter_context(model, adapters: list[str]):
     return context
 
 
+# What a request to the wrong endpoint is told to do instead, by the served model's task.
+OTHER_ENDPOINT = {
+    "causal_lm": 'POST /generate with {"prompt": ...} instead',
+    "classification": 'POST /classify with {"texts": [...]} instead',
+    "reward": 'POST /score with {"pairs": [{"prompt": ..., "response": ...}]} instead',
+}
+
+
 def load_version(registry_root: str | Path, name: str, ref: str = "production", variant: str | None = None) -> dict:
     """Resolve ``ref`` and load its variant: {"model", "tokenizer", "version", "variant", "template", "folder",
     "task", "max_length"}."""
@@ -338,7 +369,7 @@ def load_version(registry_root: str | Path, name: str, ref: str = "production", 
         raise StageError(f"{name} {version_dir.name} has no {variant!r} variant; it has {sorted(info['variants'])}")
     folder = version_dir / info["variants"][variant]
     task = info.get("task", "causal_lm")
-    if task == "classification":
+    if task in ("classification", "reward"):  # a reward model is an encoder with a one-output head
         from corpus2model.tasks.model.classify import load_classifier
 
         model, tokenizer = load_classifier(folder)
@@ -348,7 +379,7 @@ def load_version(registry_root: str | Path, name: str, ref: str = "production", 
         model, tokenizer = load_causal_lm(folder)
     return {"model": model, "tokenizer": tokenizer, "version": version_dir.name, "variant": variant,
             "template": info.get("prompt_template"), "folder": str(folder), "task": task,
-            "max_length": int(info.get("max_length") or 128)}
+            "max_length": int(info.get("max_length") or 128), "min_prompt_tokens": int(info.get("min_prompt_tokens") or 0)}
 
 
 def create_app(registry_root: str | Path, name: str, ref: str = "production", variant: str | None = None,
@@ -381,6 +412,13 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
         from corpus2model.tasks.model.classify import classify_texts
 
         batcher = Batcher(lambda texts: classify_texts(model, tokenizer, texts, loaded["max_length"]),
+                          max_batch_size, max_batch_wait_ms, on_batch=metrics.batch)
+    elif task == "reward":
+        from corpus2model.tasks.model.reward import score_texts
+
+        # The truncation the scores were trained with (serve.json): prompt cut from the left, response kept.
+        batcher = Batcher(lambda pairs: score_texts(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs],
+                                                    loaded["max_length"], loaded["min_prompt_tokens"]),
                           max_batch_size, max_batch_wait_ms, on_batch=metrics.batch)
     elif max_batch_size > 1:
         from corpus2model.tasks.model.modeling import GenerationEngine
@@ -430,8 +468,7 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest) -> GenerateResponse:
         if task != "causal_lm":
-            raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: POST /classify with "
-                                     f'{{"texts": [...]}} instead')
+            raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: " + OTHER_ENDPOINT[task])
         # Exactly how training text was rendered (tokenize); braces inside the prompt are not re-parsed.
         prompt = template.format(input=req.prompt)
         if req.adapter is not None and req.adapter not in adapters:
@@ -447,13 +484,21 @@ def create_app(registry_root: str | Path, name: str, ref: str = "production", va
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(req: ClassifyRequest) -> ClassifyResponse:
-        if batcher is None:
-            raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: POST /generate with "
-                                     f'{{"prompt": ...}} instead')
+        if task != "classification":
+            raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: " + OTHER_ENDPOINT[task])
         t0 = time.perf_counter()
         results, n = await asyncio.wrap_future(batcher.submit_future(req.texts))
         return ClassifyResponse(results=results, batch_size=n, latency_ms=round((time.perf_counter() - t0) * 1000, 2),
                                 **ident)
+
+    @app.post("/score", response_model=ScoreResponse)
+    async def score(req: ScoreRequest) -> ScoreResponse:
+        if task != "reward":
+            raise HTTPException(400, f"{name} {loaded['version']} is a {task} model: " + OTHER_ENDPOINT[task])
+        t0 = time.perf_counter()
+        scores, n = await asyncio.wrap_future(batcher.submit_future([(p.prompt, p.response) for p in req.pairs]))
+        return ScoreResponse(scores=scores, batch_size=n, latency_ms=round((time.perf_counter() - t0) * 1000, 2),
+                             **ident)
 
     return app
 

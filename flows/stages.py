@@ -13,7 +13,10 @@ bytes of its suite file. They report only, and stop the flow on an error-severit
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from corpus2model.tasks import augment, clean, dedup, evaluate, finetune, ingest, quantize, shard, tokenize, validate
+from corpus2model.tasks.model.ablation import ablated_name
 from corpus2model.tasks.stage import Stage
 
 
@@ -65,3 +68,64 @@ def through(name: str) -> list[str]:
 
 # The data half of the DAG: everything up to the training records (``c2m tune`` runs through tokenize).
 DATA_STAGES: list[str] = through("shard")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.ablate: the same model trained without one stage's contribution
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    """One node a run executes: a stage of the table, or a stage of an ablation branch. A branch node
+    (``finetune_no_augment``) is its table stage run under the ablated config (``ablated_config``): the
+    label names it in the plan, the run summary and the run record, while its output is cached in the
+    stage's own store folder under its own key, like any other output. ``inputs`` are labels."""
+
+    label: str
+    stage: Stage
+    inputs: tuple[str, ...]
+    ablation: str | None = None  # the evaluate.ablate target whose branch this node belongs to
+
+
+def ablation_label(stage: str, target: str) -> str:
+    """``finetune_no_augment``: named like the evaluation row of its model, ``tuned_no_augment``."""
+    return ablated_name(stage, target)
+
+
+def ablation_branch(target: str) -> list[str]:
+    """The stages an ablation reruns under its config: from the target stage through finetune, in table
+    order, less the boundaries no stage reads (check_augment: report-only, and the branch's records are
+    originals that check_clean already checked). validate stays: shard reads it, and it still stops on an error."""
+    names = through("finetune")
+    read = {u for s in TABLE for u in s.inputs}
+    return [n for n in names[names.index(target):] if not STAGES[n].validation or n in read]
+
+
+def ablated_config(cfg, target: str):
+    """``cfg`` with the target stage's section replaced by its pass-through (schemas.config.ABLATIONS), every
+    other section as it was: the branch differs from the main run in that stage's contribution only, and
+    its keys do not move when a setting of the switched-off stage does."""
+    from corpus2model.schemas.config import ABLATIONS
+
+    for section, values in ABLATIONS[target].items():
+        attr = "validate_" if section == "validate" else section
+        cfg = cfg.model_copy(update={attr: type(getattr(cfg, attr))(**values)})
+    return cfg
+
+
+def nodes(ablate: list[str] | tuple[str, ...] = ()) -> list[Node]:
+    """What a run executes, in order: the table, and for each ``evaluate.ablate`` target its branch
+    (``ablation_branch``) just before evaluate, whose inputs then end with each branch's finetune output
+    (the row ``tuned_no_<target>``, scored on the main run's held-out records)."""
+    out: list[Node] = []
+    for st in TABLE:
+        st = STAGES[st.name]  # looked up by name: a caller that swaps a stage in STAGES (a test) is obeyed
+        if st.name == "evaluate":
+            for target in ablate:
+                branch = ablation_branch(target)
+                out += [Node(ablation_label(n, target), STAGES[n],
+                             tuple(ablation_label(u, target) if u in branch else u for u in STAGES[n].inputs), target)
+                        for n in branch]
+            out.append(Node(st.name, st, st.inputs + tuple(ablation_label("finetune", t) for t in ablate)))
+        else:
+            out.append(Node(st.name, st, st.inputs))
+    return out

@@ -586,9 +586,12 @@ def validate_path(path, out_dir, cfg, suite=None, store=None, overwrite: bool = 
     bad = pa.concat_tables(unreadable) if unreadable else quarantine_table([])
     # Raw JSON lines say what ingest cannot keep (missing metadata, id types, extra keys).
     raw = raw_columns(table, file_reader(path if path.is_dir() else path.parent))
-    report = validate_table(table, suite_path, out_dir / "data_docs", cfg.validate_.max_failing_rows, raw=raw,
-                            severity_overrides=cfg.validate_.severity_overrides,
-                            boundary=suite_boundary(suite_path))
+    boundary = suite_boundary(suite_path)
+    # The overrides the flow applies at that boundary: checks.* for the raw/clean/augment suites,
+    # validate.* for the final one, so `c2m validate` and `c2m run` judge a file the same way.
+    vcfg = cfg.checks if boundary in ("raw", "clean", "augment") else cfg.validate_
+    report = validate_table(table, suite_path, out_dir / "data_docs", vcfg.max_failing_rows, raw=raw,
+                            severity_overrides=vcfg.severity_overrides, boundary=boundary)
     pq.write_table(failing_rows_table(report, table), out_dir / "failing_rows.parquet")
     pq.write_table(bad, out_dir / "unreadable.parquet")
     reasons: dict[str, int] = {}

@@ -161,6 +161,10 @@ class BacktranslateConfig(Section):
 # Task types whose records pair an input with a target: word-level noise makes the input
 # ungrammatical while the answer stays, so noise methods need an explicit opt-in for them (issue 15).
 TARGETED_TASK_TYPES = ("sft", "math_qa", "instruction")
+# evaluate.ablate targets -> {section: values}: the section, rebuilt from these values and its defaults,
+# under which that stage adds nothing (its input passes through under its own key). The rest of the
+# section is reset too, so tuning augment (max_ratio, seed, ...) never retrains the model without it.
+ABLATIONS: dict[str, dict[str, dict]] = {"augment": {"augment": {"methods": []}}}
 NOISE_METHODS = ("word_swap", "word_dropout")
 
 
@@ -213,7 +217,8 @@ class ValidateConfig(Section):
     suite: Path = Path("schemas/suites/training_records.yaml")
     max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
     # "<expectation>:<column>" -> error|warn: relax (or tighten) one expectation of the final suite
-    # for this config without editing the reviewed suite.
+    # for this config without editing the reviewed suite ("pairs:<expectation>:<column>": the
+    # preference_pairs suite the final node runs on preference records).
     severity_overrides: dict[str, Literal["error", "warn"]] = {}
     # Distribution checks against the last successful run of the same config name; computed by the
     # flow after each boundary, never part of a stage's output, so not hashed.
@@ -235,7 +240,8 @@ class ChecksConfig(Section):
     augment_suite: Path = Path("schemas/suites/augmented_records.yaml")
     max_failing_rows: int = Field(1000, ge=0, description="failing rows kept per expectation")
     # "<boundary>:<expectation>:<column>" (boundary raw, clean or augment) or "<expectation>:<column>"
-    # (every boundary) -> error|warn.
+    # (every boundary) -> error|warn. "pairs:<expectation>:<column>" tunes the preference_pairs suite that
+    # check_clean and check_augment run on preference records.
     severity_overrides: dict[str, Literal["error", "warn"]] = {}
 
 
@@ -295,6 +301,11 @@ class TokenizeConfig(Section):
     # records appended later (new shards) do not retrain it, so their token ids and every cached
     # per-shard packing stay valid. A demo-sized corpus is covered whole.
     tokenizer_sample_bytes: int = Field(256_000_000, gt=0)
+    # A fixed tokenizer instead of training one: a folder with tokenizer.json (a registry version's model/,
+    # or any saved Hugging Face tokenizer). Continual runs (finetune.init: production) need it: a parent's
+    # embeddings index its own token ids, and a tokenizer retrained on grown data gives ids other meanings.
+    # Not hashed as a path: the tokenizer files' sha256 is (tasks/tokenize.py key_extra).
+    tokenizer_path: Path | None = Field(None, json_schema_extra=NOT_HASHED)
 
     @field_validator("prompt_template")
     @classmethod
@@ -323,14 +334,29 @@ class ClassifierConfig(Section):
     head_learning_rate: float = Field(1e-3, gt=0)
 
 
+class RewardConfig(Section):
+    """Inputs and data for ``model.task: reward`` (tasks/model/reward.py): prompt+response -> one score."""
+
+    # Each side of a pair is encoded as [CLS] prompt [SEP] response [SEP] in at most max_length tokens.
+    # The prompt is cut from the left (a dialogue's last turn is what the response answers), the response
+    # from its end only where it alone would leave the prompt fewer than min_prompt_tokens.
+    max_length: int = Field(256, ge=16, le=512, description="tokens per prompt+response sequence, special tokens included")
+    min_prompt_tokens: int = Field(32, ge=0, description="prompt tokens kept even when the response is longer")
+    max_train_pairs: int = Field(0, ge=0, description="train pairs used (the first N by id); 0 = all")
+
+
 class ModelConfig(Section):
     """A tiny causal LM built from a config (no hub download), or a pretrained encoder classifier."""
 
     # causal_lm: the tiny Llama above (or `pretrained`), trained on the tokenize stage's packed blocks.
     # classification: `pretrained` (a folder or pkg:<package>) with a sequence-classification head,
     # trained on the shard records' labels (tasks/model/classify.py); finetune/quantize/evaluate dispatch on it.
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # reward: `pretrained` with a one-output head, trained on the shard's preference pairs with the
+    # pairwise loss -log sigmoid(r(prompt, chosen) - r(prompt, rejected)) (tasks/model/reward.py).
+    task: Literal["causal_lm", "classification", "reward"] = "causal_lm"
     classifier: ClassifierConfig = ClassifierConfig()
+    # Hashed only for task reward (see hashed()): other tasks never read it, so their keys stay put.
+    reward: RewardConfig = Field(RewardConfig(), json_schema_extra=NOT_HASHED)
     arch: Literal["llama"] = "llama"
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
@@ -344,6 +370,12 @@ class ModelConfig(Section):
     allow_pickle: bool = False
     # Code shipped inside a model repo never runs unless the user says so.
     trust_remote_code: bool = False
+
+    def hashed(self) -> dict:
+        out = super().hashed()
+        if self.task == "reward":
+            out["reward"] = self.reward.hashed()
+        return out
 
 
 class LoraConfig(Section):
@@ -383,16 +415,60 @@ class BottleneckConfig(Section):
 class DpoConfig(Section):
     """DPO on preference pairs (finetune.objective: dpo), tasks/model/dpo.py."""
 
-    # JSONL with prompt/chosen/rejected (../shared/datasets/preference_pairs format).
+    # None: the shard stage's pairs (preference records that went through ingest, clean, dedup and
+    # validation): train split to train, validation split held out. A path: a JSONL file with
+    # prompt/chosen/rejected (../shared/datasets/preference_pairs format), validated but not cleaned, split
+    # by the shard stage's split rule so the same pairs are held out either way.
     pairs_path: Path | None = None
     beta: float = Field(0.1, gt=0)
-    max_pairs: int = Field(0, ge=0, description="0 = all pairs")
-    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_pairs: int = Field(0, ge=0, description="training pairs used (the first N); 0 = all; held-out pairs are not capped")
     max_prompt_tokens: int = Field(96, ge=1)
     max_response_tokens: int = Field(64, ge=1)
     # Pairs failing an error-severity expectation of the preference_pairs suite are left out (and
     # listed in the stage's pairs_validation/failing_rows.parquet) instead of failing the stage.
     drop_invalid_pairs: bool = True
+
+
+class DistillConfig(Section):
+    """Knowledge distillation (finetune.objective: distill), tasks/model/distill.py: the model built from the
+    ``model`` section (the student) learns the teacher's token distributions on the packed SFT blocks."""
+
+    # "production": the registry's production version of registry.model_name (its model/ folder); else a
+    # path to a saved model folder (config.json + safetensors + the tokenizer). The teacher must share the
+    # tokenize stage's vocabulary. Its files' hashes are part of the finetune key: a new production
+    # version (or new files at the path) means a new student. Pin a path for a student that stays put.
+    teacher: str = "production"
+    # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy with the labels, per
+    # target token; T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015).
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation (KL) term")
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature of both distributions in the KL")
+    # The registry model whose production version teaches (teacher: production). It must differ from
+    # registry.model_name, under which the student registers: were they one name, a student that passed
+    # the gate would become production and the next scheduled run would distil from the student.
+    # Not hashed: the teacher's file hashes are.
+    teacher_model: str | None = Field(None, json_schema_extra=NOT_HASHED)
+
+
+class GrpoConfig(Section):
+    """Group Relative Policy Optimisation (finetune.objective: grpo), tasks/model/grpo.py, on the shard
+    stage's math_qa records with a rule-based reward: ``format_weight`` when the completion contains
+    ``#### <number>``, plus ``correct_weight`` when that number equals the reference's."""
+
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (the group)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the completions")
+    max_new_tokens: int = Field(32, ge=1, description="completion length cap")
+    format_weight: float = Field(0.5, ge=0.0)
+    correct_weight: float = Field(1.0, ge=0.0)
+    # PPO-style clip of the policy ratio to [1 - clip_eps, 1 + clip_eps]; it acts when num_iterations > 1.
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    # Optimizer steps per sampled group batch (GRPO's mu); 1 = fully on-policy (TRL's default).
+    num_iterations: int = Field(1, ge=1)
+    # Weight of the k3 KL estimate to the reference (the model before training); 0 = no reference pass.
+    # 0.2 by default: measured on the tiny model (README "GRPO"), beta 0 learnt the format (reward 0 -> 0.44)
+    # but drifted off language (perplexity 4.0 -> 67); beta 0.2 learnt it as well (0 -> 0.5) at 4.0 -> 5.5.
+    beta: float = Field(0.2, ge=0.0)
+    max_prompts: int = Field(0, ge=0, description="train prompts used (the first N by id); 0 = all")
+    heldout_prompts: int = Field(16, ge=1, description="validation/test math prompts scored at each evaluation")
 
 
 class TuneConfig(Section):
@@ -411,12 +487,16 @@ class TuneConfig(Section):
 
 class FinetuneConfig(Section):
     method: Literal["lora", "full", "qlora", "prefix", "ia3", "bottleneck"] = "lora"
-    objective: Literal["sft", "dpo"] = "sft"
+    # sft: packed blocks; dpo: preference pairs; distill: packed blocks + a teacher's logits (distill);
+    # grpo: sampled completions of math_qa prompts scored by a verifiable reward (grpo).
+    objective: Literal["sft", "dpo", "distill", "grpo"] = "sft"
     lora: LoraConfig = LoraConfig()
     prefix: PrefixConfig = PrefixConfig()
     ia3: IA3Config = IA3Config()
     bottleneck: BottleneckConfig = BottleneckConfig()
     dpo: DpoConfig = DpoConfig()
+    distill: DistillConfig = DistillConfig()
+    grpo: GrpoConfig = GrpoConfig()
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to this fraction of the peak")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -443,6 +523,57 @@ class FinetuneConfig(Section):
     eval_blocks: int = Field(256, ge=1, description="validation blocks (the first N) scored at each evaluation")
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default", json_schema_extra=NOT_HASHED)
+    # Continual fine-tuning (tasks/model/continual.py, README "Continual fine-tuning"). scratch: start from the
+    # model section's base. production: warm-start from the registry's production version of
+    # registry.model_name (its model/ weights; LoRA trains a fresh adapter on those merged weights), or from
+    # scratch while there is none; a rerun on the data that version was trained on keeps that version's own
+    # parent, so it hits the cache instead of training on top of itself. path: warm-start from init_path.
+    init: Literal["scratch", "production", "path"] = Field("scratch", json_schema_extra=NOT_HASHED)
+    init_path: Path | None = Field(None, description="parent for init: path: a registry version folder or a saved "
+                                   "model folder (config.json + safetensors + tokenizer)", json_schema_extra=NOT_HASHED)
+    # Share of the training blocks drawn from the parent version's stored train blocks (its replay_blocks.parquet)
+    # instead of the new data: 0.3 = 3 replayed blocks per 7 new ones. Needs a parent and objective sft.
+    replay_ratio: float = Field(0.0, ge=0.0, le=0.9, json_schema_extra=NOT_HASHED)
+    # What a version keeps for the versions that continue from it (only when init is not scratch): a uniform
+    # sample of the blocks it trained on (replay), and the diagonal Fisher of its trainable weights on that many
+    # of its training blocks (EWC). 0 turns either off.
+    replay_buffer_blocks: int = Field(256, ge=0, json_schema_extra=NOT_HASHED)
+    ewc_fisher_blocks: int = Field(64, ge=0, json_schema_extra=NOT_HASHED)
+    # EWC: loss + ewc_lambda/2 * sum_i F_i (theta_i - theta_parent_i)^2 with the parent's Fisher (tasks/model/ewc.py);
+    # 0 = off. F is a mean squared per-block gradient of the mean token loss, so lambda scales with 1/F.
+    ewc_lambda: float = Field(0.0, ge=0.0, json_schema_extra=NOT_HASHED)
+    # Where "production" is looked up (init: production, distill.teacher: production): filled from paths.registry
+    # and registry.model_name when the config is read, since the stage sees only its own sections. Not hashed:
+    # the production version's identity is (finetune.key_extra).
+    registry_root: Path | None = Field(None, json_schema_extra=NOT_HASHED)
+    registry_model: str | None = Field(None, json_schema_extra=NOT_HASHED)
+
+    def hashed(self) -> dict:
+        out = super().hashed()
+        # An objective's own settings count only when it is the objective: an SFT run's key does not move
+        # when a DPO or GRPO setting changes.
+        for name in ("dpo", "distill", "grpo"):
+            if self.objective != name:
+                out.pop(name, None)
+        if self.init != "scratch":  # hashed only when on, so scratch configs keep their keys
+            out["continual"] = {"init": self.init, "init_path": str(self.init_path) if self.init_path else None,
+                                "replay_ratio": self.replay_ratio, "replay_buffer_blocks": self.replay_buffer_blocks,
+                                "ewc_fisher_blocks": self.ewc_fisher_blocks, "ewc_lambda": self.ewc_lambda}
+        return out
+
+    @model_validator(mode="after")
+    def _continual(self) -> "FinetuneConfig":
+        if (self.init == "path") != (self.init_path is not None):
+            raise ValueError("finetune.init: path goes with finetune.init_path (the parent model folder), and "
+                             "init_path only with init: path")
+        if self.init == "scratch" and (self.replay_ratio > 0 or self.ewc_lambda > 0):
+            raise ValueError("finetune.replay_ratio and finetune.ewc_lambda need a parent: set finetune.init: "
+                             "production (or path)")
+        if self.replay_ratio > 0 and self.objective != "sft":
+            raise ValueError(f"finetune.replay_ratio replays packed SFT blocks; objective {self.objective} has none")
+        if self.ewc_lambda > 0 and self.method not in ("full", "lora", "qlora"):
+            raise ValueError(f"finetune.ewc_lambda supports methods full, lora and qlora (got {self.method})")
+        return self
 
 
 # Variants quantize/export can make from the merged model (tasks/quantize.py, tasks/model/export.py).
@@ -485,6 +616,27 @@ class QuantizeConfig(Section):
         return self
 
 
+class RagConfig(Section):
+    """The retrieval baseline row (tasks/model/rag.py, README "RAG baseline"): BM25 (bm25s) over the shard
+    stage's train split, the top-k passages put before each held-out record's prompt, scored like every row."""
+
+    enabled: bool = Field(False, description="add the rag_<model> rows to the evaluation table")
+    k: int = Field(3, ge=1, le=64, description="passages retrieved per held-out record (query = its input)")
+    # Each passage is cut to this many tokens before they are fitted into tokenize.seq_len (the record
+    # itself is never cut for a passage: passages go first, lowest-ranked first).
+    max_passage_tokens: int = Field(128, ge=1, description="token cap of one retrieved passage")
+    # base: the untrained model with retrieval (the seed's "RAG vs fine-tuning" baseline); tuned: the
+    # fine-tuned model with retrieval as well (both: does retrieval still help after training?).
+    models: list[Literal["base", "tuned"]] = Field(["base"], min_length=1, description="models given retrieval")
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluate.rag.models lists a model twice: {v}")
+        return v
+
+
 class EvaluateConfig(Section):
     max_records: int = Field(256, ge=1, description="held-out records scored for perplexity")
     generate_records: int = Field(16, ge=0, description="held-out records answered by greedy generation")
@@ -496,6 +648,33 @@ class EvaluateConfig(Section):
     split: str = "test"
     threads: int = Field(0, ge=0, description="torch CPU threads for scoring and latency; 0 = torch default",
                          json_schema_extra=NOT_HASHED)
+    # Off by default. Hashed only when enabled (see hashed()), so configs without RAG keep their keys.
+    rag: RagConfig = Field(RagConfig(), description="the BM25 retrieval baseline rows", json_schema_extra=NOT_HASHED)
+    # Stages to ablate (ABLATIONS): [augment] trains the same model a second time on the data without
+    # augmentation (flows/stages.py ablation_nodes: augment .. finetune rerun with augment.methods: [],
+    # each cached under its own key) and adds the row tuned_no_augment, scored on the same held-out
+    # records as tuned. Hashed only when set: the ablated finetune's key is then an input of evaluate too.
+    ablate: list[str] = Field([], description="stages whose contribution is measured by training without them",
+                              json_schema_extra=NOT_HASHED)
+
+    @field_validator("ablate")
+    @classmethod
+    def _known_ablations(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in ABLATIONS]
+        if unknown:
+            raise ValueError(f"evaluate.ablate: unknown ablation target(s) {unknown}; supported: {sorted(ABLATIONS)} "
+                             f"(e.g. evaluate.ablate: [augment] adds the row tuned_no_augment)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluate.ablate lists a target twice: {v}")
+        return v
+
+    def hashed(self) -> dict:
+        out = super().hashed()
+        if self.rag.enabled:  # a disabled baseline computes nothing, so it must not move the evaluate key
+            out["rag"] = self.rag.hashed()
+        if self.ablate:  # likewise: no ablation, no extra rows, the key stays where it was
+            out["ablate"] = list(self.ablate)
+        return out
 
 
 class Gate(Section):
@@ -511,12 +690,30 @@ class Gate(Section):
     min_improvement_over_base: float = Field(0.1, ge=0.0)
     # the served variant may be at most this fraction worse than tuned
     max_quantized_degradation: float = Field(0.05, ge=0.0)
+    # "Augmentation must not hurt": tuned (trained with augmentation) may be at most this much worse than
+    # tuned_no_augment (the evaluate.ablate: [augment] row), relative for perplexity, absolute points for
+    # the higher-is-better metrics (0 = no worse at all). Needs evaluate.ablate: [augment]; None = off.
+    # Hashed only when set, so a registry made before this rule still finds its versions.
+    max_augment_regression: float | None = Field(None, ge=0.0, json_schema_extra=NOT_HASHED)
+    # Continual fine-tuning: tuned's forgetting (its perplexity on the parent version's test records over the
+    # parent's, minus 1; tasks/model/forgetting.py) may be at most this. None = off; passes when there is no
+    # parent. Hashed only when set, like max_augment_regression.
+    max_forgetting: float | None = Field(None, ge=0.0, json_schema_extra=NOT_HASHED)
+
+    def hashed(self) -> dict:
+        out = super().hashed()
+        if self.max_augment_regression is not None:
+            out["max_augment_regression"] = self.max_augment_regression
+        if self.max_forgetting is not None:
+            out["max_forgetting"] = self.max_forgetting
+        return out
 
 
 class RegistryConfig(Section):
     model_name: str = "demo-tiny-lm"
     gate: Gate = Gate()
-    serve_variant: Literal["tuned", "dynamic_int8"] = "dynamic_int8"
+    # onnx_int8_dynamic (ONNX Runtime INT8, fused encoder kernels): encoder classifiers/reward models only.
+    serve_variant: Literal["tuned", "dynamic_int8", "onnx_int8_dynamic"] = "dynamic_int8"
 
     @field_validator("model_name")
     @classmethod
@@ -596,6 +793,50 @@ class PipelineConfig(Section):
     tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finetune_registry(cls, data):
+        """finetune hashes and sees only its own sections; "production" (finetune.init, a distill teacher) is
+        looked up in paths.registry under registry.model_name, so those two are handed to it (unhashed) here."""
+        if not isinstance(data, dict) or not isinstance(data.get("finetune"), dict):
+            return data
+        ft = data["finetune"]
+        paths = data.get("paths") if isinstance(data.get("paths"), dict) else {}
+        reg = data.get("registry") if isinstance(data.get("registry"), dict) else {}
+        ft = {"registry_root": paths.get("registry", Paths.model_fields["registry"].default),
+              "registry_model": reg.get("model_name", RegistryConfig.model_fields["model_name"].default), **ft}
+        return {**data, "finetune": ft}
+
+    @model_validator(mode="after")
+    def _onnx_serving_is_for_encoders(self) -> "PipelineConfig":
+        if self.registry.serve_variant == "onnx_int8_dynamic":
+            if self.model.task == "causal_lm":
+                raise ValueError("registry.serve_variant onnx_int8_dynamic serves encoder models (model.task "
+                                 "classification or reward); a causal LM serves tuned or dynamic_int8")
+            if "onnx_int8_dynamic" not in self.quantize.methods:
+                raise ValueError("registry.serve_variant onnx_int8_dynamic needs onnx_int8_dynamic in quantize.methods")
+        return self
+
+    @model_validator(mode="after")
+    def _student_registers_apart(self) -> "PipelineConfig":
+        d = self.finetune.distill
+        if self.finetune.objective == "distill" and d.teacher == "production" and \
+                (d.teacher_model or self.registry.model_name) == self.registry.model_name:
+            raise ValueError(f"finetune.distill.teacher: production needs finetune.distill.teacher_model, the registry "
+                             f"name of the teacher, different from registry.model_name ({self.registry.model_name!r}) "
+                             f"under which the student registers; e.g. teacher_model: {self.registry.model_name}, "
+                             f"registry.model_name: {self.registry.model_name}-student")
+        return self
+
+    @model_validator(mode="after")
+    def _ablation_needs_causal_lm(self) -> "PipelineConfig":
+        # The ablated rows are scored by the causal-LM evaluation; a classifier or reward model's evaluation
+        # has no such rows, and an ablation it would ignore must not cost a second training run.
+        if self.evaluate.ablate and self.model.task != "causal_lm":
+            raise ValueError(f"evaluate.ablate {self.evaluate.ablate} needs model.task: causal_lm (got {self.model.task!r}); "
+                             f"drop evaluate.ablate")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "PipelineConfig":

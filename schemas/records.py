@@ -45,6 +45,21 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
+# A preference record (../shared/DESIGN.md): one prompt, the response people preferred and the one they
+# did not. It flows through the data stages beside training records as its own kind: clean applies its
+# rules to each of the three texts, dedup compares prompt+chosen, validate uses the preference_pairs
+# suite, and shard writes it to its own Parquet files (role "pairs") that DPO and the reward model read.
+PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected")
+PAIR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("metadata", METADATA_TYPE),
+    ]
+)
+
 # Every dropped record lands here with why it was dropped; nothing disappears silently.
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -133,6 +148,37 @@ def make_record(input_text: str, target_text: str, **metadata) -> dict:
     }
 
 
+def is_pair(record: dict) -> bool:
+    """A preference record (prompt/chosen/rejected) rather than a training record (input/target)."""
+    return "chosen" in record and "rejected" in record and "target" not in record
+
+
+def pair_content_hash(prompt: str, chosen: str, rejected: str) -> str:
+    """The text identity of a preference record, as content_hash: the normalised prompt + chosen
+    (what dedup compares: the same preferred answer to the same prompt is one pair) + rejected."""
+    h = hashlib.sha256()
+    for i, text in enumerate((prompt, chosen, rejected)):
+        if i:
+            h.update(b"\x1f")
+        h.update(normalize_for_hash(text).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def make_pair(prompt: str, chosen: str, rejected: str, **metadata) -> dict:
+    """A preference record, with ids made as make_record makes them (occurrence id from the source
+    path + line, else the content hash)."""
+    chash = pair_content_hash(prompt, chosen, rejected)
+    metadata.setdefault("content_hash", chash)
+    path = metadata.get("source_path")
+    return {
+        "id": chash if path is None else occurrence_id(path, metadata.get("source_line")),
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "metadata": empty_metadata(**metadata),
+    }
+
+
 def quarantine_row(
     stage: str,
     reason: str,
@@ -189,6 +235,10 @@ def _utf8_safe(text: str | None) -> str | None:
 
 def records_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def pairs_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
 def quarantine_table(rows: list[dict]) -> pa.Table:

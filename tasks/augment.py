@@ -44,6 +44,9 @@ Back-translations are requested in windows: when the next job is a back-translat
 every back-translation among the next ``cap - made`` jobs (at least one batch) is translated in
 one batched call, so the model runs on batches while the result stays the sequential one.
 The parents of the augmented task types are held in memory (the other records stream through).
+
+Preference records (role "pairs") are not augmented: they pass through unchanged (``_pass_pairs``),
+counted in the counters and in ``stats.pairs_passed``.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ import pyarrow.parquet as pq
 from corpus2model.schemas.config import NOISE_METHODS, TARGETED_TASK_TYPES
 from corpus2model.schemas.records import records_table
 from corpus2model.tasks.dedup import PartWriter, iter_record_batches
-from corpus2model.tasks.stage import FileEntry, Manifest, StageContext
+from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, link_or_copy
 from corpus2model.tasks.text.thesaurus import synonym_replace
 
 STAGE = "augment"
@@ -507,6 +510,20 @@ def translation_cache_dir(ctx: StageContext) -> Path:
     return ctx.store.root / "_cache" / "translations"
 
 
+def _pass_pairs(upstream: Manifest, out_dir: Path, files: list[FileEntry]) -> int:
+    """Preference records (role "pairs") pass through unchanged, hard-linked: a rewrite of the prompt or
+    of one answer could flip which answer is better, and DPO learns from exactly that difference."""
+    n = 0
+    for i, e in enumerate(upstream.entries("pairs")):
+        src = upstream.dir / e.path
+        rel = f"pairs/{i:05d}-{Path(e.path).name}"
+        link_or_copy(src, out_dir / rel)
+        k = e.records if e.records is not None else pq.ParquetFile(src).metadata.num_rows
+        files.append(FileEntry(rel, role="pairs", records=k))
+        n += k
+    return n
+
+
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     (upstream,) = inputs
     aug = cfg.augment
@@ -552,8 +569,10 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     from corpus2model.tasks.common.artifacts import publish_markdown
 
     publish_markdown("augment-samples", samples_markdown(samples, stats), "augment: parent -> rewrite samples")
-    counters = {"in": n_in, "added": len(added), "out": n_in + len(added), "rejected": {}, "duplicates": 0}
+    n_pairs = _pass_pairs(upstream, out_dir, files)
+    counters = {"in": n_in + n_pairs, "added": len(added), "out": n_in + n_pairs + len(added), "rejected": {}, "duplicates": 0}
     stats["parts"] = len([f for f in files if f.role == "data"])
+    stats["pairs_passed"] = n_pairs
     ctx.info("augment: %d originals, %d augmented (%d candidates, rejected %s)", n_in, len(added), stats["candidates"],
              stats["rejected_by_reason"])
     return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)

@@ -24,6 +24,14 @@ Per-filter statistics: ``filter_stats.json`` (documents dropped per filter and r
 masked per kind, score quantiles) and ``filter_scores.png`` (a histogram of each filter's scores:
 the measured value of every dropped document, and the perplexity of every scored document) are
 report files of the stage, and published as Prefect artifacts.
+
+Preference records (ingest's role "pairs" parts, PAIR_SCHEMA) are cleaned by ``clean_pair``, one unit
+per part as records are: the same ``too_long`` / ``clean_text`` / PII rules on each of prompt, chosen and
+rejected, then ``empty_prompt`` / ``empty_chosen`` / ``empty_rejected`` (a pair the preference_pairs
+suite would stop the flow for), ``too_short`` on prompt+chosen, ``chosen_equals_rejected`` (cleaning can
+make two answers equal; such a pair teaches nothing) and, when the pair's task_type is listed in
+``clean.quality_task_types``, the quality filters on each field. Gutenberg stripping is for documents
+and is not applied to pairs. Kept pairs go to ``pairs/<part>-pairs.parquet``, drops to quarantine.
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ import pyarrow.parquet as pq
 
 from corpus2model.tasks.text.filters import filter_document, strip_gutenberg
 from corpus2model.tasks.text.pii import mask_pii
-from corpus2model.schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row, quarantine_table, records_table
+from corpus2model.schemas.records import (PAIR_SCHEMA, PAIR_TEXT_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, pairs_table,
+                                           quarantine_row, quarantine_table, records_table)
 from corpus2model.tasks.stage import (
     FileEntry,
     Manifest,
@@ -262,6 +271,57 @@ def clean_document(record: dict, cfg, stats: dict | None = None) -> tuple[dict |
     return {**record, "input": inp, "target": tgt, "metadata": md}, None, "", None
 
 
+def clean_pair(record: dict, cfg, stats: dict | None = None) -> tuple[dict | None, str | None, str, float | None]:
+    """A preference record through clean's rules (``clean_document``'s shape: (cleaned pair, None, "", None)
+    or (None, reason, detail, score)): ``too_long`` on each raw field, ``clean_text`` and PII masking on
+    each, then the empty/short/identical checks and, for a task_type in clean.quality_task_types, the
+    quality filters on each field (a pair is as good as its worst text). The id is kept."""
+    texts = {k: record.get(k) or "" for k in PAIR_TEXT_FIELDS}
+    for name, value in texts.items():
+        if len(value) > cfg.max_chars:
+            return None, "too_long", f"{name} has {len(value)} chars > clean.max_chars {cfg.max_chars}", float(len(value))
+    repairs: dict[str, int] = {}
+    texts = {k: clean_text(v, cfg, repairs) for k, v in texts.items()}
+    if stats is not None:
+        for rule, n in repairs.items():
+            stats[f"repair_{rule}"] = stats.get(f"repair_{rule}", 0) + n
+    if cfg.pii_mask:
+        for k in PAIR_TEXT_FIELDS:
+            texts[k], counts = mask_pii(texts[k], cfg.pii_mask)
+            if stats is not None:
+                for kind, n in counts.items():
+                    stats[f"pii_{kind}"] = stats.get(f"pii_{kind}", 0) + n
+    for k in PAIR_TEXT_FIELDS:
+        # A prompt needs a character; an answer clean.min_target_chars (at least one: the suite's minimum).
+        minimum = 1 if k == "prompt" else max(1, cfg.min_target_chars)
+        if len(texts[k]) < minimum:
+            return None, f"empty_{k}", f"{k} has {len(texts[k])} chars after cleaning < {minimum}", float(len(texts[k]))
+    n = len(texts["prompt"]) + len(texts["chosen"])
+    if n < cfg.min_chars:
+        return None, "too_short", f"prompt+chosen have {n} chars after cleaning < clean.min_chars {cfg.min_chars}", float(n)
+    if texts["chosen"] == texts["rejected"]:
+        return None, "chosen_equals_rejected", "chosen and rejected are the same text after cleaning: no preference", None
+    md = record.get("metadata") or {}
+    if cfg.quality_filters and md.get("task_type") in cfg.quality_task_types:
+        for k in PAIR_TEXT_FIELDS:
+            (keep, reason, score), lang = filter_document(texts[k], cfg)
+            if keep and cfg.lm_max_perplexity is not None:
+                from corpus2model.tasks.text.lmscore import lm_filter
+
+                keep, reason, score = lm_filter(texts[k], cfg, lang)
+            if not keep:
+                if stats is not None and score is not None:
+                    _add_score(stats, reason, score)
+                return None, reason, f"{k}: {reason} = {score} (tasks/text/filters.py thresholds; lang {lang})", score
+            if k == "prompt" and lang:
+                if stats is not None:
+                    langs = stats.setdefault("languages", {})
+                    langs[lang] = langs.get(lang, 0) + 1
+                if not md.get("lang"):
+                    md = {**md, "lang": lang}
+    return {**record, **texts, "metadata": md}, None, "", None
+
+
 def _add_score(stats: dict, name: str, value: float) -> None:
     values = stats.setdefault("scores", {}).setdefault(name, [])
     if len(values) < MAX_SCORES:
@@ -276,47 +336,52 @@ def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
 # ---------------------------------------------------------------------------------------------
 # one unit = one input part
 # ---------------------------------------------------------------------------------------------
-def _check_schema(path: Path) -> pq.ParquetFile:
+def _check_schema(path: Path, pairs: bool = False) -> pq.ParquetFile:
     pf = pq.ParquetFile(path)
     schema = pf.schema_arrow
-    if not schema.equals(RECORD_SCHEMA, check_metadata=False):
+    expected, what, name = (PAIR_SCHEMA, "preference records", "PAIR_SCHEMA") if pairs else \
+        (RECORD_SCHEMA, "training records", "RECORD_SCHEMA")
+    if not schema.equals(expected, check_metadata=False):
         raise StageError(
-            f"clean: {path} does not hold training records (schema {schema}); "
-            f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it"
+            f"clean: {path} does not hold {what} (schema {schema}); "
+            f"expected schemas.records.{name}: rerun the upstream stage that wrote it"
         )
     return pf
 
 
-def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
-    """Clean one Parquet part into ``dst`` (always written) and ``quarantine`` (only with drops).
+def clean_part(src: Path, dst: Path, quarantine: Path, cfg, pairs: bool = False) -> dict:
+    """Clean one Parquet part into ``dst`` (always written) and ``quarantine`` (only with drops);
+    ``pairs``: a part of preference records (``clean_pair``) instead of training records.
 
     Streams in batches so a large part never sits in memory whole. Returns the unit's counters
     and the raw files its records came from.
     """
-    pf = _check_schema(src)
+    pf = _check_schema(src, pairs)
+    schema, fields, clean_one, table_of = ((PAIR_SCHEMA, PAIR_TEXT_FIELDS, clean_pair, pairs_table) if pairs else
+                                           (RECORD_SCHEMA, ("input", "target"), clean_document, records_table))
     counters = {"in": 0, "out": 0, "rejected": {}, "duplicates": 0}
     stats: dict = {}
     chars_in = chars_out = 0
     sources: set[str] = set()
     qwriter = None
-    with pq.ParquetWriter(dst, RECORD_SCHEMA) as writer:
+    with pq.ParquetWriter(dst, schema) as writer:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS):
             kept, rejects = [], []
             for rec in batch.to_pylist():
                 counters["in"] += 1
-                chars_in += len(rec.get("input") or "") + len(rec.get("target") or "")
+                chars_in += sum(len(rec.get(f) or "") for f in fields)
                 sp = (rec.get("metadata") or {}).get("source_path")
                 if sp:
                     sources.add(sp)
-                out, reason, detail, score = clean_document(rec, cfg, stats)
+                out, reason, detail, score = clean_one(rec, cfg, stats)
                 if out is None:
                     rejects.append(quarantine_row(STAGE, reason, detail=detail, score=score, record=rec))
                     counters["rejected"][reason] = counters["rejected"].get(reason, 0) + 1
                 else:
                     kept.append(out)
-                    chars_out += len(out["input"]) + len(out["target"])
+                    chars_out += sum(len(out[f]) for f in fields)
             if kept:
-                writer.write_table(records_table(kept))
+                writer.write_table(table_of(kept))
                 counters["out"] += len(kept)
             if rejects:
                 if qwriter is None:
@@ -331,13 +396,17 @@ def clean_part(src: Path, dst: Path, quarantine: Path, cfg) -> dict:
 
 
 def _clean_unit(args) -> dict:
-    store_root, unit_key, src, rel, cfg = args
+    store_root, unit_key, src, rel, cfg, *kind = args
+    pairs = kind == ["pairs"]
     store = Store(store_root)
 
     def write(tmp: Path) -> dict:
-        info = clean_part(Path(src), tmp / "records.parquet", tmp / "quarantine.parquet", cfg)
+        name = "pairs.parquet" if pairs else "records.parquet"
+        info = clean_part(Path(src), tmp / name, tmp / "quarantine.parquet", cfg, pairs)
         c = info["counters"]
-        files = [FileEntry("records.parquet", role="data", records=c["out"])]
+        files = [FileEntry(name, role="pairs" if pairs else "data", records=c["out"])]
+        if pairs:
+            info["pairs"] = c["out"]
         n_rejected = sum(c["rejected"].values())
         if n_rejected:
             files.append(FileEntry("quarantine.parquet", role="quarantine", records=n_rejected))
@@ -427,21 +496,24 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     (upstream,) = inputs
     section = cfg.clean.hashed()
     units, stems = [], set()
-    for entry in upstream.entries("data"):
+    # Training-record parts ("data") and preference-record parts ("pairs") are units alike; a pairs
+    # unit's key and stem say so (its quarantine file must not take a records unit's name).
+    for entry in [*upstream.entries("data"), *upstream.entries("pairs")]:
         src = upstream.dir / entry.path
         if not src.is_file():
             raise StageError(f"clean: upstream {upstream.stage} output {upstream.path} lists {entry.path} but it is missing; rerun {upstream.stage}")
-        key = cache_key(STAGE, VERSION, section, [entry.sha256 or sha256_file(src)])
-        stem = Path(entry.path).stem
+        pairs = entry.role == "pairs"
+        key = cache_key(STAGE, VERSION, section, [entry.sha256 or sha256_file(src), *(["pairs"] if pairs else [])])
+        stem = Path(entry.path).stem + ("-pairs" if pairs else "")
         if stem in stems:  # parts in different sub-folders with one name: keep both
             stem = f"{stem}-{len(units):06d}"
         stems.add(stem)
-        units.append(Unit(key=key, stem=stem, label=entry.path, args=(str(ctx.store.root), key, str(src), entry.path, cfg.clean),
-                          bytes=entry.bytes))
+        args = (str(ctx.store.root), key, str(src), entry.path, cfg.clean, *(["pairs"] if pairs else []))
+        units.append(Unit(key=key, stem=stem, label=entry.path, args=args, bytes=entry.bytes))
     pii_fields = tuple(f"pii_{k}" for k in PII_KINDS)
     repair_fields = tuple(f"repair_{r}" for r in REPAIRS)
     files, counters, stats = gather_units(STAGE, units, _clean_unit, ctx, out_dir, cfg.clean.workers,
-                                          ("chars_in", "chars_out", "gutenberg_stripped", *pii_fields, *repair_fields))
+                                          ("chars_in", "chars_out", "gutenberg_stripped", "pairs", *pii_fields, *repair_fields))
     stats["rejected"] = dict(sorted(counters["rejected"].items()))
     # Per-filter drop counts (reasons from tasks/text/filters.py) next to the length rules' counts.
     stats["filtered"] = {r: n for r, n in stats["rejected"].items() if r.startswith(("gopher_", "c4_", "language:", "lm_"))}

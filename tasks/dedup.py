@@ -23,20 +23,27 @@ normalised text as the kept one) or ``near``.
 Contamination (``dedup.eval_files``): word n-grams of evaluation sets are looked up in every kept
 training record; hits are counted in stats and, with ``contamination_action: remove``,
 quarantined with reason ``contaminated``.
+
+Preference records (upstream role "pairs", PAIR_SCHEMA) get an index of their own, run the same way
+on their prompt + chosen text (``pair_text_view``: the same answer preferred for the same prompt is one
+pair, whatever it was compared with): exact and near duplicates among pairs are removed with rows in
+``removed_pairs.parquet`` naming the kept pair, kept pairs go to ``pairs/part-NNNNN.parquet``. A pair is
+never compared with a training record. Contamination looks at all three of a pair's texts.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus2model.schemas.records import (QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA, normalize_for_hash, quarantine_row,
-                             quarantine_table)
+from corpus2model.schemas.records import (PAIR_SCHEMA, PAIR_TEXT_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA,
+                                           normalize_for_hash, quarantine_row, quarantine_table)
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
@@ -46,6 +53,30 @@ SECTIONS = ("dedup",)
 
 BATCH_ROWS = 4096
 PART_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One record kind dedup handles: where its parts come from (upstream role) and where its outputs go."""
+
+    name: str
+    role: str  # the upstream role it reads and the role of its kept parts
+    schema: pa.Schema
+    sub: str  # folder of the kept parts
+    removed: str  # REMOVED_SCHEMA rows of this kind
+    quarantine: str  # contaminated rows of this kind (contamination_action: remove)
+
+
+RECORDS = Kind("records", "data", RECORD_SCHEMA, "parts", "removed.parquet", "quarantine.parquet")
+PAIRS = Kind("pairs", "pairs", PAIR_SCHEMA, "pairs", "removed_pairs.parquet", "quarantine_pairs.parquet")
+KINDS = {k.name: k for k in (RECORDS, PAIRS)}
+
+
+def pair_text_view(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of preference records as the record columns the index reads: input = prompt, target =
+    chosen (what two pairs must share to be one), id and metadata as they are."""
+    return pa.RecordBatch.from_arrays([batch.column("id"), batch.column("prompt"), batch.column("chosen"),
+                                       batch.column("metadata")], names=["id", "input", "target", "metadata"])
 
 
 def _digest(input_text: str, target_text: str, normalize: bool) -> bytes:
@@ -150,8 +181,9 @@ class PartWriter:
     """Writes record batches into ``parts/part-00000.parquet``, ``part-00001`` ... rolling over
     once a part holds about ``max_bytes`` (measured by the file position, so compression counts)."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema = RECORD_SCHEMA, max_bytes: int = PART_BYTES, sub: str = "parts"):
-        self.out_dir, self.schema, self.max_bytes, self.sub = Path(out_dir), schema, max_bytes, sub
+    def __init__(self, out_dir: Path, schema: pa.Schema = RECORD_SCHEMA, max_bytes: int = PART_BYTES, sub: str = "parts",
+                 role: str = "data"):
+        self.out_dir, self.schema, self.max_bytes, self.sub, self.role = Path(out_dir), schema, max_bytes, sub, role
         self.entries: list[FileEntry] = []
         self._writer: pq.ParquetWriter | None = None
         self._sink = None
@@ -162,7 +194,7 @@ class PartWriter:
         (self.out_dir / self.sub).mkdir(parents=True, exist_ok=True)
         self._sink = pa.OSFile(str(self.out_dir / rel), "wb")
         self._writer = pq.ParquetWriter(self._sink, self.schema, use_dictionary=dictionary_columns(self.schema))
-        self.entries.append(FileEntry(rel, role="data", records=0))
+        self.entries.append(FileEntry(rel, role=self.role, records=0))
         self._rows = 0
 
     def _close_part(self) -> None:
@@ -197,7 +229,7 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     """The columns worth a Parquet dictionary: every leaf but ids and free text, which never
     repeat (their dictionary pages were half of the write and read time); short metadata
     strings keep theirs."""
-    return [c for c in _leaf_columns(schema) if c.split(".")[0] not in ("id", "input", "target", "record")]
+    return [c for c in _leaf_columns(schema) if c.split(".")[0] not in ("id", "input", "target", "record", *PAIR_TEXT_FIELDS)]
 
 
 def _leaf_columns(schema: pa.Schema) -> list[str]:
@@ -216,14 +248,17 @@ def _leaf_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
-def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Stream record batches from upstream parts, refusing a file that is not RECORD_SCHEMA."""
+def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_ROWS,
+                        schema: pa.Schema = RECORD_SCHEMA) -> Iterator[pa.RecordBatch]:
+    """Stream record batches from upstream parts, refusing a file that is not ``schema`` (RECORD_SCHEMA,
+    or PAIR_SCHEMA for preference records)."""
+    what, name = ("preference records", "PAIR_SCHEMA") if schema.equals(PAIR_SCHEMA) else ("training records", "RECORD_SCHEMA")
     for path in paths:
         pf = pq.ParquetFile(path)
-        if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
+        if not pf.schema_arrow.equals(schema, check_metadata=False):
             raise StageError(
-                f"{stage}: {path} does not hold training records (schema {pf.schema_arrow}); "
-                f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it"
+                f"{stage}: {path} does not hold {what} (schema {pf.schema_arrow}); "
+                f"expected schemas.records.{name}: rerun the upstream stage that wrote it"
             )
         yield from pf.iter_batches(batch_size=batch_rows)
 
@@ -258,7 +293,8 @@ def sketch_key(cfg, part_sha256: str) -> str:
 def _sketch_unit(args) -> dict:
     """Phase 1 for one upstream part: exact digests, (minhash) band keys and verification shingles,
     and who each row is, streamed batch by batch, written by ``dedup_index.write_index``."""
-    store_root, key, src, cfg = args
+    store_root, key, src, cfg, *kind = args
+    kind = KINDS[kind[0] if kind else "records"]
 
     def write(tmp: Path) -> dict:
         import numpy as np
@@ -268,7 +304,9 @@ def _sketch_unit(args) -> dict:
 
         digests, keys, sets, lens = [], [], [], []
         cols = {"path": [], "line": [], "id": [], "tie": []}
-        for batch in iter_record_batches([Path(src)], STAGE):
+        for batch in iter_record_batches([Path(src)], STAGE, schema=kind.schema):
+            if kind is PAIRS:
+                batch = pair_text_view(batch)
             recs = batch.to_pylist()
             inputs = [r.get("input") or "" for r in recs]
             targets = [r.get("target") or "" for r in recs]
@@ -358,53 +396,80 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     per upstream part, K hash partitions of digests (and band keys), union-find over their edges.
     ``exact`` writes the kept records through one rolling writer; ``minhash`` one kept part per
     upstream part, stored per (part, kept rows), so a rerun that adds parts rewrites only those
-    whose decisions changed."""
-    from corpus2model.tasks.text.dedup_index import SketchUnit, fan_out, run_index
-
+    whose decisions changed. Preference records, when the upstream has any, go through the same
+    steps as a kind of their own (``PAIRS``)."""
     (upstream,) = inputs
     c = cfg.dedup
+    r = _dedup_kind(upstream, RECORDS, c, out_dir, ctx)
+    pr = _dedup_kind(upstream, PAIRS, c, out_dir, ctx) if upstream.entries("pairs") else None
+    rejected = dict(r["rejected"])
+    for reason, n in (pr["rejected"] if pr else {}).items():
+        rejected[reason] = rejected.get(reason, 0) + n
+    counters = {"in": r["in"] + (pr["in"] if pr else 0), "out": r["out"] + (pr["out"] if pr else 0),
+                "rejected": rejected, "duplicates": r["removed"] + (pr["removed"] if pr else 0)}
+    ds, gstats = r["dec"].stats, r["gstats"]
+    stats = {
+        "method": c.method, "normalize": c.normalize, "duplicates": r["removed"], **ds,
+        "sketch_units": r["units"], "sketch_units_computed": gstats["units_computed"],
+        "sketch_units_reused": gstats["units_reused"], **r["seconds"],
+        "parts": len([f for f in r["files"] if f.role == "data"]), "parts_written": r["written"], **r["cont"],
+    }
+    if c.method == "minhash":
+        stats.update(threshold=c.threshold, ngram=c.ngram, bands=c.bands, rows=c.rows)
+    else:
+        stats["keys"] = r["in"] - r["removed"]
+    files = r["files"]
+    if pr is not None:
+        # The pairs' own figures; the counters above hold both kinds.
+        pds = pr["dec"].stats
+        stats["pairs"] = {"in": pr["in"], "out": pr["out"], "duplicates": pr["removed"],
+                          "exact_duplicates": pds["exact_duplicates"], "near_duplicates": pds["near_duplicates"],
+                          "sketch_units": pr["units"], "sketch_units_computed": pr["gstats"]["units_computed"],
+                          "parts_written": pr["written"], **pr["cont"]}
+        files = files + pr["files"]
+        ctx.info("dedup: %d pairs in, %d kept, %d exact + %d near duplicates", pr["in"], pr["out"],
+                 pds["exact_duplicates"], pds["near_duplicates"])
+    ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed, %d partitions",
+             r["in"], r["out"], ds["exact_duplicates"], ds["near_duplicates"], gstats["units_computed"], r["units"],
+             ds["partitions"])
+    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+
+
+def _dedup_kind(upstream: Manifest, kind: Kind, c, out_dir: Path, ctx: StageContext) -> dict:
+    """Sketch, index and write one kind of record (its upstream parts of role ``kind.role``)."""
+    from corpus2model.tasks.text.dedup_index import SketchUnit, fan_out, run_index
+
     t0 = time.perf_counter()
     parts = []
-    for e in upstream.entries("data"):
+    for e in upstream.entries(kind.role):
         p = upstream.dir / e.path
         if not p.is_file():
             raise StageError(f"dedup: upstream {upstream.stage} output {upstream.path} lists {e.path} but it is missing; rerun {upstream.stage}")
         pf = pq.ParquetFile(p)
-        if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
-            raise StageError(f"dedup: {p} does not hold training records (schema {pf.schema_arrow}); "
-                             f"expected schemas.records.RECORD_SCHEMA: rerun the upstream stage that wrote it")
+        if not pf.schema_arrow.equals(kind.schema, check_metadata=False):
+            raise StageError(f"dedup: {p} does not hold {kind.name} (schema {pf.schema_arrow}); expected schemas.records."
+                             f"{'PAIR_SCHEMA' if kind is PAIRS else 'RECORD_SCHEMA'}: rerun the upstream stage that wrote it")
         parts.append((p, e.sha256 or sha256_file(p)))
     keys = [sketch_key(c, sha) for _, sha in parts]
-    infos, gstats = fan_out(STAGE, [(k, str(p), (str(ctx.store.root), k, str(p), c), p.stat().st_size)
+    extra = (kind.name,) if kind is PAIRS else ()
+    infos, gstats = fan_out(STAGE, [(k, str(p), (str(ctx.store.root), k, str(p), c, *extra), p.stat().st_size)
                                     for k, (p, _) in zip(keys, parts)], _sketch_unit, ctx, c.workers)
-    units = [SketchUnit(k, Path(infos[k]["dir"]), infos[k]["records"]) for k in keys]
+    units = [SketchUnit(k, Path(infos[k]["dir"]), infos[k]["records"], p.stat().st_size) for k, (p, _) in zip(keys, parts)]
     t1 = time.perf_counter()
     dec = run_index(units, c, ctx)
     t2 = time.perf_counter()
     n_in = sum(u.records for u in units)
     if c.eval_files or c.method == "exact":  # contamination looks at every kept record: one streaming pass
-        files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], _decider(dec, units), c, out_dir)
+        files, n_out, n_removed, rejected, cont = _write_output([p for p, _ in parts], _decider(dec, units), c, out_dir, kind)
         written = len(parts)
     else:
-        files, n_out, n_removed, written = _write_kept_parts(parts, units, dec, c, ctx, out_dir)
+        files, n_out, n_removed, written = _write_kept_parts(parts, units, dec, c, ctx, out_dir, kind)
         rejected, cont = {}, {}
     t3 = time.perf_counter()
-    counters = {"in": n_in, "out": n_out, "rejected": rejected, "duplicates": n_removed}
-    ds = dec.stats
-    stats = {
-        "method": c.method, "normalize": c.normalize, "duplicates": n_removed, **ds,
-        "sketch_units": len(units), "sketch_units_computed": gstats["units_computed"],
-        "sketch_units_reused": gstats["units_reused"],
-        "seconds_sketch": round(t1 - t0, 3), "seconds_decide": round(t2 - t1, 3), "seconds_write": round(t3 - t2, 3),
-        "parts": len([f for f in files if f.role == "data"]), "parts_written": written, **cont,
-    }
-    if c.method == "minhash":
-        stats.update(threshold=c.threshold, ngram=c.ngram, bands=c.bands, rows=c.rows)
-    else:
-        stats["keys"] = n_in - n_removed
-    ctx.info("dedup: %d records in, %d kept, %d exact + %d near duplicates; %d of %d sketches computed, %d partitions",
-             n_in, n_out, ds["exact_duplicates"], ds["near_duplicates"], gstats["units_computed"], len(units), ds["partitions"])
-    return Manifest(stage=STAGE, files=files, counters=counters, stats=stats)
+    return {"files": files, "in": n_in, "out": n_out, "removed": n_removed, "rejected": rejected, "cont": cont,
+            "dec": dec, "gstats": gstats, "units": len(units), "written": written,
+            "seconds": {"seconds_sketch": round(t1 - t0, 3), "seconds_decide": round(t2 - t1, 3),
+                        "seconds_write": round(t3 - t2, 3)}}
 
 
 def _decider(dec, units):
@@ -428,21 +493,24 @@ def _decider(dec, units):
 OUT_UNIT = "dedup-out"
 
 
-def _kept_key(part_sha256: str, keep) -> str:
-    """A part's kept records depend on its bytes and on which of its rows are kept."""
+def _kept_key(part_sha256: str, keep, kind: Kind = RECORDS) -> str:
+    """A part's kept records depend on its bytes and on which of its rows are kept (and, for pairs, on
+    being written as pairs)."""
     import numpy as np
 
-    return cache_key(OUT_UNIT, VERSION, {}, [part_sha256, hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(), str(len(keep))])
+    return cache_key(OUT_UNIT, VERSION, {}, [part_sha256, hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(), str(len(keep)),
+                                             *([kind.name] if kind is not RECORDS else [])])
 
 
 def _kept_part_unit(args) -> dict:
     """One upstream part filtered to its kept rows, streamed in batches, stored as a unit."""
-    store_root, key, src, keep = args
+    store_root, key, src, keep, *kind = args
+    kind = KINDS[kind[0] if kind else "records"]
 
     def write(tmp: Path) -> dict:
-        w = PartWriter(tmp, max_bytes=1 << 62)
+        w = PartWriter(tmp, kind.schema, max_bytes=1 << 62, sub=kind.sub, role=kind.role)
         start = 0
-        for batch in iter_record_batches([Path(src)], STAGE):
+        for batch in iter_record_batches([Path(src)], STAGE, schema=kind.schema):
             w.write(batch.filter(pa.array(keep[start:start + batch.num_rows])))
             start += batch.num_rows
         (entry,) = w.close()
@@ -452,7 +520,7 @@ def _kept_part_unit(args) -> dict:
     return Store(store_root).unit_write(OUT_UNIT, key, write)
 
 
-def _write_kept_parts(parts: list[tuple[Path, str]], units, dec, c, ctx: StageContext, out_dir: Path):
+def _write_kept_parts(parts: list[tuple[Path, str]], units, dec, c, ctx: StageContext, out_dir: Path, kind: Kind = RECORDS):
     """Pass two without contamination checks: one kept part per upstream part, stored per (part,
     kept mask), so a rerun that adds parts rewrites only the parts whose decisions changed
     (usually just the new ones); removed rows come from the index, no record is read for them."""
@@ -460,19 +528,20 @@ def _write_kept_parts(parts: list[tuple[Path, str]], units, dec, c, ctx: StageCo
     from corpus2model.tasks.text.dedup_index import fan_out
 
     masks = [dec.keep_mask(u) for u in range(len(units))]
-    keys = [_kept_key(sha, m) for (_, sha), m in zip(parts, masks)]
-    infos, gstats = fan_out(OUT_UNIT, [(k, str(p), (str(ctx.store.root), k, str(p), m), p.stat().st_size)
+    keys = [_kept_key(sha, m, kind) for (_, sha), m in zip(parts, masks)]
+    extra = (kind.name,) if kind is not RECORDS else ()
+    infos, gstats = fan_out(OUT_UNIT, [(k, str(p), (str(ctx.store.root), k, str(p), m, *extra), p.stat().st_size)
                                        for k, (p, _), m in zip(keys, parts, masks)], _kept_part_unit, ctx, c.workers)
     files = []
     for u, k in enumerate(keys):
         info = infos[k]
-        rel = f"parts/part-{u:05d}.parquet"
+        rel = f"{kind.sub}/part-{u:05d}.parquet"
         link_or_copy(Path(info["dir"]) / info["path"], out_dir / rel)
-        files.append(FileEntry(rel, role="data", records=info["records"]))
-    n_removed = write_removed_parquet(dec.removed, out_dir / "removed.parquet")
+        files.append(FileEntry(rel, role=kind.role, records=info["records"]))
+    n_removed = write_removed_parquet(dec.removed, out_dir / kind.removed)
     if n_removed:
-        files.append(FileEntry("removed.parquet", role="removed", records=n_removed))
-    return files, sum(f.records for f in files if f.role == "data"), n_removed, gstats["units_computed"]
+        files.append(FileEntry(kind.removed, role="removed", records=n_removed))
+    return files, sum(f.records for f in files if f.role == kind.role), n_removed, gstats["units_computed"]
 
 
 def write_removed_parquet(removed: pa.Table, path: Path) -> int:
@@ -486,17 +555,25 @@ def write_removed_parquet(removed: pa.Table, path: Path) -> int:
     return out.num_rows
 
 
-def _write_output(paths: list[Path], decide, c, out_dir: Path):
-    """Pass two: kept records in input order into parts/, removed rows into removed.parquet,
-    contaminated records (action remove) into quarantine.parquet."""
+def _contamination_view(record: dict, kind: Kind) -> dict:
+    """What contamination looks at: a record's input and target, all three texts of a pair."""
+    if kind is PAIRS:
+        return {"input": record.get("prompt") or "", "target": f"{record.get('chosen') or ''}\n{record.get('rejected') or ''}"}
+    return record
+
+
+def _write_output(paths: list[Path], decide, c, out_dir: Path, kind: Kind = RECORDS):
+    """Pass two: kept records in input order into parts/ (pairs/ for pairs), removed rows into
+    removed.parquet (removed_pairs.parquet), contaminated records (action remove) into quarantine.parquet
+    (quarantine_pairs.parquet)."""
     eval_hashes = load_eval_ngrams(c.eval_files, c.contamination_ngram) if c.eval_files else None
-    writer = PartWriter(out_dir)
-    removed_path, q_path = out_dir / "removed.parquet", out_dir / "quarantine.parquet"
+    writer = PartWriter(out_dir, kind.schema, sub=kind.sub, role=kind.role)
+    removed_path, q_path = out_dir / kind.removed, out_dir / kind.quarantine
     removed_writer = q_writer = None
     n_out = n_removed = n_q = 0
     cont = {"contaminated_records": 0, "contaminated_ngrams": 0} if eval_hashes is not None else {}
     start = 0
-    for batch in iter_record_batches(paths, STAGE):
+    for batch in iter_record_batches(paths, STAGE, schema=kind.schema):
         dec = decide(batch, start)
         start += batch.num_rows
         mask = [d is None for d in dec]
@@ -511,7 +588,7 @@ def _write_output(paths: list[Path], decide, c, out_dir: Path):
             kept_idx = [i for i, m in enumerate(mask) if m]
             kept_tab = batch.take(pa.array(kept_idx, pa.int64()))
             recs = dict(zip(kept_idx, kept_tab.to_pylist()))
-            hits = contaminated_mask([recs[i] for i in kept_idx], eval_hashes, c.contamination_ngram)
+            hits = contaminated_mask([_contamination_view(recs[i], kind) for i in kept_idx], eval_hashes, c.contamination_ngram)
             for i, h in zip(kept_idx, hits):
                 if h:
                     cont["contaminated_records"] += 1
@@ -536,9 +613,9 @@ def _write_output(paths: list[Path], decide, c, out_dir: Path):
     files = writer.close()
     if removed_writer is not None:
         removed_writer.close()
-        files.append(FileEntry("removed.parquet", role="removed", records=n_removed))
+        files.append(FileEntry(kind.removed, role="removed", records=n_removed))
     if q_writer is not None:
         q_writer.close()
-        files.append(FileEntry("quarantine.parquet", role="quarantine", records=n_q))
+        files.append(FileEntry(kind.quarantine, role="quarantine", records=n_q))
     rejected = {"contaminated": n_q} if n_q else {}
     return files, n_out, n_removed, rejected, cont

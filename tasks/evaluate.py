@@ -7,6 +7,8 @@ through ``tasks.model.export.load_variant``, the loader the registry and the ser
 describe the files that ship. An ONNX variant runs in ONNX Runtime: perplexity and top-1 come from
 its logits, and generation is a greedy loop over its logits (no KV cache in the exported graph, so
 each new token recomputes the sequence: correct, slower than the PyTorch ``generate``).
+With ``evaluate.ablate: [augment]`` the stage also takes the no-augment branch's finetune output (a fifth
+input) and adds ``tuned_no_augment`` after ``tuned`` (tasks/model/ablation.py), on the same records.
 
 Metrics per variant, on the first ``max_records`` held-out records in id order (ids are content
 hashes, so this is a fixed, order-free sample):
@@ -21,7 +23,8 @@ hashes, so this is a fixed, order-free sample):
   being the candidate label (the distinct held-out targets) with the highest log-probability; other
   records with an input (instruction, sft, ...): ROUGE-L F1 of the greedy generation against the
   target (rouge-score, stemmed); preference pairs (records with ``chosen``/``rejected``): preference
-  accuracy = share of pairs where log p(chosen) > log p(rejected), and the mean margin.
+  accuracy = share of pairs where the variant's log p(chosen) - log p(rejected) exceeds the base model's
+  (DPO's implicit-reward accuracy; ties half, so base = 0.5), and that mean margin.
 * latency p50/p95 of one batch-1 forward pass over a fixed held-out record, after warm-up;
   throughput (requests/s and tokens/s) of the same forward at ``batch_size`` copies of it (scoring
   throughput; generation adds per-token decode work on top).
@@ -41,12 +44,13 @@ import time
 from pathlib import Path
 
 from corpus2model.tasks.finetune import final_path, task_of
-from corpus2model.tasks.model import classify
+from corpus2model.tasks.model import ablation, classify, distill, grpo, rag, reward
+from corpus2model.tasks.model import forgetting
 from corpus2model.tasks.model.metrics import agreement, answers_match, extract_final_number, macro_f1, percentile, rouge_l  # noqa: F401  (extract_final_number: re-exported)
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError
 
 STAGE = "evaluate"
-VERSION = "2"
+VERSION = "3"  # 3: held-out records exclude augmented copies (metadata.aug_method)
 SECTIONS = ("evaluate",)
 
 WARMUP_RUNS = 3
@@ -175,11 +179,12 @@ def classification_scores(model, tokenizer, records: list[dict], template: str) 
     return acc, macro_f1(truth, predicted), len(records)
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict], template: str) -> tuple[float | None, float | None, int]:
-    """(share of pairs with log p(chosen) > log p(rejected), mean margin in nats, pairs) on held-out
-    preference records ``{"prompt", "chosen", "rejected"}`` (the prompt rendered with the template)."""
+def preference_accuracy(model, tokenizer, pairs: list[dict], template: str) -> tuple[float | None, float | None, int, list[float]]:
+    """(share of pairs with log p(chosen) > log p(rejected), mean margin in nats, pairs, the margins) on
+    held-out preference records ``{"prompt", "chosen", "rejected"}`` (the prompt rendered with the template).
+    The table reports these margins relative to the base row's (relative_preference)."""
     if not pairs:
-        return None, None, 0
+        return None, None, 0, []
     wins, margins = 0, []
     for pr in pairs:
         prompt = template.format(input=pr["prompt"]) if pr.get("prompt") else ""
@@ -187,7 +192,25 @@ def preference_accuracy(model, tokenizer, pairs: list[dict], template: str) -> t
             continuation_logprob(model, tokenizer, prompt, pr["rejected"])
         wins += m > 0
         margins.append(m)
-    return wins / len(pairs), sum(margins) / len(margins), len(pairs)
+    return wins / len(pairs), sum(margins) / len(margins), len(pairs), margins
+
+
+def relative_preference(rows: list[dict]) -> None:
+    """Preference accuracy as DPO measures it: a pair is won when the variant raised log p(chosen) -
+    log p(rejected) above the base model's (the reference); ties count half, so the base row is 0.5.
+    The raw ranking (log p(chosen) > log p(rejected)) mostly says which answer is shorter: on the demo's
+    HH-RLHF pairs it was 0.634 for every variant, the untrained base included. It stays in eval.json as
+    raw_preference_accuracy."""
+    by = {r["variant"]: r for r in rows}
+    ref = (by.get("base") or {}).get("_pair_margins")
+    for r in rows:
+        margins = r.pop("_pair_margins", None)
+        if not ref or not margins or len(margins) != len(ref):
+            continue
+        rel = [m - b for m, b in zip(margins, ref)]
+        r["raw_preference_accuracy"] = r["preference_accuracy"]
+        r["preference_accuracy"] = _round((sum(d > 0 for d in rel) + 0.5 * sum(d == 0 for d in rel)) / len(rel), 4)
+        r["preference_margin"] = _round(sum(rel) / len(rel), 4)
 
 
 def _forward_seconds(model, x, runs: int, warmup: int) -> list[float]:
@@ -278,7 +301,11 @@ class PeakMemory:
 # the stage
 # ---------------------------------------------------------------------------------------------
 def held_out_records(shard: Manifest, split: str, max_records: int) -> tuple[list[dict], str, list[str]]:
-    """The first ``max_records`` records (by id) of ``split``, falling back to validation, then train."""
+    """The first ``max_records`` records (by id) of ``split``, falling back to validation, then train.
+
+    Augmented records are left out: a rewrite lands in its parent's split, so a test split holds
+    synthetic copies of its own records, and a model should be judged on the data as people wrote it
+    (the ablation rows compare models with and without augmentation on exactly these records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -295,7 +322,12 @@ def held_out_records(shard: Manifest, split: str, max_records: int) -> tuple[lis
                 leak = " (records the model was trained on: perplexity is optimistic)" if name == "train" else ""
                 notes.append(f"split {split!r} is empty or missing; evaluated on {name!r} instead{leak}")
             rows = sorted(table.to_pylist(), key=lambda r: r["id"])
-            return rows[:max_records], name, notes
+            original = [r for r in rows if not (r.get("metadata") or {}).get("aug_method")]
+            if len(original) < len(rows):
+                notes.append(f"{len(rows) - len(original)} augmented records of split {name!r} left out: "
+                             f"scored on original records only")
+            if original:
+                return original[:max_records], name, notes
     raise StageError(f"{shard.path}: no records in split {split!r}, 'validation' or 'train' to evaluate on")
 
 
@@ -347,8 +379,10 @@ def heldout_pairs(finetune: Manifest, records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("chosen") and r.get("rejected")]
 
 
-def task_groups(records: list[dict], limit: int, pairs: list[dict] | None = None) -> dict[str, list[dict]]:
-    """The held-out records each task metric is computed on (at most ``limit`` each)."""
+def task_groups(records: list[dict], limit: int, pairs: list[dict] | None = None,
+                pair_limit: int | None = None) -> dict[str, list[dict]]:
+    """The held-out records each task metric is computed on (at most ``limit`` each; preference pairs at
+    most ``pair_limit``: scoring a pair is two forward passes, not a generation, so it can afford more)."""
     def tt(r):
         return (r.get("metadata") or {}).get("task_type")
 
@@ -358,13 +392,15 @@ def task_groups(records: list[dict], limit: int, pairs: list[dict] | None = None
         "generation": [r for r in records if tt(r) not in (MATH_TASK, CLASSIFICATION_TASK)
                        and r.get("input") and not r.get("chosen")],
     }
-    groups["preference"] = list(pairs or [])
-    return {k: v[:limit] for k, v in groups.items()}
+    out = {k: v[:limit] for k, v in groups.items()}
+    out["preference"] = list(pairs or [])[:limit if pair_limit is None else pair_limit]
+    return out
 
 
 def evaluate_variant(source, records: list[dict], groups: dict[str, list[dict]], template: str, ec,
-                     latency_ids: list[int]) -> tuple[dict, list[int]]:
-    """One row of the table, and the argmax predictions (for top-1 agreement)."""
+                     latency_ids: list[int], latency=None) -> tuple[dict, list[int]]:
+    """One row of the table, and the argmax predictions (for top-1 agreement). ``latency(model) -> (p50,
+    p95)`` replaces the plain forward timing where a row's request costs more (rag: retrieval first)."""
     from corpus2model.tasks.model.modeling import count_params
 
     t0 = time.perf_counter()
@@ -379,8 +415,8 @@ def evaluate_variant(source, records: list[dict], groups: dict[str, list[dict]],
         em, n_math = exact_match(model, tokenizer, groups["math"], template, ec.max_new_tokens)
         rl, n_gen = generation_rouge(model, tokenizer, groups["generation"], template, ec.max_new_tokens)
         cacc, cf1, n_cls = classification_scores(model, tokenizer, groups["classification"], template)
-        pacc, pmargin, n_pref = preference_accuracy(model, tokenizer, groups["preference"], template)
-        p50, p95 = forward_latency_ms(model, latency_ids, ec.latency_runs)
+        pacc, pmargin, n_pref, pair_margins = preference_accuracy(model, tokenizer, groups["preference"], template)
+        p50, p95 = latency(model) if latency else forward_latency_ms(model, latency_ids, ec.latency_runs)
         rps, tps = throughput(model, latency_ids, ec.batch_size, ec.throughput_runs)
     peak = mem.mb
     if cuda:
@@ -410,6 +446,8 @@ def evaluate_variant(source, records: list[dict], groups: dict[str, list[dict]],
         "pairs": n_pref,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if pair_margins:
+        row["_pair_margins"] = pair_margins  # made relative to the base row's by relative_preference
     return row, preds
 
 
@@ -429,32 +467,57 @@ def training_hours(ft: Manifest) -> tuple[float | None, str]:
     return round(s["seconds"] * (s.get("threads") or 1) / 3600, 5), "cpu"
 
 
+def score_finetune(ft: Manifest, records: list[dict], groups: dict[str, list[dict]], template: str, ec,
+                   seq_len: int) -> tuple[dict, list[int]]:
+    """The tuned model of another finetune output (an evaluate.ablate branch's) scored like ``tuned``, with a
+    latency probe encoded by its own tokenizer (its ids need not exist in the main run's vocabulary)."""
+    from corpus2model.tasks.tokenize import load_tokenizer
+
+    folders = variant_folders(ft, Manifest(stage="quantize"))
+    probe, _ = encode_for_scoring(records[0], load_tokenizer(folders["base"]), template, min(seq_len, LATENCY_MAX_TOKENS))
+    row, preds = evaluate_variant(folders["tuned"], records, groups, template, ec, probe)
+    return {**row, "format": "peft" if isinstance(folders["tuned"], tuple) else "hf"}, preds
+
+
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
-    if len(inputs) != 4:
-        raise StageError(f"evaluate takes four upstream manifests (shard, tokenize, finetune, quantize), "
-                         f"got {len(inputs)}")
+    if len(inputs) != 4 + len(cfg.evaluate.ablate):
+        raise StageError(f"evaluate takes four upstream manifests (shard, tokenize, finetune, quantize) and one "
+                         f"finetune per evaluate.ablate target {cfg.evaluate.ablate}, got {len(inputs)}")
     if task_of(inputs[2]) == "classification":  # the finetune output says what it is: tasks/model/classify.py
         return classify.evaluate_run(inputs, cfg, out_dir, ctx, held_out_records(inputs[0], cfg.evaluate.split, 10**9))
+    if task_of(inputs[2]) == "reward":  # preference accuracy on held-out pairs: tasks/model/reward.py
+        return reward.evaluate_run(inputs, cfg, out_dir, ctx)
     import torch
 
     from corpus2model.tasks.common.artifacts import publish_image, publish_markdown, publish_table
     from corpus2model.tasks.tokenize import load_tokenizer
 
-    shard, tok, ft, quant = inputs
+    shard, tok, ft, quant, *ablated = inputs
     ec = cfg.evaluate
     template = tok.stats.get("prompt_template")
     if template is None:
         raise StageError(f"{tok.path}: the tokenize manifest has no stats.prompt_template")
-    records, split, notes = held_out_records(shard, ec.split, ec.max_records)
-    groups = task_groups(records, ec.generate_records, heldout_pairs(ft, records))
-    if not groups["math"]:
+    try:
+        records, split, notes = held_out_records(shard, ec.split, ec.max_records)
+    except StageError:
+        # A corpus of preference pairs only (DPO): no record to compute perplexity on; the rows score the
+        # pairs the finetune stage held out, and the latency probe is one of them.
+        if not heldout_pairs(ft, []):
+            raise
+        records, split = [], "validation (preference pairs)"
+        notes = ["no held-out training records (a corpus of preference pairs only): perplexity, token accuracy "
+                 "and the task metrics are n/a; the rows score the pairs finetune held out"]
+    groups = task_groups(records, ec.generate_records, heldout_pairs(ft, records), ec.max_records)
+    if not groups["math"] and records:
         notes.append(f"no {MATH_TASK} records among the held-out records: exact_match is n/a")
 
     folders = variant_folders(ft, quant)
     # One fixed input for every variant's latency, tokenized with the shared tokenizer.
     tokenizer = load_tokenizer(folders["base"])
     seq_len = int(tok.stats.get("seq_len") or LATENCY_MAX_TOKENS)
-    latency_ids, _ = encode_for_scoring(records[0], tokenizer, template, min(seq_len, LATENCY_MAX_TOKENS))
+    probe = records[0] if records else {"input": groups["preference"][0]["prompt"],
+                                         "target": groups["preference"][0]["chosen"]}
+    latency_ids, _ = encode_for_scoring(probe, tokenizer, template, min(seq_len, LATENCY_MAX_TOKENS))
     hours, hw = training_hours(ft)
     quant_stats = quant.stats
 
@@ -467,16 +530,31 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         for variant, source in folders.items():
             row, preds[variant] = evaluate_variant(source, records, groups, template, ec, latency_ids)
             row = {"variant": variant, **row,
-                   "format": (quant_stats.get(variant) or {}).get("kind", "peft" if variant == "tuned" else "hf"),
+                   "format": (quant_stats.get(variant) or {}).get("kind", "peft" if isinstance(source, tuple) else "hf"),
                    f"train_{hw}_hours": None if variant == "base" else hours}
             ctx.info("evaluate %s: %s", variant, row)
             rows.append(row)
+        for row, pred in rag.rows(shard, records, groups, folders, template, seq_len, ec, evaluate_variant,
+                                  notes, ctx.info):  # evaluate.rag: the retrieval baseline rows (off by default)
+            rows.append(row)
+            preds[row["variant"]] = pred
+        for row, pred in distill.teacher_rows(  # a distill run: the teacher's row beside the student's
+                ft.stats, lambda src: evaluate_variant(src, records, groups, template, ec, latency_ids), notes):
+            rows.append(row)
+            preds[row["variant"]] = pred
+        grpo.add_reward_column(rows, folders, load_row_model, groups["math"], template, ec, ft.stats)  # a grpo run
+        ablation.add_rows(rows, preds, dict(zip(ec.ablate, ablated)),  # evaluate.ablate: tuned_no_<target> after tuned
+                          lambda m: score_finetune(m, records, groups, template, ec, seq_len), training_hours, notes)
+        # finetune.init production/path: parent (base) and tuned on the parent's test records, forgetting
+        notes += forgetting.add_rows(rows, ft, ec.max_records, lambda v, recs: score_tokens(
+            *load_row_model(folders[v], ec.threads)[:2], recs, template)[0])
     finally:
         torch.set_num_threads(threads_before)
+    relative_preference(rows)
     ref = "merged" if "merged" in preds else "tuned"
     for row in rows:  # against the fp32 model every variant was made from
         row["top1_agreement"] = _round(agreement(preds[row["variant"]], preds[ref]), 4)
-    if any(r["perplexity"] is None for r in rows):
+    if records and any(r["perplexity"] is None for r in rows):
         notes.append("a variant has no finite perplexity (no target tokens scored, or the model diverged)")
     if any(r["format"] == "onnx" for r in rows):
         notes.append("onnx rows run in ONNX Runtime (CPU); their generation is a greedy loop without KV cache")
@@ -507,11 +585,14 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
 COLUMNS = [("variant", "variant"), ("format", "format"), ("perplexity", "perplexity"),
            ("token_accuracy", "token acc"), ("top1_agreement", "top-1 vs fp32"), ("exact_match", "exact match"),
            ("rouge_l", "ROUGE-L"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
-           ("preference_accuracy", "pref acc"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
+           ("preference_accuracy", "pref acc"), ("reward", "reward"), ("old_test_perplexity", "ppl old test"),
+           ("forgetting", "forgetting"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
+           ("retrieval_p50_ms", "retrieval p50 ms"), ("retrieval_p95_ms", "retrieval p95 ms"),
            ("requests_per_s", "requests/s"), ("tokens_per_s", "tokens/s"), ("size_mb", "size MB"),
            ("peak_memory_mb", "peak mem MB"), ("params", "params"), ("train_cpu_hours", "train CPU-h"),
            ("train_gpu_hours", "train GPU-h")]
-LOWER_IS_BETTER = {"perplexity", "latency_p50_ms", "latency_p95_ms", "size_mb", "peak_memory_mb"}
+LOWER_IS_BETTER = {"perplexity", "old_test_perplexity", "forgetting", "latency_p50_ms", "latency_p95_ms", "retrieval_p50_ms", "retrieval_p95_ms",
+                   "size_mb", "peak_memory_mb"}
 
 
 def gate_marks(gate: dict | None, rows: list[dict] | None = None) -> dict[str, str]:
@@ -522,14 +603,18 @@ def gate_marks(gate: dict | None, rows: list[dict] | None = None) -> dict[str, s
     bound = None
     for c in (gate or {}).get("checks", []):
         variant = c.get("variant") or c["name"].split("_vs_")[0]
-        marks[variant] = "pass" if c["passed"] else "fail"
+        # tuned is checked more than once (vs base, vs tuned_no_augment): one failed check marks it failed
+        marks[variant] = "pass" if c["passed"] and marks.get(variant) != "fail" else "fail"
         if c["name"].endswith("_vs_tuned"):
             bound = c.get("threshold")
     if gate and rows and bound is not None:
         metric = gate["metric"]
         for r in rows:
             v = r.get(metric)
-            if r["variant"] in marks or r["variant"] in ("base", "tuned") or v is None:
+            # an ablation row is a reference to compare tuned with, never a candidate to serve
+            if r["variant"] in marks or r["variant"] in ("base", "tuned") or ablation.is_ablation_row(r["variant"]) or v is None:
+                continue
+            if r["variant"].startswith(rag.ROW_PREFIX):  # so is a retrieval baseline row
                 continue
             ok = v <= bound if metric in LOWER_IS_BETTER else v >= bound
             marks[r["variant"]] = "within" if ok else "outside"

@@ -9,6 +9,11 @@ HTML main text comes from trafilatura (``extract_html``: precision-favouring, no
 falls back to a standard-library parser (skipping script/style/nav/header/footer) when trafilatura
 finds no main text (a page that is all navigation, a fragment); the method is counted per file in
 stats (``html_trafilatura`` / ``html_stdlib``). Language ID and quality filters run in clean.
+
+JSON lines are training records (``input``/``target`` or ``text``) or preference records (``prompt``,
+``chosen``, ``rejected``: ``json_to_pair``); both kinds may share a file. A unit writes its training
+records to ``records.parquet`` (role "data") and, when it has any, its preference records to
+``pairs.parquet`` (role "pairs", PAIR_SCHEMA), which the later stages carry beside the records.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from corpus2model.schemas.records import make_record, quarantine_row, quarantine_table, records_table
+from corpus2model.schemas.records import (PAIR_TEXT_FIELDS, make_pair, make_record, pairs_table, quarantine_row,
+                                           quarantine_table, records_table)
 from corpus2model.tasks.stage import (
     FileEntry,
     Manifest,
@@ -41,8 +47,10 @@ from corpus2model.tasks.stage import (
 )
 
 STAGE = "ingest"
-VERSION = "5"  # 4: per-occurrence ids + content_hash, UTF-8 line repair, exact source ids, bounded gzip
+VERSION = "6"  # 4: per-occurrence ids + content_hash, UTF-8 line repair, exact source ids, bounded gzip
 # 5: a cut JSONL .gz keeps its complete lines (tail quarantined), an unreadable file is quarantined
+# 6: {prompt, chosen, rejected} lines become preference records (pairs.parquet, role "pairs") instead of
+#    unknown_shape rejects; a line with some but not all of those fields is incomplete_pair
 SECTIONS = ("ingest",)
 
 TEXT_EXT = {".txt", ".text", ".md"}
@@ -404,10 +412,13 @@ def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) ->
             return None, ("wrong_type", f"text must be a string, got {json_type(tgt)}")
         default_type = cfg.default_task_type
     else:
-        return None, ("unknown_shape", f"expected keys input/target or text, got {sorted(obj)[:8]}")
-    for name in ("task_type", "domain", "source"):
-        if name in md_in and not isinstance(md_in[name], str):
-            return None, ("wrong_type", f"metadata.{name} must be a string, got {json_type(md_in[name])}")
+        if PAIR_KEYS & obj.keys():  # a reader of training records only (c2m validate, c2m dedup on JSONL)
+            return None, _pair_reject(obj) or ("preference_pair", "a preference record (prompt/chosen/rejected): "
+                                               "this reader takes training records; the pipeline's ingest keeps it as a pair")
+        return None, ("unknown_shape", f"expected keys input/target or text (or prompt/chosen/rejected), got {sorted(obj)[:8]}")
+    why = _metadata_types(md_in)
+    if why is not None:
+        return None, why
     src_id, why = source_id_text(obj.get("id"))
     if why is not None:
         return None, why
@@ -430,6 +441,76 @@ def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) ->
         lang=lang,
     )
     return record, None
+
+
+PAIR_KEYS = frozenset(PAIR_TEXT_FIELDS)
+PAIR_TASK_TYPE = "preference"  # metadata.task_type of a preference record that names none
+
+
+def _metadata_types(md_in: dict) -> tuple[str, str] | None:
+    for name in ("task_type", "domain", "source"):
+        if name in md_in and not isinstance(md_in[name], str):
+            return "wrong_type", f"metadata.{name} must be a string, got {json_type(md_in[name])}"
+    return None
+
+
+def is_pair_shape(obj) -> bool:
+    """A JSON object that is a preference record (or tries to be one): it has a prompt/chosen/rejected
+    key and none of a training record's (input/target/text; those win, as they always did)."""
+    return isinstance(obj, dict) and bool(PAIR_KEYS & obj.keys()) and not {"input", "target", "text"} & obj.keys()
+
+
+def _pair_reject(obj: dict) -> tuple[str, str] | None:
+    """Why ``obj`` cannot be a preference record: a pair field missing (incomplete_pair) or not a string."""
+    missing = [k for k in PAIR_TEXT_FIELDS if k not in obj]
+    if missing:
+        have = [k for k in PAIR_TEXT_FIELDS if k in obj]
+        return "incomplete_pair", (f"has {', '.join(have)} but not {', '.join(missing)}: a preference record needs "
+                                   f"prompt, chosen and rejected (strings); add the missing field(s) or drop the line")
+    for k in PAIR_TEXT_FIELDS:
+        if not isinstance(obj[k], str):
+            return "wrong_type", f"{k} must be a string, got {json_type(obj[k])}"
+    return None
+
+
+def json_to_pair(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) -> tuple[dict | None, tuple[str, str] | None]:
+    """Map one JSON object with prompt/chosen/rejected to a preference record (schemas.records.make_pair, the
+    same provenance metadata a training record gets), or return (None, (reason, detail)). Empty texts pass
+    here: clean drops them with their reason, as it does for training records."""
+    if not isinstance(obj, dict):
+        return None, ("wrong_type", f"a record must be a JSON object, got {json_type(obj)}")
+    why = _pair_reject(obj)
+    if why is not None:
+        return None, why
+    md_in = obj.get("metadata", {})
+    if md_in is None:
+        md_in = {}
+    if not isinstance(md_in, dict):
+        return None, ("wrong_type", f"metadata must be an object, got {json_type(md_in)}")
+    why = _metadata_types(md_in)
+    if why is not None:
+        return None, why
+    src_id, why = source_id_text(obj.get("id"))
+    if why is not None:
+        return None, why
+    lang = _str_or_none(md_in.get("lang") or obj.get("lang"))
+    why = _lone_surrogate({"id": src_id, **{k: obj[k] for k in PAIR_TEXT_FIELDS}, "metadata.task_type": md_in.get("task_type"),
+                           "metadata.domain": md_in.get("domain"), "metadata.source": md_in.get("source"), "lang": lang})
+    if why is not None:
+        return None, why
+    pair = make_pair(
+        obj["prompt"], obj["chosen"], obj["rejected"],
+        task_type=md_in.get("task_type") or PAIR_TASK_TYPE,
+        domain=md_in.get("domain") or cfg.default_domain,
+        source=_str_or_none(md_in.get("source")) or rel,
+        source_id=src_id,
+        source_path=rel,
+        source_sha256=sha,
+        source_line=line,
+        encoding=encoding,
+        lang=lang,
+    )
+    return pair, None
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
@@ -505,18 +586,22 @@ def read_raw_file(path: Path, rel: str, max_bytes: int) -> tuple[bytes | None, s
     return read_raw(data, rel, max_bytes)
 
 
-def parse_file(data: bytes, rel: str, sha: str, cfg, stats: dict | None = None) -> tuple[list[dict], list[dict], int]:
+def parse_file(data: bytes, rel: str, sha: str, cfg, stats: dict | None = None,
+               pairs: list[dict] | None = None) -> tuple[list[dict], list[dict], int]:
     """One raw file -> (records, quarantine rows, units read). Never raises on bad content.
 
     ``stats`` (optional) receives ``html_<method>: 1`` for an HTML file (see ``extract_html``) and
-    ``decode_repairs: n`` for lines repaired while decoding (see ``decode_bytes``)."""
+    ``decode_repairs: n`` for lines repaired while decoding (see ``decode_bytes``). Preference records
+    (JSON lines with prompt/chosen/rejected) are appended to ``pairs`` when it is given (they count
+    among the units read); without it they are quarantined as ``preference_pair`` (a reader of
+    training records only)."""
     data, name, reject = read_raw(data, rel, cfg.max_file_bytes)
     if data is None:
         return [], [reject], 1
     ext = os.path.splitext(name)[1]
 
     if ext in JSON_EXT:
-        records, rejects, n_in = _parse_json_lines(data, rel, sha, cfg, whole=(ext == ".json"))
+        records, rejects, n_in = _parse_json_lines(data, rel, sha, cfg, whole=(ext == ".json"), pairs=pairs)
         if reject is not None:  # a cut .jsonl.gz: its complete lines above, its cut tail here
             return records, rejects + [reject], n_in + 1
         return records, rejects, n_in
@@ -540,8 +625,9 @@ def parse_file(data: bytes, rel: str, sha: str, cfg, stats: dict | None = None) 
     return [record], [], 1
 
 
-def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool) -> tuple[list[dict], list[dict], int]:
-    records, rejects = [], []
+def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool,
+                      pairs: list[dict] | None = None) -> tuple[list[dict], list[dict], int]:
+    records, rejects, n_pairs = [], [], 0
     encoding = "utf-8"
     if data.startswith(codecs.BOM_UTF8):
         data, encoding = data[3:], "utf-8-sig"
@@ -567,14 +653,19 @@ def _parse_json_lines(data: bytes, rel: str, sha: str, cfg, whole: bool) -> tupl
             else:
                 lines.append((i, obj, raw))
     for line_no, obj, raw in lines:
-        rec, why = json_to_record(obj, rel=rel, sha=sha, line=line_no, encoding=encoding, cfg=cfg)
+        pair = pairs is not None and is_pair_shape(obj)
+        convert = json_to_pair if pair else json_to_record
+        rec, why = convert(obj, rel=rel, sha=sha, line=line_no, encoding=encoding, cfg=cfg)
         if rec is None:
             # the line as the file wrote it (a re-dump could fail on what made it bad: depth, surrogates)
             shown = raw if raw is not None else (obj if isinstance(obj, dict) else json_type(obj))
             rejects.append(quarantine_row(STAGE, why[0], detail=why[1], source_path=rel, source_line=line_no, record=shown))
+        elif pair:
+            pairs.append(rec)
+            n_pairs += 1
         else:
             records.append(rec)
-    return records, rejects, len(records) + len(rejects)
+    return records, rejects, len(records) + len(rejects) + n_pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +677,7 @@ def _ingest_unit(args) -> dict:
 
     def write(tmp: Path) -> dict:
         stats: dict = {}
+        pairs: list[dict] = []
         size = Path(raw_path).stat().st_size
         if not rel.lower().endswith(".gz") and size > cfg.max_file_bytes:  # refused before it is read into memory
             records, rejects, n_in = [], [quarantine_row(STAGE, "file_too_large", detail=f"{size} bytes > ingest.max_file_bytes",
@@ -598,17 +690,20 @@ def _ingest_unit(args) -> dict:
                 records, rejects, n_in = [], [quarantine_row(STAGE, "unreadable_file", detail=f"{e.strerror or e}; make it "
                                                              f"readable and rerun", source_path=rel)], 1
             if data is not None:
-                records, rejects, n_in = parse_file(data, rel, sha, cfg, stats)
+                records, rejects, n_in = parse_file(data, rel, sha, cfg, stats, pairs=pairs)
         pq.write_table(records_table(records), tmp / "records.parquet")
         files = [FileEntry("records.parquet", role="data", records=len(records))]
+        if pairs:  # only files that hold preference records get a pairs part (schemas.records.PAIR_SCHEMA)
+            pq.write_table(pairs_table(pairs), tmp / "pairs.parquet")
+            files.append(FileEntry("pairs.parquet", role="pairs", records=len(pairs)))
         if rejects:
             pq.write_table(quarantine_table(rejects), tmp / "quarantine.parquet")
             files.append(FileEntry("quarantine.parquet", role="quarantine", records=len(rejects)))
         reasons: dict[str, int] = {}
         for r in rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        return {"files": files, "counters": {"in": n_in, "out": len(records), "rejected": reasons, "duplicates": 0},
-                "source_path": rel, **stats}
+        return {"files": files, "counters": {"in": n_in, "out": len(records) + len(pairs), "rejected": reasons,
+                                             "duplicates": 0}, "source_path": rel, "pairs": len(pairs), **stats}
 
     return store.unit_write(STAGE, unit_key, write)
 
@@ -623,7 +718,7 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         args = (str(ctx.store.root), key, str(raw_dir / f.path), f.path, f.sha256, cfg.ingest)
         units.append(Unit(key=key, stem=f"{i:06d}-{f.sha256[:12]}", label=f.path, args=args, bytes=f.bytes))
     files, counters, stats = gather_units(STAGE, units, _ingest_unit, ctx, out_dir, cfg.ingest.workers,
-                                          ("html_trafilatura", "html_stdlib", "decode_repairs"))
+                                          ("html_trafilatura", "html_stdlib", "decode_repairs", "pairs"))
     # Files the scan left out (links leaving the folder, names outside ingest.include, ...): not
     # records, so not in the counters, but counted with their reasons where the run is reported.
     skipped = source.stats.get("skipped") or {}

@@ -263,7 +263,7 @@ def split_inputs(inputs: list[Manifest]) -> tuple[Manifest, Manifest | None]:
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     ft, tok = split_inputs(inputs)
-    if task_of(ft) == "classification":  # the finetune output says: tasks/model/classify.py (no calibration)
+    if task_of(ft) in ("classification", "reward"):  # encoders (a reward model has one output): classify.py
         return classify.quantize_run([ft], cfg, out_dir, ctx)
     from corpus2model.tasks.common.artifacts import publish_markdown
     from corpus2model.tasks.model.export import ExportError, check_supported

@@ -51,6 +51,8 @@ from typing import Iterator
 from corpus2model.tasks.common.artifacts import publish_markdown
 from corpus2model.tasks.common.resources import package_path
 from corpus2model.tasks.finetune import task_of
+from corpus2model.tasks.model import ablation, reward
+from corpus2model.tasks.model import continual
 from corpus2model.tasks.stage import (Manifest, StageError, canonical_json, link_or_copy, stage_config,
                                       write_json_atomic)
 
@@ -65,7 +67,10 @@ LAYOUT_VERSION = "1"  # bump when a version folder's layout changes (part of the
 ALIASES = "aliases.json"
 PRODUCTION = "production"
 # serve variant -> folder inside a version
-VARIANT_DIRS = {"tuned": "model", "dynamic_int8": "dynamic_int8"}
+VARIANT_DIRS = {"tuned": "model", "dynamic_int8": "dynamic_int8", "onnx_int8_dynamic": "onnx_int8_dynamic"}
+# Quantize variants a version ships (copied when the quantize output has them); onnx_int8_dynamic only for
+# encoder classifiers, whose server loads it through ONNX Runtime (classify.load_classifier).
+SHIPPED_VARIANTS = ("dynamic_int8", "onnx_int8_dynamic")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
 
@@ -98,6 +103,7 @@ def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
     - tuned >= base + min_improvement_over_base
     - served >= tuned - max_quantized_degradation
 
+    Optional (None = off): max_augment_regression (augment_check: tuned vs tuned_no_augment, same kind of bound).
     A missing or non-finite value fails its check, and the reason names the variant.
     """
     metric = gate.metric
@@ -125,9 +131,55 @@ def check_gate(eval_rows: list[dict], gate, serve_variant: str) -> dict:
     bound = None if missing else (tuned - gate.max_quantized_degradation if higher
                                   else tuned * (1 + gate.max_quantized_degradation))
     add(f"{serve_variant}_vs_tuned", served, bound, list(dict.fromkeys(missing)))
+    if getattr(gate, "max_augment_regression", None) is not None:
+        checks.append(augment_check(rows, metric, higher, tuned, gate.max_augment_regression))
+    if getattr(gate, "max_forgetting", None) is not None:
+        checks.append(forgetting_check(rows, gate.max_forgetting))
     passed = all(c["passed"] for c in checks)
     reason = "all gate checks passed" if passed else "; ".join(c["reason"] for c in checks if not c["passed"])
     return {"passed": passed, "metric": metric, "serve_variant": serve_variant, "checks": checks, "reason": reason}
+
+
+def augment_check(rows: dict[str, dict], metric: str, higher: bool, tuned: float | None, allowed: float) -> dict:
+    """"Augmentation must not hurt" (gate.max_augment_regression): tuned may be at most ``allowed`` worse than
+    tuned_no_augment (the evaluate.ablate: [augment] row), relative when lower is better, absolute points
+    when higher is better. Without that row the check fails and says how to get it."""
+    name = f"tuned_vs_{ablation.row_name('augment')}"
+    ref = _metric(rows, ablation.row_name("augment"), metric)
+    if ablation.row_name("augment") not in rows:
+        return {"name": name, "value": tuned, "threshold": None, "passed": False,
+                "reason": f"gate.max_augment_regression is set but eval.json has no {ablation.row_name('augment')} row: "
+                          f"set evaluate.ablate: [augment] so the run also trains the model without augmentation"}
+    if tuned is None or ref is None:
+        missing = [v for v, x in (("tuned", tuned), (ablation.row_name("augment"), ref)) if x is None]
+        return {"name": name, "value": tuned, "threshold": None, "passed": False,
+                "reason": f"no finite {metric} for variant(s) {', '.join(missing)} in eval.json"}
+    bound = ref - allowed if higher else ref * (1 + allowed)
+    ok = tuned >= bound if higher else tuned <= bound
+    sign = (">=" if ok else "<") if higher else ("<=" if ok else ">")
+    verdict = "augmentation did not hurt" if ok else "augmentation hurt"
+    return {"name": name, "value": round(tuned, 6), "threshold": round(bound, 6), "passed": ok,
+            "reason": f"{verdict}: tuned {metric} {tuned:.4g} {sign} {bound:.4g} "
+                      f"({ablation.row_name('augment')} {ref:.4g}, max_augment_regression {allowed})"}
+
+
+def forgetting_check(rows: dict[str, dict], allowed: float) -> dict:
+    """gate.max_forgetting: tuned's forgetting (tasks/model/forgetting.py: its perplexity on the parent
+    version's test records / the parent's - 1) at most ``allowed``. A run without a parent has nothing to
+    forget and passes; a parent row without a finite forgetting fails."""
+    tuned, base = rows.get("tuned", {}), rows.get("base", {})
+    if "old_test_perplexity" not in base and "forgetting" not in tuned:
+        return {"name": "forgetting", "value": None, "threshold": allowed, "passed": True,
+                "reason": "no parent version (finetune.init scratch, or none to continue from): nothing to forget"}
+    value = _metric(rows, "tuned", "forgetting")
+    if value is None:
+        return {"name": "forgetting", "value": None, "threshold": allowed, "passed": False,
+                "reason": "no finite forgetting for tuned in eval.json (the parent's or tuned's old-test perplexity "
+                          "is missing)"}
+    ok = value <= allowed
+    return {"name": "forgetting", "variant": "tuned", "value": round(value, 6), "threshold": allowed, "passed": ok,
+            "reason": f"tuned forgetting {value:.4g} {'<=' if ok else '>'} {allowed:.4g} (perplexity on the parent's "
+                      f"test records {tuned.get('old_test_perplexity')} vs the parent's {base.get('old_test_perplexity')})"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +219,17 @@ def build_lineage(manifests: dict[str, Manifest], run_config: dict, key: str) ->
         for s in ordered
     }
     raw = [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in manifests["source"].files]
-    return {"lineage_key": key, "config_hash": config_hash(run_config), "stages": stages, "raw_files": raw,
-            "created": _now()}
+    lineage = {"lineage_key": key, "config_hash": config_hash(run_config), "stages": stages, "raw_files": raw,
+               "created": _now()}
+    ft = manifests.get("finetune")
+    if ft is not None and ft.stats.get("init") not in (None, "scratch"):
+        # Continual fine-tuning: the version this one continued from (None: it started from the base model),
+        # and the data added since (tasks/model/continual.py data_added). The next run's parent rule reads
+        # "parent" and stages.tokenize.key from here.
+        parent_lineage = ft.dir / continual.PARENT_DIR / continual.LINEAGE
+        lineage.update(init=ft.stats["init"], parent=ft.stats.get("parent"), data_added=continual.data_added(
+            json.loads(parent_lineage.read_text(encoding="utf-8")) if parent_lineage.is_file() else None, lineage))
+    return lineage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +325,9 @@ LM_COLUMNS = ["variant", "perplexity", "token_accuracy", "exact_match", "latency
 
 def eval_table(rows: list[dict], task: str = "causal_lm") -> str:
     """The evaluation rows as a markdown table, with the columns of the model's task (finetune.task_of)."""
-    cols = CLASSIFIER_COLUMNS if task == "classification" else LM_COLUMNS
+    cols = {"classification": CLASSIFIER_COLUMNS, "reward": reward.EVAL_COLUMNS}.get(task, LM_COLUMNS)
+    if cols is LM_COLUMNS:  # continual runs: the parent's test split (tasks/model/forgetting.py)
+        cols = cols + [c for c in ("old_test_perplexity", "forgetting") if any(r.get(c) is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -380,6 +443,45 @@ def classifier_card(*, name: str, version: str, cfg, config_name: str, lineage: 
     )
 
 
+def reward_card(*, name: str, version: str, cfg, config_name: str, lineage: dict, rows: list[dict],
+                gate_result: dict, model_cfg: dict, ft_stats: dict, n_params: int, variants: list[str]) -> str:
+    """Model card for a reward model (model.task: reward, tasks/model/reward.py), from
+    templates/reward_card.md. ``cfg`` holds the registry's declared sections only."""
+    metrics = [{"type": "accuracy", "name": f"preference accuracy ({r['variant']})", "value": r["preference_accuracy"]}
+               for r in rows if r.get("preference_accuracy") is not None]
+    base_model = ("sentence-transformers/all-MiniLM-L6-v2" if "minilm" in str(cfg.model.pretrained).lower()
+                  else str(cfg.model.pretrained))
+    front = {
+        "library_name": "transformers", "pipeline_tag": "text-classification", "base_model": base_model,
+        "tags": ["corpus2model", "reward-model", cfg.finetune.method],
+        "model-index": [{"name": f"{name}-{version}", "results": [{
+            "task": {"type": "text-classification", "name": "preference ranking (reward model)"},
+            "dataset": {"name": f"corpus2model {cfg.evaluate.split} split preference pairs", "type": "corpus2model",
+                        "split": cfg.evaluate.split},
+            "metrics": metrics}]}],
+    }
+    gate, lora = cfg.registry.gate, cfg.finetune.lora
+    how = (f"LoRA (r={lora.r}, alpha={lora.alpha}, targets {', '.join(lora.target_modules)}; pooler and head "
+           f"trained in full), merged into `model/`, the adapter kept in `adapter/`") if cfg.finetune.method == "lora" \
+        else "full fine-tuning"
+    return render(
+        "reward_card.md",
+        front_matter=_front_matter(front), name=name, version=version, config_name=config_name,
+        config_hash=lineage["config_hash"][:16], serve_variant=cfg.registry.serve_variant,
+        serve_folder=VARIANT_DIRS[cfg.registry.serve_variant], variants=", ".join(variants),
+        architecture=", ".join(model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")]),
+        num_hidden_layers=model_cfg.get("num_hidden_layers"), hidden_size=model_cfg.get("hidden_size"),
+        vocab_size=model_cfg.get("vocab_size"), n_params=f"{n_params:,}", pretrained=cfg.model.pretrained,
+        max_length=ft_stats["max_length"], min_prompt_tokens=ft_stats["min_prompt_tokens"], how=how,
+        max_steps=cfg.finetune.max_steps, learning_rate=cfg.finetune.learning_rate, batch_size=cfg.finetune.batch_size,
+        train_pairs=ft_stats["train_pairs"], **_training_data(lineage), eval_split=cfg.evaluate.split,
+        eval_max_records=cfg.evaluate.max_records, eval_table=eval_table(rows, "reward"), gate_metric=gate.metric,
+        gate_min_improvement=gate.min_improvement_over_base, gate_max_degradation=gate.max_quantized_degradation,
+        gate_word="PASSED" if gate_result["passed"] else "FAILED", gate_reason=gate_result["reason"],
+        gate_table=gate_table(gate_result),
+    )
+
+
 def model_card(*, name: str, version: str, cfg, config_name: str, lineage: dict, rows: list[dict],
                gate_result: dict, model_cfg: dict, n_params: int, prompt_template: str, variants: list[str]) -> str:
     """Model card for a causal LM, from templates/model_card.md. ``cfg`` holds the registry's declared
@@ -417,7 +519,8 @@ def model_card(*, name: str, version: str, cfg, config_name: str, lineage: dict,
         lora_targets=", ".join(lora.target_modules), max_steps=cfg.finetune.max_steps,
         learning_rate=cfg.finetune.learning_rate, batch_size=cfg.finetune.batch_size,
         base_model=cfg.model.pretrained or "built from config (random initialisation, no pretrained weights)",
-        prompt_template=prompt_template, **_training_data(lineage), eval_split=cfg.evaluate.split,
+        prompt_template=prompt_template, **_training_data(lineage), continual=continual_card(lineage),
+        eval_split=cfg.evaluate.split,
         eval_max_records=cfg.evaluate.max_records, eval_table=eval_table(rows), gate_metric=gate.metric,
         gate_min_improvement=f"{gate.min_improvement_over_base:.0%}",
         gate_max_degradation=f"{gate.max_quantized_degradation:.0%}",
@@ -447,6 +550,49 @@ def _copy_tree(src: Path, dst: Path) -> None:
     for p in sorted(src.rglob("*")):
         if p.is_file():
             link_or_copy(p, dst / p.relative_to(src))
+
+
+def _continual_files(tmp: Path, finetune: Manifest, shard: Manifest | None, cfg) -> None:
+    """What the versions that continue from this one read (tasks/model/continual.py): the blocks it trained
+    on (replay) and its Fisher (EWC) from the finetune output, and its held-out test records (forgetting:
+    the first evaluate.max_records of evaluate.split, the records its own evaluation scored)."""
+    for name in (continual.REPLAY, continual.FISHER):
+        if (finetune.dir / name).is_file():
+            link_or_copy(finetune.dir / name, tmp / name)
+    if shard is None or not isinstance(shard.stats.get("shards"), dict):
+        return
+    from corpus2model.tasks.evaluate import held_out_records
+
+    try:
+        records, split, _ = held_out_records(shard, cfg.evaluate.split, cfg.evaluate.max_records)
+    except StageError:
+        return
+    if split == cfg.evaluate.split:  # not a fallback to validation/train: forgetting is measured on held-out data
+        (tmp / continual.TEST_RECORDS).write_text(
+            "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records),
+            encoding="utf-8")
+
+
+def continual_card(lineage: dict) -> str:
+    """The model card's paragraph on the version this one continued from and the data added since."""
+    if lineage.get("init") in (None, "scratch"):
+        return ""
+    parent, added = lineage.get("parent"), lineage.get("data_added") or {}
+    if not parent:
+        return (f"Continual fine-tuning (`finetune.init: {lineage['init']}`): no parent version, this version was "
+                f"trained from the base model; later runs continue from it.\n")
+    name = parent.get("version") or parent.get("path")
+    lines = [f"Continual fine-tuning (`finetune.init: {lineage['init']}`): continued from **{name}** "
+             f"(lineage `{parent.get('lineage_key') or parent.get('sha256')}`), whose weights are this version's "
+             f"starting point and the `base` row of the evaluation table."]
+    if added:
+        lines.append(f"Data since the parent: {len(added['raw_files_added'])} raw files added, "
+                     f"{len(added['raw_files_changed'])} changed, {len(added['raw_files_removed'])} removed; records "
+                     f"{_fmt(added.get('records_parent'))} -> {_fmt(added.get('records'))} "
+                     f"({_fmt(added.get('records_added'))} added). Files added: "
+                     f"{', '.join(added['raw_files_added'][:10]) or 'none'}"
+                     + (" ..." if len(added['raw_files_added']) > 10 else "") + ".")
+    return "\n".join(lines) + "\n"
 
 
 def find_version(root: Path, key: str) -> str | None:
@@ -497,15 +643,19 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, run_config: d
     _copy_tree(_need_dir(finetune.dir / merged, f"finetune {merged}/"), tmp / "model")
     if adapter:  # full fine-tuning has no adapter (its stats say adapter_dir: null)
         _copy_tree(_need_dir(finetune.dir / adapter, f"finetune {adapter}/"), tmp / "adapter")
-    classifier = task_of(finetune) == "classification"  # decided once, by model.task, in the finetune output
+    if finetune.stats.get("init") not in (None, "scratch"):
+        _continual_files(tmp, finetune, manifests.get("shard"), cfg)
+    task = task_of(finetune)  # decided once, by model.task, in the finetune output
+    classifier = task == "classification"
     variants = ["tuned"]
     quant = manifests.get("quantize")
-    if quant is not None and (quant.dir / "dynamic_int8").is_dir():
-        _copy_tree(_need_dir(quant.dir / "dynamic_int8", "quantize dynamic_int8/"), tmp / "dynamic_int8")
-        variants.append("dynamic_int8")
+    for v in SHIPPED_VARIANTS:
+        if quant is not None and (quant.dir / v).is_dir() and (v == "dynamic_int8" or task != "causal_lm"):
+            _copy_tree(_need_dir(quant.dir / v, f"quantize {v}/"), tmp / VARIANT_DIRS[v])
+            variants.append(v)
     if serve_variant not in variants:
         raise StageError(f"registry.serve_variant is {serve_variant!r} but the quantize output "
-                         f"{quant.dir if quant else '(none)'} has no dynamic_int8/ folder; add dynamic_int8 to "
+                         f"{quant.dir if quant else '(none)'} has no {serve_variant}/ folder; add {serve_variant} to "
                          f"quantize.methods or set registry.serve_variant: tuned")
 
     eval_json = evaluate.dir / "eval.json"
@@ -514,7 +664,7 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, run_config: d
     rows = json.loads(eval_json.read_text(encoding="utf-8")).get("rows", [])
     # The causal-LM table and chart are re-rendered below with the gate's pass/fail marks (written, not
     # linked: a hard link would let the registry's copy edit the evaluate stage's file).
-    gated = not classifier  # a causal-LM table (a classifier's has its own layout)
+    gated = task == "causal_lm"  # a causal-LM table (a classifier's or reward model's has its own layout)
     reports = [(eval_json, "eval.json"), (finetune.dir / "loss.png", "loss.png")]
     if not gated:
         reports += [(evaluate.dir / "eval.md", "eval.md"), (evaluate.dir / "eval.png", "eval.png")]
@@ -543,6 +693,9 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, run_config: d
     if classifier:
         serve_info.update(task="classification", labels=finetune.stats["labels"],
                           max_length=finetune.stats["max_length"])
+    elif task == "reward":  # the truncation the scores were trained with (tasks/model/reward.py score_texts)
+        serve_info.update(task="reward", max_length=finetune.stats["max_length"],
+                          min_prompt_tokens=finetune.stats["min_prompt_tokens"])
     (tmp / "serve.json").write_text(json.dumps(serve_info, indent=1, ensure_ascii=False), encoding="utf-8")
 
     model_cfg_path = tmp / "model" / "config.json"
@@ -552,6 +705,10 @@ def _write_version(tmp: Path, manifests: dict[str, Manifest], cfg, run_config: d
                                rows=rows, gate_result=gate_result, model_cfg=model_cfg, ft_stats=finetune.stats,
                                n_params=safetensors_params(tmp / "model"), variants=variants,
                                has_adapter=bool(adapter))
+    elif task == "reward":
+        card = reward_card(name=name, version=version, cfg=cfg, config_name=run_config["name"], lineage=lineage,
+                           rows=rows, gate_result=gate_result, model_cfg=model_cfg, ft_stats=finetune.stats,
+                           n_params=safetensors_params(tmp / "model"), variants=variants)
     else:
         card = model_card(name=name, version=version, cfg=cfg, config_name=run_config["name"], lineage=lineage,
                           rows=rows, gate_result=gate_result, model_cfg=model_cfg,

@@ -42,6 +42,15 @@ records of shards it compacts).
 
 Readers: Hugging Face ``datasets`` (``load_dataset("parquet", data_files=...)``, also with
 ``streaming=True``; tasks/tokenize.py) and ``webdataset`` for the tars (``read_webdataset``).
+
+Preference records (upstream role "pairs", PAIR_SCHEMA) are sharded the same way, as a stream of their
+own, into ``pairs/<split>-NNNNN.parquet`` (role "pairs"; ``pair_files``/``read_pairs`` read them; no
+tars): the same per-part index, reusable shard chain and sizes. Their split is the same function
+(``split_codes``) on ``pair_split_key``, the pair's content hash (normalised prompt, chosen, rejected),
+not its occurrence id: a pairs file that DPO reads directly (finetune.dpo.pairs_path) has no raw-folder
+path to make an occurrence id from, and keyed by content both routes put a pair in the same split.
+``stats.split_rule`` records the fractions and seed so that route can apply them. The shard index
+(``stats.shards``, what tokenize packs) lists training records only; ``stats.pairs`` lists the pairs.
 """
 from __future__ import annotations
 
@@ -62,7 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from corpus2model.schemas.records import RECORD_SCHEMA
+from corpus2model.schemas.records import PAIR_SCHEMA, PAIR_TEXT_FIELDS, RECORD_SCHEMA, pair_content_hash
 from corpus2model.tasks.stage import (FileEntry, Manifest, StageContext, StageError, Store, Unit, canonical_json,
                                       link_or_copy, map_units)
 
@@ -159,10 +168,30 @@ def batch_splits(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], see
     return {name: np.flatnonzero(codes == c).tolist() for c, name in enumerate(splits)}
 
 
-def text_bytes(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
-    """UTF-8 bytes of id + input + target per row: what row groups are sized by before compression."""
+def pair_split_key(pair: dict) -> str:
+    """What a preference record is bucketed by: its content hash (``metadata.content_hash``, set by
+    ingest from the raw texts; computed the same way when absent), so a pairs file read directly
+    (finetune.dpo.pairs_path) splits exactly as its sharded copy does."""
+    md = pair.get("metadata") or {}
+    return md.get("content_hash") or pair_content_hash(pair.get("prompt") or "", pair.get("chosen") or "",
+                                                       pair.get("rejected") or "")
+
+
+def pair_split_batch(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """A batch of preference records as the columns ``split_codes`` reads: ``id`` = ``pair_split_key``."""
+    keys = [pair_split_key(r) for r in batch.select(["prompt", "chosen", "rejected", "metadata"]).to_pylist()]
+    return pa.table({"id": pa.array(keys, pa.string()), "metadata": batch.column("metadata")})
+
+
+RECORD_TEXT = ("id", "input", "target")
+PAIR_TEXT = ("id", *PAIR_TEXT_FIELDS)
+
+
+def text_bytes(batch: pa.RecordBatch | pa.Table, columns: tuple[str, ...] = RECORD_TEXT) -> np.ndarray:
+    """UTF-8 bytes of id + input + target per row (``columns``; id + prompt + chosen + rejected for
+    pairs): what row groups are sized by before compression."""
     total = np.zeros(batch.num_rows, dtype=np.int64)
-    for name in ("id", "input", "target"):
+    for name in columns:
         total += pc.fill_null(pc.binary_length(batch.column(name)), 0).to_numpy(zero_copy_only=False)
     return total
 
@@ -246,7 +275,7 @@ class RollingParquetWriter:
                  max_row_group_bytes: int = 64_000_000, max_row_group_rows: int = 100_000,
                  write_statistics: bool | list[str] = True, tar_sample_bytes: int | None = None,
                  start_index: int = 0, on_close: Callable[[dict], None] | None = None,
-                 use_dictionary: bool | list[str] = True):
+                 use_dictionary: bool | list[str] = True, text_columns: tuple[str, ...] = RECORD_TEXT):
         if target_bytes <= 0 or row_groups_per_file <= 0 or max_row_group_rows <= 0 or max_row_group_bytes <= 0:
             raise ValueError("target_bytes, row_groups_per_file and the row group caps must be positive")
         self.folder = Path(folder)
@@ -259,6 +288,7 @@ class RollingParquetWriter:
         self.max_group_rows = max_row_group_rows
         self.write_statistics = write_statistics
         self.use_dictionary = use_dictionary
+        self.text_columns = text_columns
         self.tar_sample_bytes = tar_sample_bytes
         self.on_close = on_close
         self.index = start_index
@@ -275,7 +305,7 @@ class RollingParquetWriter:
         for b in (data.to_batches() if isinstance(data, pa.Table) else [data]):
             if b.num_rows:
                 self._pending.append(b)
-                self._pending_sizes.append(text_bytes(b))
+                self._pending_sizes.append(text_bytes(b, self.text_columns))
                 self._pending_rows += b.num_rows
         while self._pending_rows:
             n = self._next_group_rows()
@@ -391,25 +421,64 @@ def read_webdataset(paths: list[Path]) -> list[dict]:
     return out
 
 
+PAIRS_ROLE = "pairs"
+
+
+def pair_files(shard: Manifest) -> dict[str, list[Path]]:
+    """split -> the preference-pair Parquet files (role "pairs", ``pairs/<split>-NNNNN.parquet``,
+    schemas.records.PAIR_SCHEMA) of a shard output, in name order; {} when it holds no pairs."""
+    out: dict[str, list[Path]] = {}
+    for p in sorted(shard.files_with(PAIRS_ROLE)):
+        out.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
+    return out
+
+
+def read_pairs(paths: list[Path]) -> list[dict]:
+    """Every preference record in ``paths`` (PAIR_SCHEMA Parquet), in file order, as dicts."""
+    rows: list[dict] = []
+    for p in paths:
+        rows.extend(pq.read_table(p).to_pylist())
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage: per-part index, reusable shard chain, one pass writing what changed
 # ---------------------------------------------------------------------------------------------
-def _check_schema(path: Path, schema: pa.Schema) -> None:
-    if not schema.equals(RECORD_SCHEMA):
-        missing = sorted(set(RECORD_SCHEMA.names) - set(schema.names))
+class Kind:
+    """A record kind shard writes: training records (role "data", ``<split>/part-NNNNN``) or preference
+    records (role "pairs", ``pairs/<split>-NNNNN``). ``key`` is what its unit keys add (none for records,
+    so their keys are what they always were)."""
+
+    def __init__(self, name: str, role: str, schema: pa.Schema, text: tuple[str, ...], key: tuple[str, ...]):
+        self.name, self.role, self.schema, self.text, self.key = name, role, schema, text, key
+
+    def rel(self, split: str, n: int) -> str:
+        return f"pairs/{split}-{n:05d}" if self.role == PAIRS_ROLE else f"{split}/part-{n:05d}"
+
+
+RECORDS = Kind("records", "data", RECORD_SCHEMA, RECORD_TEXT, ())
+PAIRS = Kind("pairs", PAIRS_ROLE, PAIR_SCHEMA, PAIR_TEXT, ("pairs",))
+KINDS = {k.name: k for k in (RECORDS, PAIRS)}
+
+
+def _check_schema(path: Path, schema: pa.Schema, expected: pa.Schema = RECORD_SCHEMA) -> None:
+    if not schema.equals(expected):
+        name = "PAIR_SCHEMA" if expected.equals(PAIR_SCHEMA) else "RECORD_SCHEMA"
+        missing = sorted(set(expected.names) - set(schema.names))
         raise StageError(
-            f"{path}: not a record file (schema differs from schemas.records.RECORD_SCHEMA"
-            f"{'; missing columns ' + str(missing) if missing else ''}); shard reads the data parts of the validate stage"
+            f"{path}: not a {'preference-record' if name == 'PAIR_SCHEMA' else 'record'} file (schema differs from "
+            f"schemas.records.{name}{'; missing columns ' + str(missing) if missing else ''}); shard reads the data "
+            f"and pairs parts of the validate stage"
         )
 
 
-def _open_part(path: Path) -> pq.ParquetFile:
+def _open_part(path: Path, kind: Kind = RECORDS) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"{path}: not a readable Parquet file ({e}); the upstream output is damaged: "
                          f"rerun `c2m run` to recompute it") from None
-    _check_schema(path, pf.schema_arrow)
+    _check_schema(path, pf.schema_arrow, kind.schema)
     return pf
 
 
@@ -417,26 +486,31 @@ def _key(*parts) -> str:
     return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()[:24]
 
 
-def _index_units(parts: list[tuple[Path, str]], splits: dict[str, float], seed: int, ctx: StageContext) -> list[dict]:
+def _index_units(parts: list[tuple[Path, str]], splits: dict[str, float], seed: int, ctx: StageContext,
+                 kind: Kind = RECORDS) -> list[dict]:
     """Per-split record counts of every upstream part and each row's split code, cached by the part's
     sha256; the missing ones are units on the stage's executor (a Dask cluster: all its workers)."""
     units = []
     for path, sha in parts:
-        key = _key("index", VERSION, sha, splits, seed)
+        key = _key("index", VERSION, sha, splits, seed, *kind.key)
         size = path.stat().st_size if path.is_file() else 0  # a missing part fails in _open_part, with the fix
-        units.append(Unit(key, path.stem, path.name, (str(ctx.store.root), key, str(path), splits, seed), size))
+        units.append(Unit(key, path.stem, path.name, (str(ctx.store.root), key, str(path), splits, seed, kind.name), size))
     return map_units(STAGE + "-index", units, _index_unit, ctx)
 
 
 def _index_unit(args) -> dict:
     """One part's split codes into the store (runs on any process that sees the store)."""
-    store_root, key, path, splits, seed = args
+    store_root, key, path, splits, seed, *kind = args
+    kind = KINDS[kind[0] if kind else "records"]
     path = Path(path)
 
     def write(tmp: Path) -> dict:
-        pf = _open_part(path)
-        codes = [split_codes(b, splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS * 8,
-                                                                         columns=["id", "metadata"])]
+        pf = _open_part(path, kind)
+        if kind is PAIRS:  # bucketed by content (pair_split_key), which needs the texts when no hash was stored
+            codes = [split_codes(pair_split_batch(b), splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS)]
+        else:
+            codes = [split_codes(b, splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS * 8,
+                                                                             columns=["id", "metadata"])]
         codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int8)
         pq.write_table(pa.table({"split": codes}), tmp / "splits.parquet", compression="zstd")
         counts = {name: int((codes == c).sum()) for c, name in enumerate(splits)}
@@ -448,8 +522,9 @@ def _index_unit(args) -> dict:
 class _Stream:
     """One split's record stream over the upstream parts: global position <-> (part, row of split)."""
 
-    def __init__(self, split: str, parts: list[tuple[Path, str]], counts: list[int]):
+    def __init__(self, split: str, parts: list[tuple[Path, str]], counts: list[int], kind: "Kind" = None):
         self.split = split
+        self.kind = kind or RECORDS
         self.parts = parts
         self.counts = counts
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -479,7 +554,7 @@ class _Stream:
 
 def _shard_key(cfg_hash: dict, stream: _Stream, g: int) -> str:
     i, k = stream.locate(g)
-    return _key("shard", VERSION, cfg_hash, stream.split, stream.parts[i][1], k)
+    return _key("shard", VERSION, cfg_hash, stream.split, stream.parts[i][1], k, *stream.kind.key)
 
 
 def _reusable_chain(stream: _Stream, cfg_hash: dict, target: int, ctx: StageContext) -> list[dict]:
@@ -512,16 +587,49 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     (upstream,) = inputs
     c = cfg.shard
     splits = dict(c.splits)
+    r = _shard_kind(upstream, RECORDS, c, ctx, out_dir)
+    pr = _shard_kind(upstream, PAIRS, c, ctx, out_dir) if upstream.entries(PAIRS_ROLE) else None
+    files, hashed = r["files"] + (pr["files"] if pr else []), {**r["hashed"], **(pr["hashed"] if pr else {})}
+    all_shards = [e for s in splits for e in r["shards"][s]] + [e for s in splits for e in (pr["shards"][s] if pr else [])]
+    written = [e for e in all_shards if not e["reused"]]
+    n_in, n_out = r["in"] + (pr["in"] if pr else 0), r["out"] + (pr["out"] if pr else 0)
+    ctx.info("shard: %d records -> %s (%d shards written, %d reused)", r["out"],
+             {k: v["records"] for k, v in r["splits"].items()}, len(written), len(all_shards) - len(written))
+    stats = {
+        "shards": r["shards"],
+        "splits": r["splits"],
+        "target_bytes": c.target_bytes,
+        "compression": c.compression,
+        "formats": list(c.formats),
+        "units": len(all_shards),
+        "units_computed": len(written),
+        "units_reused": len(all_shards) - len(written),
+        "computed_files": [e["path"] for e in written][:50],
+        # How a record's split is decided (assign_split): the DPO route that reads a pairs file applies it too.
+        "split_rule": {"splits": splits, "seed": c.seed},
+        "_hashed": hashed,
+    }
+    if pr is not None:
+        stats["pairs"] = {"shards": pr["shards"], "splits": pr["splits"]}
+        ctx.info("shard: %d preference pairs -> %s", pr["out"], {k: v["records"] for k, v in pr["splits"].items()})
+    _publish(r["splits"], pr["splits"] if pr else None)
+    return Manifest(stage=STAGE, files=files, counters={"in": n_in, "out": n_out, "rejected": {}, "duplicates": 0},
+                    stats=stats)
+
+
+def _shard_kind(upstream: Manifest, kind: Kind, c, ctx: StageContext, out_dir: Path) -> dict:
+    """Shard one kind of record (the upstream's parts of role ``kind.role``) into ``out_dir``."""
+    splits = dict(c.splits)
     names = list(splits)
     cfg_hash = c.hashed()
-    tar_bytes = c.webdataset_sample_bytes if "webdataset" in c.formats else None
-    entries = upstream.entries("data")
+    tar_bytes = c.webdataset_sample_bytes if "webdataset" in c.formats and kind is RECORDS else None
+    entries = upstream.entries(kind.role)
     parts = [(upstream.dir / e.path, e.sha256 or _sha_of(upstream.dir / e.path)) for e in entries]
 
     # 1. per-part index (cached per part): how many records of each split every part holds.
-    index = _index_units(parts, splits, c.seed, ctx)
+    index = _index_units(parts, splits, c.seed, ctx, kind)
     n_in = sum(sum(ix["counts"].values()) for ix in index)
-    streams = {s: _Stream(s, parts, [ix["counts"][s] for ix in index]) for s in names}
+    streams = {s: _Stream(s, parts, [ix["counts"][s] for ix in index], kind) for s in names}
 
     # 2. per split: the shards that can be reused as they are, and where writing starts.
     chains = {s: _reusable_chain(streams[s], cfg_hash, c.target_bytes, ctx) for s in names}
@@ -544,14 +652,14 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
                 state["g"] += info["records"]
 
             writers[s] = stack.enter_context(RollingParquetWriter(
-                work / s, "part", c.target_bytes, RECORD_SCHEMA, c.compression, c.row_groups_per_shard,
+                work / s, "part", c.target_bytes, kind.schema, c.compression, c.row_groups_per_shard,
                 c.row_group_max_bytes, c.row_group_rows, write_statistics=STATISTICS_COLUMNS,
                 tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close,
-                use_dictionary=DICTIONARY_COLUMNS))
+                use_dictionary=DICTIONARY_COLUMNS, text_columns=kind.text))
         if writers:
             # Reading runs one batch ahead in a thread: pyarrow decompresses the next rows (GIL released)
             # while this thread compresses and writes the current ones.
-            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names)):
+            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names, kind)):
                 writers[s].write(rows)
         for w in writers.values():
             w.close()
@@ -564,13 +672,14 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     for s in names:
         shard_stats[s] = []
         for n, u in enumerate(shards[s]):
-            rel = f"{s}/part-{n:05d}"
+            rel = kind.rel(s, n)
             entry = {"path": f"{rel}.parquet", "records": u["records"], "bytes": 0, "sha256": "",
                      "open": u["closed_by"] == "end", "reused": u["reused"]}
             for f in u["files"]:
                 dst = f"{rel}.{f['path'].split('.', 1)[1]}"
                 link_or_copy(Path(u["dir"]) / f["path"], out_dir / dst)
-                files.append(FileEntry(dst, bytes=f["bytes"], sha256=f["sha256"], role=f["role"], records=f["records"]))
+                role = kind.role if f["role"] == "data" else f["role"]
+                files.append(FileEntry(dst, bytes=f["bytes"], sha256=f["sha256"], role=role, records=f["records"]))
                 hashed[dst] = f["sha256"]
                 if f["role"] == "data":
                     entry.update(bytes=f["bytes"], sha256=f["sha256"])
@@ -584,27 +693,9 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
         }
     n_out = sum(v["records"] for v in split_stats.values())
     if n_out != n_in:
-        raise StageError(f"shard wrote {n_out} records but the parts hold {n_in}: a shard file or the index "
+        raise StageError(f"shard wrote {n_out} {kind.name} but the parts hold {n_in}: a shard file or the index "
                          f"cache changed while running; rerun `c2m run`")
-    all_shards = [e for s in names for e in shard_stats[s]]
-    written = [e for e in all_shards if not e["reused"]]
-    ctx.info("shard: %d records -> %s (%d shards written, %d reused)", n_out,
-             {k: v["records"] for k, v in split_stats.items()}, len(written), len(all_shards) - len(written))
-    stats = {
-        "shards": shard_stats,
-        "splits": split_stats,
-        "target_bytes": c.target_bytes,
-        "compression": c.compression,
-        "formats": list(c.formats),
-        "units": len(all_shards),
-        "units_computed": len(written),
-        "units_reused": len(all_shards) - len(written),
-        "computed_files": [e["path"] for e in written][:50],
-        "_hashed": hashed,
-    }
-    _publish(split_stats)
-    return Manifest(stage=STAGE, files=files, counters={"in": n_in, "out": n_out, "rejected": {}, "duplicates": 0},
-                    stats=stats)
+    return {"files": files, "hashed": hashed, "shards": shard_stats, "splits": split_stats, "in": n_in, "out": n_out}
 
 
 def _sha_of(path: Path) -> str:
@@ -614,7 +705,7 @@ def _sha_of(path: Path) -> str:
 
 
 def _rows_to_write(parts: list, index: list[dict], streams: dict, splits: list[str], write_from: dict,
-                   names: list) -> Iterator[tuple[str, pa.RecordBatch]]:
+                   names: list, kind: Kind = RECORDS) -> Iterator[tuple[str, pa.RecordBatch]]:
     """(split, rows) in stream order: every part's rows of the splits still being written, from where
     each split's writing starts (parts holding none of them are not opened)."""
     first = min(streams[s].locate(write_from[s])[0] for s in splits)
@@ -623,7 +714,7 @@ def _rows_to_write(parts: list, index: list[dict], streams: dict, splits: list[s
             continue
         path, index_i = parts[i][0], index[i]
         codes = pq.read_table(Path(index_i["dir"]) / "splits.parquet").column("split").to_numpy()
-        pf = _open_part(path)
+        pf = _open_part(path, kind)
         pos = {s: int(streams[s].starts[i]) for s in splits}
         offset = 0
         for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS):
@@ -709,7 +800,10 @@ def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: Stage
     return {**unit, "start": g, "reused": False}
 
 
-def _publish(split_stats: dict[str, dict]) -> None:
+def _publish(split_stats: dict[str, dict], pair_stats: dict[str, dict] | None = None) -> None:
     from corpus2model.tasks.common.artifacts import publish_table
 
     publish_table("shard-splits", [{"split": k, **v} for k, v in split_stats.items()], "records, bytes and shards per split")
+    if pair_stats is not None:
+        publish_table("shard-pair-splits", [{"split": k, **v} for k, v in pair_stats.items()],
+                      "preference pairs, bytes and shards per split")

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -469,25 +470,51 @@ def stage_config(module: types.ModuleType, cfg) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{s: getattr(cfg, "validate_" if s == "validate" else s) for s in module.SECTIONS})
 
 
-def stage_sections(module: types.ModuleType, cfg) -> dict:
+def stage_sections(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str] | None = None) -> dict:
     """What a stage's key is computed from besides its upstream keys: its hashed config sections,
-    plus ``key_extra`` (e.g. the expectation suite's file content: editing the suite reruns validation)."""
+    plus ``key_extra`` (e.g. the expectation suite's file content: editing the suite reruns validation).
+
+    A ``key_extra(cfg, upstream)`` of two parameters also gets the keyed inputs' ``"stage:key"`` strings:
+    finetune's parent version depends on which training data this is (tasks/model/continual.py)."""
     sections = {s: cfg.section(s) for s in module.SECTIONS}
-    if getattr(module, "key_extra", None) is not None:
-        sections["_extra"] = module.key_extra(stage_config(module, cfg))
+    extra = getattr(module, "key_extra", None)
+    if extra is not None:
+        view = stage_config(module, cfg)
+        if len(inspect.signature(extra).parameters) >= 2:
+            sections["_extra"] = extra(view, _keyed_inputs(module, upstream or []))
+        else:
+            sections["_extra"] = extra(view)
     return sections
+
+
+def _keyed_inputs(module: types.ModuleType, upstream: list[Manifest] | list[str]) -> list[str]:
+    """``"stage:key"`` of the inputs that enter the key (Stage.key_inputs), in order."""
+    keys = [u if isinstance(u, str) else f"{u.stage}:{u.key}" for u in upstream]
+    keyed = getattr(module, "key_inputs", None)
+    if keyed is not None:  # Stage.key_inputs: an input whose key another input's key already chains
+        keys = [k for k in keys if k.split(":", 1)[0] in keyed]
+    return keys
+
+
+def upstream_map(inputs: list[Manifest]) -> dict[str, str]:
+    """stage -> key of a stage's inputs; a second input of one stage (evaluate's ablated finetune) is
+    ``stage#2``, so every key it read is recorded and the first keeps the plain name readers look up."""
+    out: dict[str, str] = {}
+    for u in inputs:
+        name, i = u.stage, 1
+        while name in out:
+            i += 1
+            name = f"{u.stage}#{i}"
+        out[name] = u.key
+    return out
 
 
 def stage_key(module: types.ModuleType, cfg, upstream: list[Manifest] | list[str],
               sections: dict | None = None) -> tuple[str, str]:
     """(key, config hash); pass ``sections`` when the caller already has stage_sections()."""
-    sections = stage_sections(module, cfg) if sections is None else sections
+    sections = stage_sections(module, cfg, upstream) if sections is None else sections
     config_hash = hashlib.sha256(canonical_json(sections).encode()).hexdigest()[:16]
-    keys = [u if isinstance(u, str) else f"{u.stage}:{u.key}" for u in upstream]
-    keyed = getattr(module, "key_inputs", None)
-    if keyed is not None:  # Stage.key_inputs: an input whose key another input's key already chains
-        keys = [k for k in keys if k.split(":", 1)[0] in keyed]
-    return cache_key(module.STAGE, module.VERSION, sections, keys), config_hash
+    return cache_key(module.STAGE, module.VERSION, sections, _keyed_inputs(module, upstream)), config_hash
 
 
 def run_stage(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: StageContext) -> Manifest:
@@ -540,7 +567,7 @@ def _run_locked(module: types.ModuleType, inputs: list[Manifest], cfg, ctx: Stag
             result.key = key
             result.config_hash = config_hash
             result.code_fingerprint = fingerprint
-            result.upstream = {u.stage: u.key for u in inputs}
+            result.upstream = upstream_map(inputs)
             result.seconds = round(time.perf_counter() - t0, 3)
             result.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             (tmp / MANIFEST).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
@@ -626,7 +653,8 @@ def gather_units(stage: str, units: list[Unit], worker, ctx: StageContext, out_d
         for name in sum_fields:
             sums[name] += info.get(name, 0)
         for e in info["files"]:
-            dst = f"{'parts' if e['role'] == 'data' else 'quarantine'}/{u.stem}.parquet"
+            # preference records (role "pairs", schemas.records.PAIR_SCHEMA) keep a folder of their own
+            dst = f"{ {'data': 'parts', 'pairs': 'pairs'}.get(e['role'], 'quarantine')}/{u.stem}.parquet"
             link_or_copy(Path(info["dir"]) / e["path"], out_dir / dst)
             files.append(FileEntry(dst, bytes=e["bytes"], sha256=e["sha256"], role=e["role"], records=e["records"]))
     stats = {

@@ -1,5 +1,16 @@
 """tokenize: shards -> a byte-level BPE tokenizer trained on train + packed token blocks per split.
 
+Training records only: the shard output's preference records (``pairs/``) are skipped (counted in
+``stats.pairs_skipped``). DPO tokenizes its pairs in finetune with this tokenizer and its own prompt /
+response limits, and SFT packing must never see a rejected answer as text to learn.
+
+A corpus of preference pairs only (no train records; DPO or a reward model) still gets a tokenizer: it
+is trained on the train pairs' text, each pair's prompt, chosen and rejected answer as three texts
+(as DPO encodes them, without the prompt template), up to ``tokenizer_sample_bytes``; no block is
+packed (every split's stats are zeros, ``stats.tokenizer_source`` says "trained on preference pairs"),
+and SFT on such an output stops in finetune with a clear error. Whenever there are train records the
+tokenizer is trained on them alone, as before.
+
 Reads the shard stage's Parquet files with pyarrow (``iter_records`` says why not through
 ``datasets``), trains a byte-level BPE tokenizer with ``tokenizers`` on the train split
 only (held-out text must not shape the vocabulary), and turns every record into
@@ -451,19 +462,61 @@ def _train_texts(paths: list[Path], template: str, max_bytes: int) -> Iterator[l
                 return
 
 
+def pair_train_files(upstream: Manifest) -> list[Path]:
+    """The shard output's train preference-pair files (``pairs/train-NNNNN.parquet``), in order."""
+    from corpus2model.tasks.shard import pair_files
+
+    return pair_files(upstream).get("train", [])
+
+
+def pairs_tokenizer_sample(upstream: Manifest, sample_bytes: int) -> list[Path]:
+    """The first train pair files, until their files reach ``sample_bytes`` (at least one)."""
+    out, total = [], 0
+    for p in pair_train_files(upstream):
+        if out and total >= sample_bytes:
+            break
+        out.append(p)
+        total += p.stat().st_size
+    return out
+
+
+def _pair_texts(paths: list[Path], max_bytes: int) -> Iterator[list[str]]:
+    """Each pair's prompt, chosen and rejected answer, as DPO encodes them (no template, three texts)."""
+    seen = 0
+    for path in paths:
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=ENCODE_BATCH, columns=["prompt", "chosen", "rejected"])
+            for b in batches:
+                texts = [t or "" for col in b.columns for t in col.to_pylist()]
+                yield texts
+                seen += sum(len(t.encode("utf-8")) for t in texts)
+                if seen >= max_bytes:
+                    return
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StageError(f"pairs shard {path} could not be read ({e}); rerun `c2m run`") from None
+
+
 def _tokenizer_unit(upstream: Manifest, c, ctx: StageContext) -> Path:
-    """The tokenizer folder, trained once per (sample shards, settings) and cached as a unit."""
+    """The tokenizer folder, trained once per (sample shards, settings) and cached as a unit: on the
+    train records, or on the train pairs when there are no train records (a pairs-only corpus)."""
     sample = tokenizer_sample(upstream, c.tokenizer_sample_bytes)
+    on_pairs = not sample
+    if on_pairs:
+        sample = pairs_tokenizer_sample(upstream, c.tokenizer_sample_bytes)
     shas = [_sha_listed(upstream, p) for p in sample]
-    key = _unit_key("tokenizer", VERSION, shas, c.vocab_size, c.min_frequency, c.prompt_template,
-                    c.tokenizer_sample_bytes)
+    if on_pairs:  # no template: pairs are encoded as they are
+        key = _unit_key("tokenizer-pairs", VERSION, shas, c.vocab_size, c.min_frequency, c.tokenizer_sample_bytes)
+    else:
+        key = _unit_key("tokenizer", VERSION, shas, c.vocab_size, c.min_frequency, c.prompt_template,
+                        c.tokenizer_sample_bytes)
     hit = ctx.store.unit_lookup(STAGE + "-tokenizer", key)
     if hit is None:
         def write(tmp: Path) -> dict:
             for p in sample:
                 verified_shard(upstream, p)
-            tok = train_tokenizer(_train_texts(sample, c.prompt_template, c.tokenizer_sample_bytes),
-                                  c.vocab_size, c.min_frequency)
+            texts = (_pair_texts(sample, c.tokenizer_sample_bytes) if on_pairs
+                     else _train_texts(sample, c.prompt_template, c.tokenizer_sample_bytes))
+            tok = train_tokenizer(texts, c.vocab_size, c.min_frequency)
             tok.save_pretrained(str(tmp / "tokenizer"))
             return {"files": [FileEntry(q.relative_to(tmp).as_posix(), role="tokenizer")
                               for q in sorted((tmp / "tokenizer").rglob("*")) if q.is_file()],
@@ -581,16 +634,44 @@ def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manife
     (upstream,) = inputs
     c = cfg.tokenize
     files = shard_files(upstream)
-    if not files.get("train"):
-        raise StageError(f"{upstream.path}: the train split has no shards, so there is no text to train a "
-                         f"tokenizer on; add data or raise shard.splits['train']")
+    if not files.get("train") and not pair_train_files(upstream):
+        raise StageError(f"{upstream.path}: the train split has no shards (no training records and no preference "
+                         f"pairs), so there is no text to train a tokenizer on; add data or raise shard.splits['train']")
     return _run(upstream, files, c, out_dir, ctx)
 
 
+# The files that make a saved Hugging Face tokenizer (a model folder holds weights beside them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def fixed_tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of ``tokenize.tokenizer_path``; a clear error when it holds none."""
+    folder = Path(folder)
+    found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not (folder / "tokenizer.json").is_file():
+        raise StageError(f"tokenize.tokenizer_path {folder} holds no tokenizer.json; point it at a saved tokenizer "
+                         f"(e.g. a registry version's model/ folder) or remove it to train one on the corpus")
+    return found
+
+
+def key_extra(cfg) -> dict:
+    """A fixed tokenizer (tokenize.tokenizer_path) keys by its files' content, not its path."""
+    c = cfg.tokenize
+    if c.tokenizer_path is None:
+        return {}
+    return {"tokenizer_sha256": {p.name: sha256_file(p) for p in fixed_tokenizer_files(c.tokenizer_path)}}
+
+
 def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext) -> Manifest:
-    cached_tok = _tokenizer_unit(upstream, c, ctx)
     tok_dir = out_dir / "tokenizer"
-    shutil.copytree(cached_tok, tok_dir)
+    if c.tokenizer_path is not None:
+        tok_dir.mkdir(parents=True)
+        for p in fixed_tokenizer_files(c.tokenizer_path):
+            shutil.copy2(p, tok_dir / p.name)
+        cached_tok = Path(c.tokenizer_path)  # the units load it where it is, as they load a trained one from the store
+    else:
+        cached_tok = _tokenizer_unit(upstream, c, ctx)
+        shutil.copytree(cached_tok, tok_dir)
     # Encode with the tokenizer as saved, so training here and loading downstream cannot differ.
     tokenizer = load_tokenizer(tok_dir)
     tok_sha = sha256_file(tok_dir / "tokenizer.json")
@@ -644,10 +725,16 @@ def _run(upstream: Manifest, files: dict, c, out_dir: Path, ctx: StageContext) -
         "pad_id": tokenizer.pad_token_id,
         "unk_id": tokenizer.unk_token_id,
         "tokenizer_sha256": tok_sha,
+        "tokenizer_source": (str(c.tokenizer_path) if c.tokenizer_path is not None
+                             else "trained" if files.get("train") else "trained on preference pairs"),
         "units": n_units,
         "units_computed": n_computed,
         "units_reused": n_units - n_computed,
         "computed_files": computed[:50],
+        # Preference records are left to finetune (DPO encodes them itself, with finetune.dpo's prompt and
+        # response limits); none of them is in a packed block, nor in the tokenizer's training text unless
+        # there are no train records (tokenizer_source "trained on preference pairs").
+        "pairs_skipped": sum(v.get("records", 0) for v in (upstream.stats.get("pairs") or {}).get("splits", {}).values()),
     }
     _publish(split_stats)
     # Units are records in and records out (as packed documents); blocks are in stats.

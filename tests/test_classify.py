@@ -233,3 +233,19 @@ def test_full_finetuning_trains_every_weight_and_saves_no_adapter(pipeline, tmp_
     assert not (out / "adapter").exists() and (out / "merged" / "model.safetensors").is_file()
     # the tiny model's labels were replaced by the configured ones
     assert json.loads((out / "merged" / "config.json").read_text())["id2label"] == {"0": "de", "1": "en", "2": "fr", "3": "zh"}
+
+
+def test_onnx_int8_variant_is_fused_and_predicts_like_fp32(pipeline, tmp_path):
+    """quantize.methods onnx_int8_dynamic for a classifier: ORT's fused attention (what makes it faster than
+    torch.ao INT8), the same labels as fp32 on held-out text, and both loaders read the folder."""
+    from corpus2model.tasks.model.export import OnnxClassifier, load_variant
+
+    merged = pipeline.ft.dir / pipeline.ft.stats["merged_dir"]
+    info = classify.onnx_folder(merged, tmp_path / "onnx_int8_dynamic", "onnx_int8_dynamic", pipeline.cfg.quantize)
+    assert info["fused_ops"].get("Attention") == 6 and info["export_max_abs_logit_diff"] <= 1e-3
+    assert info["size_ratio"] < 0.3 and info["top1_agreement"] == 1.0
+    model, tok = classify.load_classifier(tmp_path / "onnx_int8_dynamic")
+    assert isinstance(model, OnnxClassifier) and isinstance(load_variant(tmp_path / "onnx_int8_dynamic")[0], OnnxClassifier)
+    fp32, _ = classify.load_classifier(merged)
+    texts = [r for r in slice_records(90)[-40:]]  # sentences past the ones the fixture trained on
+    assert sum(a == b for a, b in zip(classify.predict(model, tok, texts, 32), classify.predict(fp32, tok, texts, 32))) >= 38

@@ -289,3 +289,27 @@ def test_two_parts_with_the_same_bytes_are_two_units_of_the_index(make_cfg, ctx,
     m = run_stage(dedup, [up], make_cfg({"dedup": {"method": "minhash"}}), ctx)
     assert m.counters == {"in": 10, "out": 5, "rejected": {}, "duplicates": 5}
     assert m.stats["sketch_units"] == 2 and m.stats["sketch_units_computed"] == 1
+
+
+def test_every_dedup_phase_reports_its_name_and_input_megabytes(make_cfg, tmp_path, monkeypatch):
+    """Progress of ``c2m dedup`` names the phase of each kind of unit and counts input bytes in all
+    of them (partitions and verification count their share of the input), so each line has MB/s."""
+    from corpus2model.flows.standalone import dedup_folder
+    from corpus2model.tasks.common import progress as progress_mod
+
+    seen = []
+
+    class Recording(progress_mod.Progress):
+        def close(self, ok=True):
+            seen.append((self.label, self.total, self.total_bytes, self.line()))
+            super().close(ok)
+
+    monkeypatch.setattr(progress_mod, "Progress", Recording)
+    _write_folder(tmp_path / "in", _docs(n_files=3, per_file=12, seed=3))
+    dedup_folder(tmp_path / "in", tmp_path / "out", _cfg(make_cfg, memory_mb=TINY_MB, workers=1), store=tmp_path / "s")
+    labels = [s[0] for s in seen]
+    assert labels == ["dedup 1/4 parse+sketch", "dedup 2/4 partitions", "dedup 3/4 verify", "dedup 4/4 write kept"], seen
+    in_bytes = sum(p.stat().st_size for p in (tmp_path / "in").iterdir())
+    for label, total, total_bytes, line in seen:
+        assert total >= 1 and 0 < total_bytes <= in_bytes and total_bytes >= in_bytes - total, (label, total_bytes)
+        assert re.search(r" MB/s, took ", line), line

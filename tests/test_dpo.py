@@ -59,8 +59,12 @@ def test_load_pairs_validates_and_reads_the_shared_preference_file(tmp_path):
     pairs, dropped = dpo.load_pairs(path, tmp_path / "report", drop_invalid=True)
     assert (tmp_path / "report" / "failing_rows.parquet").is_file()
     assert len(dropped) == 2 and len(pairs) == 1798 and all(p["chosen"] for p in pairs) and all(p["rejected"] for p in pairs)
-    train, held = dpo.split_pairs(pairs, 0.1, seed=0)
-    assert len(held) == 180 and not {p["id"] for p in train} & {p["id"] for p in held}
+    by_split = dpo.split_pairs(pairs, {"train": 0.9, "validation": 0.05, "test": 0.05}, seed=0)
+    assert sum(map(len, by_split.values())) == 1798 and 60 < len(by_split["validation"]) < 120
+    assert not {p["id"] for p in by_split["train"]} & {p["id"] for p in by_split["validation"]}
+    # the shard stage's rule: a pair's split is fixed by its content, whatever else is in the file
+    again = dpo.split_pairs(pairs[::-1][:500], {"train": 0.9, "validation": 0.05, "test": 0.05}, seed=0)
+    assert {p["id"] for p in again["validation"]} <= {p["id"] for p in by_split["validation"]}
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -92,17 +96,20 @@ def test_finetune_stage_runs_dpo_on_a_pairs_file(tmp_path):
     pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(40, 3)), encoding="utf-8")
     cfg = chain_config(tmp_path, finetune={"objective": "dpo", "max_steps": 8, "eval_every": 4,
                                            "dpo": {"pairs_path": str(pairs), "max_prompt_tokens": 24,
-                                                   "max_response_tokens": 16, "heldout_fraction": 0.25}})
+                                                   "max_response_tokens": 16}})
     m = run_chain(tmp_path, cfg, upto="finetune")["finetune"]
     s = m.stats
-    assert s["objective"] == "dpo" and s["eval_blocks"] == 10 and s["train_blocks"] == 30
+    # split as the shard stage splits (chain_config: 0.8 / 0.1 / 0.1): train, and validation held out
+    expect = dpo.split_pairs(synthetic_pairs(40, 3), cfg.shard.splits, cfg.shard.seed)
+    assert s["objective"] == "dpo" and s["eval_blocks"] == len(expect["validation"]) > 0
+    assert s["train_blocks"] == len(expect["train"])
     assert s["dpo_heldout_after"]["loss"] < s["dpo_heldout_before"]["loss"]
     assert s["merged_dir"] == "merged" and s["adapter_dir"] == "adapter"
     # The held-out pairs are written for the evaluate stage's preference accuracy, and none was trained on.
     from corpus2model.tasks.evaluate import heldout_pairs
 
     held = heldout_pairs(m, [])
-    assert len(held) == 10 and all(p["chosen"] and p["rejected"] for p in held)
+    assert [p["id"] for p in held] == [p["id"] for p in expect["validation"]]
     # Editing the pairs file changes the key: the stage reruns.
     from corpus2model.tasks import finetune
 

@@ -138,12 +138,27 @@ def test_preference_accuracy_is_antisymmetric(tiny_model):
     model, tok = tiny_model
     pairs = [{"prompt": "What is 2 plus 3?", "chosen": "2 plus 3 is 5.", "rejected": "The sum of 9 and 9 is 1."},
              {"prompt": "What is 4 plus 1?", "chosen": "4 plus 1 is 5.", "rejected": "no"}]
-    acc, margin, n = evaluate.preference_accuracy(model, tok, pairs, TEMPLATE)
+    acc, margin, n, margins = evaluate.preference_accuracy(model, tok, pairs, TEMPLATE)
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
-    acc2, margin2, _ = evaluate.preference_accuracy(model, tok, swapped, TEMPLATE)
+    acc2, margin2, _, margins2 = evaluate.preference_accuracy(model, tok, swapped, TEMPLATE)
+    assert margins == pytest.approx([-m for m in margins2]) and sum(margins) / 2 == pytest.approx(margin)
     assert n == 2 and acc + acc2 == pytest.approx(1.0) and margin == pytest.approx(-margin2)
     lp = evaluate.continuation_logprob(model, tok, TEMPLATE.format(input=pairs[0]["prompt"]), pairs[0]["chosen"])
     assert lp < 0
+
+
+def test_preference_accuracy_is_relative_to_the_base_row():
+    """DPO's implicit-reward accuracy: a pair counts when the variant widened chosen-minus-rejected beyond
+    the base model's; the base ties itself everywhere (0.5). Rows without pairs are left as they are."""
+    rows = [{"variant": "base", "preference_accuracy": 1.0, "_pair_margins": [5.0, 2.0, -1.0, 0.5]},
+            {"variant": "tuned", "preference_accuracy": 0.75, "_pair_margins": [6.0, 1.0, -0.5, 0.5]},
+            {"variant": "rag_base", "preference_accuracy": None}]
+    evaluate.relative_preference(rows)
+    base, tuned, other = rows
+    assert base["preference_accuracy"] == 0.5 and base["preference_margin"] == 0.0
+    assert tuned["preference_accuracy"] == pytest.approx((2 + 0.5) / 4)  # +1, -1, +0.5, tie
+    assert tuned["preference_margin"] == pytest.approx(0.5 / 4) and tuned["raw_preference_accuracy"] == 0.75
+    assert other == {"variant": "rag_base", "preference_accuracy": None} and "_pair_margins" not in tuned
 
 
 def test_throughput_counts_requests_and_tokens(tiny_model):

@@ -48,8 +48,9 @@ def toy(tmp_path, monkeypatch):
     (root / "stage.py").write_text(STAGE_SRC.format(pkg=pkg))
     (root / "lib.py").write_text(LIB_SRC)
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setenv("C2M_CACHE_DIR", str(tmp_path / "cache"))  # the digests' disk cache
     fp.clear_cache()
-    yield types.SimpleNamespace(pkg=pkg, lib=root / "lib.py", name=f"{pkg}.stage")
+    yield types.SimpleNamespace(pkg=pkg, lib=root / "lib.py", name=f"{pkg}.stage", cache=tmp_path / "cache")
     for m in [m for m in sys.modules if m.startswith(pkg)]:
         del sys.modules[m]
     fp.clear_cache()
@@ -78,6 +79,22 @@ def test_comment_docstring_format_edits_keep_the_fingerprint_a_code_edit_changes
     assert refingerprint(toy.name) == before
     toy.lib.write_text(LIB_SRC.replace('"one"', '"two"'))
     assert refingerprint(toy.name) != before
+
+
+def test_disk_cache_skips_the_parse_and_still_sees_a_same_size_edit(toy, monkeypatch):
+    """A new process reuses the digests on disk (no AST work); an edit that keeps the file's size (and
+    possibly its mtime: two writes within the clock tick) still changes the fingerprint, because the
+    cache is keyed by the bytes' sha256, not by stat."""
+    before = refingerprint(toy.name)
+    assert list(toy.cache.glob("fingerprints-py*.json"))
+    parsed = []
+    real = fp.normalised_ast
+    monkeypatch.setattr(fp, "normalised_ast", lambda src: parsed.append(src) or real(src))
+    assert refingerprint(toy.name) == before and parsed == []  # every module from the disk cache
+    toy.lib.write_text(LIB_SRC.replace('"one"', '"two"'))  # same size, same inode
+    assert refingerprint(toy.name) != before and len(parsed) == 1  # only the edited module parsed again
+    toy.cache.joinpath(next(toy.cache.glob("fingerprints-py*.json")).name).write_text("{not json")
+    assert refingerprint(toy.name) != before  # a damaged cache file is recomputed, never trusted
 
 
 def test_project_fingerprints_are_stable_and_differ_per_stage():

@@ -133,3 +133,42 @@ def test_non_ascii_words_are_the_regex_words():
     for _ in range(500):
         t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         assert mh._doc_bytes(t).split() == [w.encode() for w in re.findall(r"\w+", t.lower())]
+
+
+def _reference_word_hash(word: bytes) -> int:
+    """The word hash by its definition, one word at a time: polynomial in P over the UTF-8 bytes
+    plus the length times a constant, mod 2**64, then splitmix64 (what the stored indexes hold)."""
+    v = sum(b * pow(mh._P, j, 1 << 64) for j, b in enumerate(word)) + len(word) * 0xC2B2AE3D27D4EB4F
+    return int(mh._mix64(np.array([v & mh._M64], dtype=np.uint64))[0])
+
+
+def test_batched_word_hashes_are_the_per_word_definition():
+    """word_hashes (whole-batch numpy: joined bytes, prefix sums, non-ASCII texts classified together)
+    gives every regex word's defined hash, in order, and the right count per text: ASCII, non-ASCII,
+    empty and word-less texts, words at the very start and end of the batch."""
+    rng = random.Random(11)
+    alphabet = "abcXYZ _-–'’ßİıé中🙂١\u0301\u00a0\t\n½ﬁ09"
+    for _ in range(300):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(rng.randint(1, 5))]
+        wh, counts = mh.word_hashes(texts)
+        words = [[w.encode("utf-8") for w in re.findall(r"\w+", t.lower())] for t in texts]
+        assert counts.tolist() == [len(w) for w in words]
+        assert wh.tolist() == [_reference_word_hash(w) for ws in words for w in ws]
+
+
+def test_normalised_digests_batch_edge_cases():
+    """The batch digest path (texts joined by NUL, whitespace runs dropped by one mask) against
+    normalize_for_hash text by text: NUL inside a text (the batch falls back), texts that are only
+    whitespace, leading and trailing runs of every kind of whitespace, one text or many."""
+    import hashlib
+
+    from corpus2model.schemas.records import normalize_for_hash
+    from corpus2model.tasks.text.dedup_index import _WIDE_SPACES, normalized_digests
+
+    assert "".join(_WIDE_SPACES) == "".join(chr(c) for c in range(0x80, 0x110000) if chr(c).isspace())
+    rng = random.Random(12)
+    alphabet = "aB .\t\n\x0b\x0c\r\x1c\x1f\x00 \u00a0\u2028\u0085\u1680\u3000ßİﬁ中"
+    for _ in range(1500):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(rng.randint(1, 6))]
+        want = [hashlib.sha256(b"\x1f" + normalize_for_hash(t).encode("utf-8")).digest() for t in texts]
+        assert normalized_digests(None, texts) == want, texts

@@ -89,3 +89,15 @@ def test_compute_units_reports_every_unit_with_its_bytes(monkeypatch, tmp_path):
     assert done == {"k0": {"value": 0}, "k1": {"value": 2}, "k2": {"value": 4}}
     assert seen[0] == ("start", "demo", 3, 600)
     assert sorted(s[2] for s in seen[1:]) == [100, 200, 300]
+
+
+def test_described_unit_stages_show_their_label():
+    """A unit stage named for people (``describe``) shows that label in the line; others their name."""
+    progress_mod.describe("test-phase-units", "demo 2/3 merge")
+    try:
+        p = Progress("test-phase-units", total=2, total_bytes=2_000_000, terminal=False, artifact=False)
+        p.advance(1, 1_000_000)
+        assert p.line().startswith("demo 2/3 merge: 1/2 units, 1.0/2.0 MB, ")
+        assert Progress("other-units", total=1, terminal=False, artifact=False).line().startswith("other-units: ")
+    finally:
+        progress_mod.LABELS.pop("test-phase-units")

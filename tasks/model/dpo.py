@@ -12,7 +12,13 @@ For adapter methods they are computed with the adapter disabled (peft ``disable_
 the base model; for ``full`` on the untouched initial weights; bottleneck adapters start as the
 identity, so the model before training is the base.
 
-Pairs: JSONL with ``prompt``, ``chosen``, ``rejected`` (../shared/datasets/preference_pairs).
+Pairs: the shard stage's preference records (``pairs/<split>-NNNNN.parquet``: ingested, cleaned,
+deduplicated and validated like training records), or a JSONL with ``prompt``, ``chosen``, ``rejected``
+(``finetune.dpo.pairs_path``, ../shared/datasets/preference_pairs) read as it is. Either way a pair's
+split is the shard stage's rule (``split_pairs``: assign_split on the pair's content hash), so the same
+pairs give the same train / held-out sets by both routes: DPO trains on ``train`` and holds out
+``validation`` (HELDOUT_SPLIT: its loss and accuracy during training, and the pairs the evaluate stage
+scores); ``test`` pairs are left alone.
 Each side is ``prompt + response + eos``, the prompt cut from the left to ``max_prompt_tokens``
 (the end of a dialogue is what the answer responds to) and the response to
 ``max_response_tokens``; loss is on response tokens only.
@@ -20,12 +26,12 @@ Each side is ``prompt + response + eos``, the prompt cut from the left to ``max_
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from corpus2model.tasks.stage import StageError
 
 IGNORE_INDEX = -100
+HELDOUT_SPLIT = "validation"
 
 
 def load_pairs(path: Path, report_dir: Path | None = None, drop_invalid: bool = False) -> tuple[list[dict], list[str]]:
@@ -66,14 +72,25 @@ def load_pairs(path: Path, report_dir: Path | None = None, drop_invalid: bool = 
     return pairs, dropped
 
 
-def split_pairs(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) by a seeded shuffle; at least one pair on each side."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    k = min(len(pairs) - 1, max(1, round(len(pairs) * heldout_fraction)))
-    held = sorted(order[:k])
-    keep = sorted(order[k:])
-    return [pairs[i] for i in keep], [pairs[i] for i in held]
+def split_pairs(pairs: list[dict], splits: dict[str, float], seed: int) -> dict[str, list[dict]]:
+    """split -> its pairs (in input order), by the shard stage's rule: ``assign_split`` of
+    ``pair_split_key`` (the content hash of prompt, chosen and rejected) with the shard section's
+    fractions and seed (``stats.split_rule`` of a shard output)."""
+    from corpus2model.tasks.shard import assign_split, pair_split_key
+
+    out: dict[str, list[dict]] = {name: [] for name in splits}
+    for p in pairs:
+        out[assign_split(pair_split_key(p), splits, seed)].append(p)
+    return out
+
+
+def shard_pairs(shard) -> dict[str, list[dict]]:
+    """split -> the shard output's preference records as DPO pairs ({id, prompt, chosen, rejected}), in
+    stream order (upstream order, as a pairs file lists them)."""
+    from corpus2model.tasks.shard import pair_files, read_pairs
+
+    return {split: [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in read_pairs(paths)]
+            for split, paths in pair_files(shard).items()}
 
 
 def encode_side(prompt_ids: list[int], resp_ids: list[int], eos: int, max_prompt: int, max_resp: int):

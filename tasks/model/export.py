@@ -16,6 +16,14 @@ tasks/quantize.py decides which variants to make and caches each one; this modul
 * ``cast_folder``: fp16/bf16 safetensors of the same model.
 * ``bnb_folder``: bitsandbytes 8-bit or 4-bit (NF4) on a CUDA device, saved with its quantization config.
 
+Encoders (``model.task: classification``, tasks/model/classify.py) have their own ONNX path:
+``export_classifier_onnx`` writes the sequence classifier with the tokenizer's inputs (input_ids,
+attention_mask, token_type_ids) and ``logits`` out, exported with eager attention by the TorchScript
+exporter, the graph ONNX Runtime's transformer optimizer recognises: ``optimize_encoder_onnx`` then
+fuses each layer's attention, the embedding LayerNorm, bias+GELU and the residual LayerNorms, and
+``quantize_onnx_dynamic`` makes INT8 of the fused graph (QAttention, MatMulInteger). ``OnnxClassifier``
+answers ``model(**encoded).logits`` like the PyTorch classifier.
+
 ``load_variant(folder)`` returns ``(model, tokenizer)`` for any of these folders (and for plain HF
 and dynamic-INT8 folders, through ``corpus2model.tasks.model.modeling.load_causal_lm``). An ONNX variant comes back as
 ``OnnxCausalLM``, which answers ``model(input_ids=..., use_cache=False).logits`` and a greedy
@@ -161,10 +169,119 @@ def onnx_check(path: Path, ref_logits, ids, tolerance: float | None = None) -> d
 
 
 def quantize_onnx_dynamic(src: Path, dst: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_ort():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        # Fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: their outputs
+        # are float32, which the quantizer must be told instead of failing on them.
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX for encoders (sequence classifiers)
+# ---------------------------------------------------------------------------------------------
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def export_classifier_onnx(src: Path, path: Path, opset: int = 17) -> dict:
+    """The sequence classifier saved in ``src`` as one ONNX file: the tokenizer's inputs in (batch and
+    sequence axes dynamic), ``logits`` out. Returns {"inputs", "num_heads", "hidden_size", "model_type"}.
+
+    Eager attention and the TorchScript exporter on purpose: the SDPA graph that transformers exports
+    by default (and the dynamo exporter's graph) is not matched by ONNX Runtime's attention fusion, and
+    unfused attention costs the INT8 model its speed."""
+    import logging
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    src, path = Path(src), Path(path)
+    config = AutoConfig.from_pretrained(str(src))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(src), use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
+        attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    names = [n for n in ENCODER_INPUTS if n in tokenizer.model_input_names]
+    example = tokenizer(["a short probe sentence", "and another, longer probe sentence for the export"],
+                        padding=True, return_tensors="pt")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args):
+            return self.m(**dict(zip(names, args))).logits
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prev = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Logits(model), tuple(example[n] for n in names), str(path), dynamo=False,
+                              opset_version=opset, input_names=names, output_names=["logits"],
+                              dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "logits": {0: "batch"}})
+    except Exception as e:
+        raise ExportError(f"ONNX export of the classifier in {src} to {path} failed: {type(e).__name__}: {e}. "
+                          f"Try another quantize.onnx_opset (17 is what ONNX Runtime's optimizer expects) or "
+                          f"drop the onnx_* variants") from e
+    finally:
+        logging.getLogger("torch.onnx").setLevel(prev)
+    return {"inputs": names, "num_heads": int(getattr(config, "num_attention_heads", 0) or 0),
+            "hidden_size": int(getattr(config, "hidden_size", 0) or 0), "model_type": config.model_type}
+
+
+def optimize_encoder_onnx(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict:
+    """ONNX Runtime's transformer optimizer for BERT-style encoders (offline, CPU): fused attention,
+    embedding LayerNorm, bias+GELU, skip LayerNorm. Returns how many of each fused op it made; an encoder
+    it does not recognise keeps its plain ops (still correct, only slower)."""
+    from onnxruntime.transformers import optimizer
+
+    with _quiet_ort():
+        opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                       opt_level=1, use_gpu=False)
+        opt.save_model_to_file(str(dst))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+class OnnxClassifier:
+    """An ONNX sequence classifier behind the slice of the HF interface classify.py uses:
+    ``model(**tokenizer_output).logits`` (a torch tensor), ``config.id2label``, ``eval()``."""
+
+    def __init__(self, folder: Path, threads: int = 0):
+        from transformers import AutoConfig
+
+        folder = Path(folder)
+        self.path = folder / ONNX_FILE
+        self.session = ort_session(self.path, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.config = AutoConfig.from_pretrained(str(folder))  # id2label with int keys, like the torch model
+        self.device = "cpu"
+
+    def eval(self):
+        return self
+
+    def __call__(self, **enc):
+        import numpy as np
+        import torch
+
+        feed = {}
+        for name in self.inputs:
+            if name not in enc:
+                raise ExportError(f"{self.path} needs input {name!r}; the tokenizer gave {sorted(enc)}")
+            v = enc[name]
+            feed[name] = np.asarray(v.cpu().numpy() if hasattr(v, "numpy") else v, dtype=np.int64)
+        logits = self.session.run(["logits"], feed)[0]
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)))
+
+    def parameters(self):
+        return iter(())
+
+    def num_parameters(self) -> int:
+        return onnx_param_count(self.path)
 
 
 def calibration_sequences(packed_train: Path, n: int, length: int, seed: int = 0, pad_id: int = 0) -> list:
@@ -347,6 +464,10 @@ def load_variant(folder: Path, threads: int = 0):
     folder = Path(folder)
     info = read_variant_info(folder)
     kind = info.get("kind", "hf")
+    if kind == "onnx" and info.get("task") == "classification":  # an encoder's: classify.load_classifier's too
+        from transformers import AutoTokenizer
+
+        return OnnxClassifier(folder, threads), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     if kind == "onnx":
         return OnnxCausalLM(folder, threads), load_tokenizer(folder)
     if kind == "hf" and info.get("dtype") not in ("float16", "bfloat16"):

@@ -70,21 +70,28 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CodepointClass:
-    """A boolean property of code points (``predicate(chr) -> bool``) looked up for whole numpy arrays,
-    its table filled lazily per page of 256 code points the first time a text uses one (a whole table
-    is 1.1 M Python calls). Shared by the word splitter here and dedup_index's whitespace collapse."""
+    """A boolean property of code points (``predicate(chr) -> bool``) looked up for whole numpy arrays.
+    The Basic Multilingual Plane's table is filled on first use (65,536 Python calls, ~10 ms once per
+    process), the rest lazily per page of 256 code points the first time a text uses one (a whole
+    table is 1.1 M Python calls): a lookup is then one gather, plus one max for the astral check."""
 
     def __init__(self, predicate):
         self.predicate = predicate
         self.table = np.zeros(0x110000, dtype=bool)
         self.filled = np.zeros(0x110000 >> 8, dtype=bool)
 
-    def __call__(self, cps: np.ndarray) -> np.ndarray:
-        pages = np.unique(cps >> 8)
-        for page in pages[~self.filled[pages]].tolist():
-            base = page << 8
+    def _fill(self, pages) -> None:
+        for pg in pages:
+            base = pg << 8
             self.table[base:base + 256] = [self.predicate(chr(c)) for c in range(base, base + 256)]
-            self.filled[page] = True
+            self.filled[pg] = True
+
+    def __call__(self, cps: np.ndarray) -> np.ndarray:
+        if not self.filled[0]:
+            self._fill(range(0x100))
+        if len(cps) and cps.max() > 0xFFFF:
+            pages = np.unique(cps[cps > 0xFFFF] >> 8)
+            self._fill(pages[~self.filled[pages]].tolist())
         return self.table[cps]
 
 
@@ -93,35 +100,56 @@ _word_codepoints = CodepointClass(lambda ch: ch.isalnum() or ch == "_")
 
 
 def _doc_bytes(text: str) -> bytes:
-    """The words of ``doc_words`` as UTF-8, separated by spaces (runs of spaces allowed).
+    """The words of ``doc_words`` as UTF-8, separated by spaces (runs of spaces allowed)."""
+    return _docs_bytes([text])[0]
 
-    Non-ASCII text: the lower-cased code points are classified with one table lookup and every
-    non-word character becomes a space (three times faster than ``re.findall`` on such text)."""
-    if text.isascii():
-        return text.encode("ascii").translate(_WORD_BYTES)
-    cps = np.frombuffer(text.lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32).copy()
-    cps[~_word_codepoints(cps)] = 32
-    return cps.tobytes().decode("utf-32-le", "surrogatepass").encode("utf-8", "surrogatepass")
+
+def _docs_bytes(texts: list[str]) -> list[bytes]:
+    """``_doc_bytes`` of every text. ASCII: lower-case A-Z, every other byte a space (one translate).
+    The others all at once: lower-cased per text, their code points classified with one table
+    lookup for the whole batch and every non-word character made a space (text by text, the fixed
+    cost of the numpy calls made this twice as slow on the anchor corpus)."""
+    docs = [t.encode("ascii").translate(_WORD_BYTES) if t.isascii() else None for t in texts]
+    uni = [i for i, d in enumerate(docs) if d is None]
+    if uni:
+        low = [texts[i].lower() for i in uni]
+        cps = np.frombuffer("".join(low).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        cps = np.where(_word_codepoints(cps), cps, np.uint32(32))
+        spaced = cps.tobytes().decode("utf-32-le", "surrogatepass")
+        pos = 0
+        for i, lt in zip(uni, low):  # lower() keeps a text's code points apart from its neighbours'
+            docs[i] = spaced[pos:pos + len(lt)].encode("utf-8", "surrogatepass")
+            pos += len(lt)
+    return docs
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 hash of every word of every text, in order; words per text), vectorised over the
     bytes of the whole batch (a few numpy passes, no Python object per word): the polynomial
     hash of the word's UTF-8 bytes plus its length, mixed."""
-    docs = [_doc_bytes(t) for t in texts]
-    buf = np.frombuffer(b" ".join(docs) + b" ", dtype=np.uint8)
-    edge = np.diff((buf != 32).view(np.int8), prepend=np.int8(0))
-    ws, we = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    docs = _docs_bytes(texts)
+    docs.append(b"")
+    buf = np.frombuffer(b" ".join(docs), dtype=np.uint8)  # every doc followed by a space
+    word = buf != 32
+    # word edges alternate start, end (buf ends with a space, so every word ends inside it)
+    edges = np.flatnonzero(word[1:] != word[:-1]) + 1
+    if len(buf) and word[0]:
+        edges = np.concatenate(([0], edges))
+    ws, we = edges[0::2], edges[1::2]
     if not len(ws):
         return np.zeros(0, np.uint64), np.zeros(len(texts), np.int64)
     pw, pinv = _powers(len(buf))
     prefix = np.empty(len(buf) + 1, dtype=np.uint64)
     prefix[0] = 0
-    np.cumsum(buf.astype(np.uint64) * pw[:len(buf)], out=prefix[1:])
-    wh = (prefix[we] - prefix[ws]) * pinv[ws]
+    prefix[1:] = buf  # cast, then a same-type in-place product: a mixed-type multiply is 1.5x slower
+    prefix[1:] *= pw[:len(buf)]
+    np.cumsum(prefix[1:], out=prefix[1:])
+    wh = prefix[we]
+    wh -= prefix[ws]
+    wh *= pinv[ws]
     wh += (we - ws).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
-    doc_start = np.zeros(len(docs), dtype=np.int64)
-    np.cumsum([len(d) + 1 for d in docs[:-1]], out=doc_start[1:])
+    doc_start = np.zeros(len(texts), dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, docs[:-2]), dtype=np.int64, count=max(len(texts) - 1, 0)) + 1, out=doc_start[1:])
     # words never straddle two docs (a space separates them): each doc's first word by one search per doc
     first = np.searchsorted(ws, doc_start)
     return _mix64(wh), np.diff(np.append(first, len(ws))).astype(np.int64)
@@ -291,8 +319,13 @@ def candidate_pairs(keys: np.ndarray) -> np.ndarray:
 
 
 class UnionFind:
+    """Union-find over dense ids 0..n-1 with path compression; a union keeps the smaller root, so
+    every element's root is the smallest id of its set. One class for near_duplicate_pairs' callers
+    and dedup_index's verification partitions. The parents are a Python list: find/union run one
+    element at a time from Python, where a list index is ~1.5x faster than a numpy scalar index."""
+
     def __init__(self, n: int):
-        self.parent = np.arange(n, dtype=np.int64)
+        self.parent = list(range(n))
 
     def find(self, x: int) -> int:
         parent = self.parent
@@ -301,16 +334,19 @@ class UnionFind:
             root = parent[root]
         while parent[x] != root:
             parent[x], x = root, parent[x]
-        return int(root)
+        return root
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int) -> bool:
+        """Join the sets of a and b; False when they were one set already."""
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        if ra == rb:
+            return False
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return True
 
     def roots(self) -> np.ndarray:
         """Every element's root, by pointer jumping over the whole array (no Python loop)."""
-        r = self.parent.copy()
+        r = np.array(self.parent, dtype=np.int64)
         while True:
             nxt = r[r]
             if np.array_equal(nxt, r):

@@ -10,7 +10,8 @@ parts). Each is declared by plain pieces::
     c.sections     ("checks",)            hashed config sections
     c.upstream     ("source", "ingest")   upstream stages; the last one holds the records
     c.run(inputs, cfg, out_dir, ctx)      the stage function
-    c.key_extra(cfg)                      {"suite_sha256": ...}: editing the suite reruns the check
+    c.key_extra(cfg)                      {"suite_sha256": ...} (+ "pairs_suite_sha256" at clean and augment,
+                                          which check the pairs too): editing a suite reruns the check
 
 ``boundary_module(name)`` wraps the same pieces as a module-like object (STAGE, VERSION, SECTIONS,
 run, key_extra) for code that still takes a stage module; keys and outputs are the same either way.
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from corpus2model.tasks.stage import Manifest, StageContext, sha256_bytes
 from corpus2model.tasks.validate.report import BOUNDARY_TITLES
-from corpus2model.tasks.validate.stage import BOUNDARIES, CHECK_SECTIONS, VERSION, run_boundary, suite_for
+from corpus2model.tasks.validate.stage import (BOUNDARIES, CHECK_SECTIONS, PAIRS_BOUNDARIES, VERSION, pairs_key_extra,
+                                               run_boundary, suite_for)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class BoundaryCheck:
         return run_boundary(self.boundary, inputs, cfg, out_dir, ctx)
 
     def key_extra(self, cfg) -> dict:
-        """``cfg`` holds the declared sections (stage_config): the suite file named by checks.<boundary>_suite."""
-        return {"suite_sha256": sha256_bytes(suite_for(cfg.checks, self.boundary).read_bytes())}
+        """``cfg`` holds the declared sections (stage_config): the suite file named by checks.<boundary>_suite,
+        and the preference_pairs suite where this boundary runs it on the upstream's pairs."""
+        extra = {"suite_sha256": sha256_bytes(suite_for(cfg.checks, self.boundary).read_bytes())}
+        return {**extra, **pairs_key_extra()} if self.boundary in PAIRS_BOUNDARIES else extra
 
 
 # Every boundary except the final one, which is the validate stage itself (stage.py).

@@ -72,6 +72,9 @@ class ValidationReport:
     profile: dict = field(default_factory=dict)  # distribution statistics (profile()), compared run to run
     drift: list = field(default_factory=list)  # DriftResult, filled by the flow (compare_profiles)
     upstream_rejected: dict = field(default_factory=dict)  # raw boundary: ingest's unreadable lines by reason
+    # "<expectation>:<column>" -> why it was not run on this table (a pairs-only corpus has no training
+    # records to count); only in report.json / report.md when there is one, so other reports stay as they were.
+    not_applicable: dict = field(default_factory=dict)
 
     def failed(self, severity: str) -> list[ExpectationResult]:
         return [r for r in self.results if not r.success and r.severity == severity]
@@ -102,6 +105,7 @@ class ValidationReport:
                 {**dataclasses.asdict(r), "reason": r.reason, "observed_value": jsonable(r.observed_value)}
                 for r in self.results
             ],
+            **({"not_applicable": dict(self.not_applicable)} if self.not_applicable else {}),
         }
 
     def to_markdown(self) -> str:
@@ -132,6 +136,10 @@ class ValidationReport:
                 if r.suite_severity:
                     more += f" [suite severity {r.suite_severity}, overridden by config]"
                 lines.append(f"- **{r.severity}** `{r.expectation}` on `{r.column or 'table'}`: {md_cell(r.why)}{more}")
+        if self.not_applicable:
+            lines += ["", "Not run on this table:", ""]
+            lines += [f"- `{k.rsplit(':', 1)[0]}` on `{k.rsplit(':', 1)[1]}`: {md_cell(why)}"
+                      for k, why in self.not_applicable.items()]
         if self.upstream_rejected:
             lines += ["", f"Lines ingest could not read ({sum(self.upstream_rejected.values())}, quarantined by ingest): "
                       + ", ".join(f"{k} {v}" for k, v in sorted(self.upstream_rejected.items(), key=lambda kv: -kv[1]))]
@@ -184,7 +192,10 @@ def where_text(where: list[str]) -> str:
 
 
 def failure_message(report: ValidationReport, suite_path: Path, stage: str, folder: Path) -> str:
-    failures = "; ".join(f"{r.expectation}({r.column or 'table'}): {r.unexpected_count} unexpected"
+    # A table-level expectation (row count) has no unexpected rows: say what it observed instead.
+    failures = "; ".join(f"{r.expectation}({r.column or 'table'}): "
+                         + (f"observed {short_text(r.observed_value)}" if r.column is None and r.observed_value is not None
+                            else f"{r.unexpected_count} unexpected")
                          + (f" [{r.exception}]" if r.exception else "") for r in report.failed("error"))
     return (f"{stage}: validation failed: {report.error_failed} error-severity expectation(s) of suite {suite_path} "
             f"failed: {failures}. Report: {folder} (data_docs/index.html, report.md, failing_rows.parquet). Fix the data "

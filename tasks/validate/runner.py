@@ -33,11 +33,13 @@ def _quiet():
 def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
                    max_failing_rows: int = 1000, *, raw: dict[str, list] | None = None,
                    severity_overrides: dict | None = None, boundary: str = "final",
-                   upstream_rejected: dict | None = None) -> ValidationReport:
+                   upstream_rejected: dict | None = None, not_applicable: dict[str, str] | None = None) -> ValidationReport:
     """Validate records (pyarrow Table or DataFrame) or, for a ``table: preference_pairs`` suite,
     preference pairs against a suite file; write Data Docs to ``docs_dir`` (``index.html`` there)
-    when given. ``raw`` holds row-aligned raw_* columns (raw_columns). Pure: reads nothing else,
-    writes only docs_dir."""
+    when given. ``raw`` holds row-aligned raw_* columns (raw_columns). ``not_applicable`` maps
+    ``<expectation>:<column or table>`` to why that rule does not apply to this table: such entries are
+    not run and the report lists them with the reason (``ValidationReport.not_applicable``). Pure:
+    reads nothing else, writes only docs_dir."""
     gx = import_gx()
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
@@ -45,6 +47,11 @@ def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
 
     suite_path = Path(suite_path)
     entries = apply_severity(load_suite(suite_path), severity_overrides, boundary)
+    skipped = {}
+    if not_applicable:
+        skipped = {f"{e.expectation}:{e.column or 'table'}": not_applicable[f"{e.expectation}:{e.column or 'table'}"]
+                   for e in entries if f"{e.expectation}:{e.column or 'table'}" in not_applicable}
+        entries = [e for e in entries if f"{e.expectation}:{e.column or 'table'}" not in skipped]
     kind = suite_kind(suite_path)
     df = pairs_frame(data) if kind == "preference_pairs" else records_frame(data)
     for name, values in (raw or {}).items():
@@ -99,6 +106,7 @@ def validate_table(data, suite_path: str | Path, docs_dir: Path | None = None,
             kind=kind,
             profile=profile(df),
             upstream_rejected=dict(upstream_rejected or {}),
+            not_applicable=skipped,
         )
         if docs_dir is not None:
             site = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"

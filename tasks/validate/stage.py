@@ -13,9 +13,20 @@ downstream stage runs (``ValidationFailed``, with the report copied to
 parts pass through as hard links, and failing rows are *copied* to ``failing_rows.parquet``
 (quarantine schema, one row per failing record and expectation) so a person can look at them.
 
+Preference records (upstream role "pairs") are validated at the final node and at check_clean /
+check_augment too (PAIRS_BOUNDARIES; not at raw, before clean), with the ``preference_pairs`` suite
+(schemas/suites/preference_pairs.yaml; ``validate.severity_overrides`` keys prefixed ``pairs:`` tune it
+at the final node, ``checks.severity_overrides`` ones at the check nodes): the same rules, error failures
+stop the flow, failing rows are copied to ``pairs_failing_rows.parquet``, and at the final node the pair
+parts pass through to shard. The pairs suite runs only where there are pairs. A corpus of pairs only
+has no training records: the records suite's row-count rules (ROW_COUNT_EXPECTATIONS) are then not run,
+and the report lists them under ``not_applicable``; with no records and no pairs they stop the flow.
+
 Outputs in the stage folder::
 
     parts/<upstream part name>.parquet   role data        final node only: the upstream parts, hard-linked, unchanged
+    pairs/<upstream part name>.parquet   role pairs       final node only, when there are preference records (likewise)
+    pairs_failing_rows.parquet, pairs_report.json|md, pairs_data_docs/   the same for the pairs (clean, augment, final)
     failing_rows.parquet                 role quarantine  reason "expectation:<type>:<column>", detail = severity
     report.json / report.md              role report      per-expectation results with severities
     data_docs/index.html, ...            role report      GE Data Docs, post-processed to read offline (docs.py)
@@ -30,7 +41,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus2model.schemas.records import QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row
+from corpus2model.schemas.records import PAIR_SCHEMA, QUARANTINE_SCHEMA, RECORD_SCHEMA, quarantine_row
 from corpus2model.tasks.common.artifacts import publish_link, publish_markdown
 from corpus2model.tasks.stage import (
     FileEntry,
@@ -62,12 +73,26 @@ BOUNDARIES = {
     "final": ("validate", "suite", ("augment",)),
 }
 CHECK_SECTIONS = ("checks",)
+# The suite preference records are checked with at the final node (where training records meet validate.suite).
+PAIRS_SUITE = "preference_pairs"
+# The boundaries that run it on the upstream's pairs: not raw, where ingest's pairs are not cleaned yet
+# (the suite's debris rules would stop on what clean removes), as raw_documents.yaml is not training_records.yaml.
+PAIRS_BOUNDARIES = ("clean", "augment", "final")
+# Table-level rules about how many training records there are. A pairs-only corpus (DPO, reward model)
+# has none at every boundary by design, so where there are preference pairs and no records they are not
+# run (the report says so); with neither, they run and stop the flow as before.
+ROW_COUNT_EXPECTATIONS = ("expect_table_row_count_to_be_between", "expect_table_row_count_to_equal")
+
+
+def pairs_key_extra() -> dict:
+    """The preference_pairs suite's bytes, for the key of every node that runs it (PAIRS_BOUNDARIES)."""
+    return {"pairs_suite_sha256": sha256_bytes(resolve_suite_path(PAIRS_SUITE).read_bytes())}
 
 
 def key_extra(cfg) -> dict:
-    """The suite's bytes are part of the cache key: editing the suite reruns validation."""
+    """The suites' bytes are part of the cache key: editing a suite reruns validation."""
     path = resolve_suite_path(cfg.validate.suite)
-    return {"suite_sha256": sha256_bytes(path.read_bytes())}
+    return {"suite_sha256": sha256_bytes(path.read_bytes()), **pairs_key_extra()}
 
 
 def suite_for(vcfg, boundary: str) -> Path:
@@ -106,6 +131,57 @@ def _read_records(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, 
     return table, parts
 
 
+def _read_pairs(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
+    """The upstream's preference-record parts (role "pairs") as one PAIR_SCHEMA table, and where each
+    part is linked to (``pairs/<name>``)."""
+    paths = up.files_with("pairs")
+    unique = len({p.name for p in paths}) == len(paths)
+    tables, parts = [], []
+    for i, p in enumerate(paths):
+        try:
+            t = pq.read_table(p)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StageError(f"{stage}: cannot read upstream pairs part {p} ({e}); rerun the {up.stage} stage") from None
+        if not t.schema.equals(PAIR_SCHEMA, check_metadata=False):
+            raise StageError(f"{stage}: upstream part {p} does not hold preference records (schemas.records.PAIR_SCHEMA); "
+                             f"rerun the {up.stage} stage")
+        tables.append(t)
+        parts.append((p, f"pairs/{p.name if unique else f'{i:06d}-{p.name}'}", t.num_rows))
+    return (pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()), parts
+
+
+def _count_pairs(up: Manifest, stage: str) -> int:
+    """How many preference records the upstream holds, from the Parquet footers (nothing else is read)."""
+    n = 0
+    for p in up.files_with("pairs"):
+        try:
+            n += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StageError(f"{stage}: cannot read upstream pairs part {p} ({e}); rerun the {up.stage} stage") from None
+    return n
+
+
+def _validate_pairs(table: pa.Table, vcfg, out_dir: Path, stage: str) -> tuple[ValidationReport, list[FileEntry], pa.Table]:
+    """The preference_pairs suite on the pairs: pairs_data_docs/, pairs_report.json|md and
+    pairs_failing_rows.parquet (copies, as for records)."""
+    suite_path = resolve_suite_path(PAIRS_SUITE)
+    docs_dir = out_dir / "pairs_data_docs"
+    try:
+        report = validate_table(table, suite_path, docs_dir, max_failing_rows=vcfg.max_failing_rows,
+                                severity_overrides=vcfg.severity_overrides, boundary="pairs")
+    except ValueError as e:
+        raise StageError(f"{stage}: {e}") from None
+    failing = failing_rows_table(report, table, stage)
+    pq.write_table(failing, out_dir / "pairs_failing_rows.parquet")
+    summary = {**report.to_dict(), "docs_index": "pairs_data_docs/index.html", "boundary": "pairs"}
+    (out_dir / "pairs_report.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    (out_dir / "pairs_report.md").write_text(report.to_markdown(), encoding="utf-8")
+    files = [FileEntry("pairs_failing_rows.parquet", role="quarantine", records=failing.num_rows),
+             FileEntry("pairs_report.json", role="report"), FileEntry("pairs_report.md", role="report")]
+    files += [FileEntry(p.relative_to(out_dir).as_posix(), role="report") for p in sorted(docs_dir.rglob("*")) if p.is_file()]
+    return report, files, failing
+
+
 def run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
     """Validate one boundary. ``final`` passes the records through (shard reads them); the check_*
     nodes write reports only. Error-severity failures raise ValidationFailed, report kept."""
@@ -115,21 +191,50 @@ def run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx:
     vcfg = cfg.validate if boundary == "final" else cfg.checks
     suite_path = suite_for(vcfg, boundary)
     table, parts = _read_records(inputs[-1], stage)
+    n = table.num_rows
+    # The pairs are read where they are validated or passed on; at raw only their count matters.
+    if boundary in PAIRS_BOUNDARIES:
+        pairs, pair_parts = _read_pairs(inputs[-1], stage)
+        n_upstream_pairs = pairs.num_rows
+    else:
+        pairs, pair_parts = None, []
+        n_upstream_pairs = _count_pairs(inputs[-1], stage)
+    not_applicable = None
+    if n == 0 and n_upstream_pairs:
+        where = "here" if boundary in PAIRS_BOUNDARIES else "from check_clean on"
+        not_applicable = {f"{e}:table": f"no training records: this corpus holds only preference pairs "
+                                        f"({n_upstream_pairs}), which the preference_pairs suite checks {where}"
+                          for e in ROW_COUNT_EXPECTATIONS}
     raw = raw_columns(table, file_reader(Path(inputs[0].path))) if boundary == "raw" else None
     docs_dir = out_dir / "data_docs"
     try:
         report = validate_table(table, suite_path, docs_dir, max_failing_rows=vcfg.max_failing_rows, raw=raw,
                                 severity_overrides=vcfg.severity_overrides, boundary=boundary,
-                                upstream_rejected=(inputs[-1].counters.get("rejected") or {}) if boundary == "raw" else None)
+                                upstream_rejected=(inputs[-1].counters.get("rejected") or {}) if boundary == "raw" else None,
+                                not_applicable=not_applicable)
     except ValueError as e:
         raise StageError(f"{stage}: {e}") from None
 
     files: list[FileEntry] = []
-    n = table.num_rows
+    pairs_report, n_pairs, pairs_stats = None, 0, {}
     if boundary == "final":
         for src, rel, k in parts:
             link_or_copy(src, out_dir / rel)
             files.append(FileEntry(rel, role="data", records=k))
+        for src, rel, k in pair_parts:  # empty ones too: shard reads what its upstream lists
+            link_or_copy(src, out_dir / rel)
+            files.append(FileEntry(rel, role="pairs", records=k))
+    # The suite asks for at least one pair ("DPO on no pairs must not start"): run it only where there are
+    # pairs, so a records corpus whose pair parts came out empty (clean removed them all) is not stopped.
+    if n_upstream_pairs and pairs is not None:
+        pairs_report, pair_files, pair_failing = _validate_pairs(pairs, vcfg, out_dir, stage)
+        files += pair_files
+        n_pairs = pairs.num_rows
+        pairs_stats = {"rows": n_pairs, "expectations": len(pairs_report.results),
+                       "errors_failed": pairs_report.error_failed, "warns_failed": pairs_report.warn_failed,
+                       "failed": [r.reason for r in pairs_report.results if not r.success],
+                       "failing_rows": pair_failing.num_rows, "suite": str(resolve_suite_path(PAIRS_SUITE)),
+                       "suite_sha256": pairs_report.suite_sha256, "docs_index": "pairs_data_docs/index.html"}
     # The rows that failed, copies with the expectation that failed (validation never drops a record).
     failing = failing_rows_table(report, table, stage)
     pq.write_table(failing, out_dir / "failing_rows.parquet")
@@ -146,12 +251,23 @@ def run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx:
     files += [FileEntry(p.relative_to(out_dir).as_posix(), role="report")
               for p in sorted(docs_dir.rglob("*")) if p.is_file()]
 
+    if pairs_report is not None and not pairs_report.success:
+        folder = _keep_failed_report(out_dir, inputs, pairs_report, ctx, stage)
+        publish_markdown(f"{stage}-pairs-summary", pairs_report.to_markdown(),
+                         description="preference pairs: validation FAILED")
+        raise ValidationFailed(failure_message(pairs_report, resolve_suite_path(PAIRS_SUITE), stage, folder).replace(
+            "data_docs/index.html, report.md, failing_rows.parquet",
+            "pairs_data_docs/index.html, pairs_report.md, pairs_failing_rows.parquet"), report=pairs_report, folder=folder)
     if not report.success:
         folder = _keep_failed_report(out_dir, inputs, report, ctx, stage)
         publish_markdown(f"{stage}-summary", markdown, description=f"{BOUNDARY_TITLES[boundary]}: validation FAILED")
         publish_link(f"{stage}-data-docs", "file://" + str(folder / "data_docs" / "index.html"),
                      text=f"Data Docs: {BOUNDARY_TITLES[boundary]} (failed)")
-        raise ValidationFailed(failure_message(report, suite_path, stage, folder), report=report, folder=folder)
+        message = failure_message(report, suite_path, stage, folder)
+        if n == 0 and not n_upstream_pairs:
+            message += (f" Nothing reached this boundary: the {inputs[-1].stage} output holds no training records and "
+                        f"no preference pairs; look at the upstream stages' rejected counts and quarantine files.")
+        raise ValidationFailed(message, report=report, folder=folder)
 
     final = ctx.final_dir or out_dir  # links in artifacts must name the folder that outlives this run
     publish_markdown(f"{stage}-summary", markdown,
@@ -159,10 +275,15 @@ def run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx:
     publish_link(f"{stage}-data-docs", "file://" + str(final / "data_docs" / "index.html"),
                  text=f"Data Docs: {BOUNDARY_TITLES[boundary]}")
     ctx.info("%s: %d rows, %d expectations, %d warnings failed", stage, report.rows, len(report.results), report.warn_failed)
+    if pairs_report is not None:
+        publish_markdown(f"{stage}-pairs-summary", pairs_report.to_markdown(),
+                         description=f"preference pairs: {pairs_report.warn_failed} warn-severity expectation(s) failed"
+                         if pairs_report.warn_failed else "preference pairs")
+        ctx.info("%s: %d preference pairs, %d warnings failed", stage, n_pairs, pairs_report.warn_failed)
     return Manifest(
         stage=stage,
         files=files,
-        counters={"in": n, "out": n, "rejected": {}, "duplicates": 0},
+        counters={"in": n + n_pairs, "out": n + n_pairs, "rejected": {}, "duplicates": 0},
         stats={
             "boundary": boundary,
             "rows": n,
@@ -176,6 +297,7 @@ def run_boundary(boundary: str, inputs: list[Manifest], cfg, out_dir: Path, ctx:
             "profile": report.profile,
             # Relative: out_dir is renamed into the store after run returns.
             "docs_index": "data_docs/index.html",
+            **({"pairs": pairs_stats} if pairs_stats else {}),
         },
     )
 
@@ -195,9 +317,13 @@ def _keep_failed_report(out_dir: Path, inputs: list[Manifest], report: Validatio
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for name in ("report.json", "report.md", "failing_rows.parquet"):
-        shutil.copy2(out_dir / name, folder / name)
-    shutil.copytree(out_dir / "data_docs", folder / "data_docs")
+    for name in ("report.json", "report.md", "failing_rows.parquet", "pairs_report.json", "pairs_report.md",
+                 "pairs_failing_rows.parquet"):
+        if (out_dir / name).is_file():  # the pairs' files exist when the upstream has preference records
+            shutil.copy2(out_dir / name, folder / name)
+    for name in ("data_docs", "pairs_data_docs"):
+        if (out_dir / name).is_dir():
+            shutil.copytree(out_dir / name, folder / name)
     return folder
 
 
