@@ -33,7 +33,6 @@ never compared with a training record. Contamination looks at all three of a pai
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 
 from corpus2model.schemas.records import (PAIR_SCHEMA, PAIR_TEXT_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA,
                                            normalize_for_hash, quarantine_row, quarantine_table)
+from corpus2model.tasks.common.jsonl import iter_json_objects
 from corpus2model.tasks.stage import FileEntry, Manifest, StageContext, StageError, Store, cache_key, sha256_file
 
 STAGE = "dedup"
@@ -350,13 +350,7 @@ def load_eval_ngrams(paths: list[Path], ngram: int):
         p = Path(p)
         if not p.is_file():
             raise StageError(f"dedup: evaluation file {p} (dedup.eval_files) does not exist: fix the path or remove it")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"dedup: {p}:{n} is not JSON ({e}); eval_files must be JSONL with input/target or text") from None
+        for _, obj in iter_json_objects(p, "dedup.eval_files must be JSONL with input/target or text"):
             texts.append(record_text(obj) if "target" in obj else str(obj.get("text", "")))
     # texts shorter than n words would give a whole-text shingle: too weak a signal, left out
     texts = [t for t in texts if len(doc_words(t)) >= ngram]

@@ -25,9 +25,9 @@ Each side is ``prompt + response + eos``, the prompt cut from the left to ``max_
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from corpus2model.tasks.common.jsonl import iter_json_objects
 from corpus2model.tasks.stage import StageError
 
 IGNORE_INDEX = -100
@@ -53,20 +53,13 @@ def load_pairs(path: Path, report_dir: Path | None = None, drop_invalid: bool = 
                 raise
             dropped = e.failing_ids()
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{n}: not JSON ({e})") from None
-            if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise StageError(f"{path}:{n}: a pair needs string fields prompt, chosen and rejected")
-            if str(rec.get("id")) in dropped:
-                continue
-            pairs.append({"id": rec.get("id", str(n)), "prompt": rec["prompt"], "chosen": rec["chosen"],
-                          "rejected": rec["rejected"]})
+    for n, rec in iter_json_objects(path, "preference pairs are one JSON object a line with prompt/chosen/rejected"):
+        if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise StageError(f"{path}:{n}: a pair needs string fields prompt, chosen and rejected")
+        if str(rec.get("id")) in dropped:
+            continue
+        pairs.append({"id": rec.get("id", str(n)), "prompt": rec["prompt"], "chosen": rec["chosen"],
+                      "rejected": rec["rejected"]})
     if not pairs:
         raise StageError(f"{path} holds no usable preference pairs")
     return pairs, dropped

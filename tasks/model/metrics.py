@@ -80,13 +80,6 @@ def accuracy_f1(y_true: list[int], y_pred: list[int], n_labels: int) -> tuple[fl
 
 
 def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), without numpy."""
     s = sorted(values)
     pos = (len(s) - 1) * q / 100.0

@@ -205,19 +205,7 @@ def pairs_frame(data) -> "pd.DataFrame":  # noqa: F821
 
 def read_pairs(path: str | Path) -> list[dict]:
     """A preference-pairs JSONL (optionally .gz); a line that is not a JSON object is a clear error."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    out = []
-    for i, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}:{i}: not valid JSON ({e}); preference pairs are one JSON object a line") from None
-        if not isinstance(obj, dict):
-            raise StageError(f"{path}:{i}: a preference pair must be a JSON object with prompt/chosen/rejected")
-        out.append(obj)
-    return out
+    from corpus2model.tasks.common.jsonl import iter_json_objects
+
+    return [obj for _, obj in iter_json_objects(path, "preference pairs are one JSON object a line with "
+                                                      "prompt/chosen/rejected")]
