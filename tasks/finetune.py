@@ -297,8 +297,9 @@ def _with_ewc(model, loss_fn, ft, parent: "continual.Parent | None", notes: list
     path = parent.file(continual.FISHER)
     if path is None:
         notes.append(f"finetune.ewc_lambda {ft.ewc_lambda}: parent {parent.ref.get('version') or parent.model_dir} "
-                     f"stores no {continual.FISHER} (trained with ewc_fisher_blocks 0, or a plain model folder): "
-                     f"no EWC penalty in this run")
+                     f"stores no {continual.FISHER} (it was trained with finetune.init: scratch or ewc_fisher_blocks 0, "
+                     f"or is a plain model folder): no EWC penalty in this run; this run's version stores one, so "
+                     f"the next continuation has it")
         return loss_fn, {"lambda": ft.ewc_lambda, "applied": False}
     terms = ewc.terms(model, ewc.load(path), continual.parent_state(parent))
     if not terms:
