@@ -513,6 +513,10 @@ def serve(cfg, host: str | None = None, port: int | None = None, ref: str = "pro
     port = port or cfg.serve.port
     if host in ("0.0.0.0", "::"):
         log.warning("listening on all interfaces (%s): the API has no authentication", host)
+    if cfg.serve.threads:  # before the model loads: serve.threads (schemas/config.py says when 1 is faster)
+        import torch
+
+        torch.set_num_threads(cfg.serve.threads)
     app = create_app(cfg.paths.registry, cfg.registry.model_name, ref=ref, variant=variant or cfg.serve.variant,
                      max_batch_size=cfg.serve.max_batch_size, max_batch_wait_ms=cfg.serve.max_batch_wait_ms)
     uvicorn.run(app, host=host, port=port, log_level="info")

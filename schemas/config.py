@@ -734,6 +734,11 @@ class ServeConfig(Section):
     max_batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     # Variant to serve instead of registry.serve_variant (tuned, dynamic_int8); None = the registered one.
     variant: str | None = None
+    # torch intra-op threads of the server; 0 = torch's default (one per core). The server's event loop,
+    # tokenizer and batching thread need CPU too: on 2 cores the demo's 1M-parameter LM served /generate at
+    # 515 tokens/s batched with 2 threads and 1679 with 1 (bench/serve_bench.py --threads, 8 concurrent,
+    # same answers). A compute-bound model (MiniLM /classify) gains from the cores instead: measure both.
+    threads: int = Field(0, ge=0, le=256)
 
 
 class RuntimeConfig(Section):

@@ -311,3 +311,26 @@ def test_batcher_never_splits_a_request_and_passes_errors():
     finally:
         b.close()
     assert calls == [["a", "b", "c", "d"], ["boom"], ["x"]]
+
+
+def test_serve_sets_the_configured_torch_threads_before_loading(monkeypatch, make_cfg):
+    """serve.threads (the demo sets 1: its tiny LM is overhead-bound) is applied before the model loads;
+    0 leaves torch's default."""
+    import torch
+    import uvicorn
+
+    from corpus2model.flows import serve as serve_mod
+
+    seen = {}
+    monkeypatch.setattr(serve_mod, "create_app", lambda *a, **k: seen.setdefault("threads", torch.get_num_threads()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    before = torch.get_num_threads()
+    try:
+        serve_mod.serve(make_cfg({"serve": {"threads": 1}}))
+        assert seen["threads"] == 1
+        torch.set_num_threads(before)
+        seen.clear()
+        serve_mod.serve(make_cfg())
+        assert seen["threads"] == before
+    finally:
+        torch.set_num_threads(before)
