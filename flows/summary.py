@@ -49,6 +49,8 @@ def _detail(m: Manifest, cached: bool = False) -> str:
         parts.append("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rej.items(), key=lambda kv: -kv[1])))
     if m.counters.get("added"):
         parts.append(f"added {m.counters['added']}")
+    if s.get("pairs_skipped"):  # tokenize counts training records; the pairs go on to DPO / the reward model
+        parts.append(f"{s['pairs_skipped']} preference pairs not packed (finetune reads them from shard)")
     if s.get("skipped"):  # ingest: raw files left out (links leaving the folder, names not included, ...)
         parts.append("skipped files: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))
     for k in ("final_eval_loss", "warns_failed", "size_ratio"):

@@ -212,6 +212,10 @@ def test_a_corpus_of_pairs_only_runs_to_dpo(tmp_path):
     assert tok.files_with("packed") == [] and tok.counters["in"] == 0
     assert all(s["blocks"] == 0 and s["records"] == 0 for s in tok.stats["splits"].values())
     assert tok.stats["tokenizer_source"] == "trained on preference pairs" and tok.stats["pairs_skipped"] == 60
+    from corpus2model.flows.summary import _detail
+
+    # the run table says where the 60 went (tokenize's records in/out count training records only)
+    assert "60 preference pairs not packed (finetune reads them from shard)" in _detail(tok)
     tokenizer = load_tokenizer(tokenizer_dir(tok))
     # learned from the pairs: their recurring words are merges, not bytes
     assert len(tokenizer("Happy to help with task", add_special_tokens=False)["input_ids"]) <= 8
