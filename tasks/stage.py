@@ -6,7 +6,8 @@ A stage module defines::
     VERSION = "1"              # bump when the output for the same input changes
     SECTIONS = ("clean",)      # config sections it reads, and the only ones it hashes
     def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest
-    def key_extra(cfg) -> dict     # optional: content the config only points at (a suite file)
+    def key_extra(cfg) -> dict     # optional: content the config only points at (a suite file);
+                                   # key_extra(cfg, upstream) also gets the keyed inputs' "stage:key"
 
 ``cfg`` is a namespace holding only the declared sections, so a stage cannot read a setting that
 is not part of its cache key. ``run`` writes into ``out_dir`` (a temporary folder) and returns a
