@@ -394,11 +394,9 @@ def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) ->
     """Map one JSON value to a record, or return (None, (reason, detail))."""
     if not isinstance(obj, dict):
         return None, ("wrong_type", f"a record must be a JSON object, got {json_type(obj)}")
-    md_in = obj.get("metadata", {})
-    if md_in is None:
-        md_in = {}
-    if not isinstance(md_in, dict):
-        return None, ("wrong_type", f"metadata must be an object, got {json_type(md_in)}")
+    md_in, why = _metadata_object(obj)
+    if why is not None:
+        return None, why
     if "target" in obj or "input" in obj:
         inp, tgt = obj.get("input", ""), obj.get("target")
         if not isinstance(inp, str):
@@ -416,6 +414,28 @@ def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) ->
             return None, _pair_reject(obj) or ("preference_pair", "a preference record (prompt/chosen/rejected): "
                                                "this reader takes training records; the pipeline's ingest keeps it as a pair")
         return None, ("unknown_shape", f"expected keys input/target or text (or prompt/chosen/rejected), got {sorted(obj)[:8]}")
+    meta, why = _provenance(obj, md_in, {"input": inp, "target": tgt}, default_type, rel=rel, sha=sha, line=line,
+                            encoding=encoding, cfg=cfg)
+    if why is not None:
+        return None, why
+    return make_record(inp, tgt, **meta), None
+
+
+def _metadata_object(obj: dict) -> tuple[dict | None, tuple[str, str] | None]:
+    """A record's ``metadata``: an object, absent or null (then empty); anything else is wrong_type."""
+    md_in = obj.get("metadata", {})
+    if md_in is None:
+        md_in = {}
+    if not isinstance(md_in, dict):
+        return None, ("wrong_type", f"metadata must be an object, got {json_type(md_in)}")
+    return md_in, None
+
+
+def _provenance(obj: dict, md_in: dict, texts: dict[str, str], default_type: str, *, rel: str, sha: str, line: int,
+                encoding: str, cfg) -> tuple[dict | None, tuple[str, str] | None]:
+    """The metadata every record kind gets (schemas.records make_record / make_pair keywords): task type,
+    domain, source and its id, where it was read; or (None, (reason, detail)) for a wrong-typed metadata
+    field, an unusable id, or a lone surrogate in any text."""
     why = _metadata_types(md_in)
     if why is not None:
         return None, why
@@ -423,24 +443,13 @@ def json_to_record(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) ->
     if why is not None:
         return None, why
     lang = _str_or_none(md_in.get("lang") or obj.get("lang"))
-    why = _lone_surrogate({"id": src_id, "input": inp, "target": tgt, "metadata.task_type": md_in.get("task_type"),
+    why = _lone_surrogate({"id": src_id, **texts, "metadata.task_type": md_in.get("task_type"),
                            "metadata.domain": md_in.get("domain"), "metadata.source": md_in.get("source"), "lang": lang})
     if why is not None:
         return None, why
-    record = make_record(
-        inp,
-        tgt,
-        task_type=md_in.get("task_type") or default_type,
-        domain=md_in.get("domain") or cfg.default_domain,
-        source=_str_or_none(md_in.get("source")) or rel,
-        source_id=src_id,
-        source_path=rel,
-        source_sha256=sha,
-        source_line=line,
-        encoding=encoding,
-        lang=lang,
-    )
-    return record, None
+    return {"task_type": md_in.get("task_type") or default_type, "domain": md_in.get("domain") or cfg.default_domain,
+            "source": _str_or_none(md_in.get("source")) or rel, "source_id": src_id, "source_path": rel,
+            "source_sha256": sha, "source_line": line, "encoding": encoding, "lang": lang}, None
 
 
 PAIR_KEYS = frozenset(PAIR_TEXT_FIELDS)
@@ -482,35 +491,14 @@ def json_to_pair(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) -> t
     why = _pair_reject(obj)
     if why is not None:
         return None, why
-    md_in = obj.get("metadata", {})
-    if md_in is None:
-        md_in = {}
-    if not isinstance(md_in, dict):
-        return None, ("wrong_type", f"metadata must be an object, got {json_type(md_in)}")
-    why = _metadata_types(md_in)
+    md_in, why = _metadata_object(obj)
     if why is not None:
         return None, why
-    src_id, why = source_id_text(obj.get("id"))
+    meta, why = _provenance(obj, md_in, {k: obj[k] for k in PAIR_TEXT_FIELDS}, PAIR_TASK_TYPE, rel=rel, sha=sha,
+                            line=line, encoding=encoding, cfg=cfg)
     if why is not None:
         return None, why
-    lang = _str_or_none(md_in.get("lang") or obj.get("lang"))
-    why = _lone_surrogate({"id": src_id, **{k: obj[k] for k in PAIR_TEXT_FIELDS}, "metadata.task_type": md_in.get("task_type"),
-                           "metadata.domain": md_in.get("domain"), "metadata.source": md_in.get("source"), "lang": lang})
-    if why is not None:
-        return None, why
-    pair = make_pair(
-        obj["prompt"], obj["chosen"], obj["rejected"],
-        task_type=md_in.get("task_type") or PAIR_TASK_TYPE,
-        domain=md_in.get("domain") or cfg.default_domain,
-        source=_str_or_none(md_in.get("source")) or rel,
-        source_id=src_id,
-        source_path=rel,
-        source_sha256=sha,
-        source_line=line,
-        encoding=encoding,
-        lang=lang,
-    )
-    return pair, None
+    return make_pair(obj["prompt"], obj["chosen"], obj["rejected"], **meta), None
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
