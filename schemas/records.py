@@ -102,14 +102,21 @@ def normalize_for_hash(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def content_hash(input_text: str, target_text: str) -> str:
-    """The text identity of a record: sha256 of the normalized input + US + target (16 hex chars =
-    64 bits). Exact copies share it; dedup and contamination compare records by it."""
+def texts_hash(*texts: str) -> str:
+    """sha256 of the normalized texts joined by US (16 hex chars = 64 bits): the content identity of
+    any record kind."""
     h = hashlib.sha256()
-    h.update(normalize_for_hash(input_text).encode("utf-8"))
-    h.update(b"\x1f")
-    h.update(normalize_for_hash(target_text).encode("utf-8"))
+    for i, text in enumerate(texts):
+        if i:
+            h.update(b"\x1f")
+        h.update(normalize_for_hash(text).encode("utf-8"))
     return h.hexdigest()[:16]
+
+
+def content_hash(input_text: str, target_text: str) -> str:
+    """The text identity of a record: the normalized input + US + target. Exact copies share it; dedup
+    and contamination compare records by it."""
+    return texts_hash(input_text, target_text)
 
 
 def occurrence_id(source_path: str, source_line: int | None) -> str:
@@ -133,19 +140,19 @@ def empty_metadata(**values) -> dict:
     return md
 
 
-def make_record(input_text: str, target_text: str, **metadata) -> dict:
-    """A record with its occurrence id (``occurrence_id`` of source_path + source_line) and its
-    ``metadata.content_hash``; without a source_path (records made in code) the id is the content
-    hash, as there is no place to name."""
-    chash = content_hash(input_text, target_text)
+def _identified(fields: dict, chash: str, metadata: dict) -> dict:
+    """``fields`` with the occurrence id (``occurrence_id`` of source_path + source_line) and the metadata
+    (``content_hash`` set to ``chash`` unless given); without a source_path (records made in code) the id
+    is the content hash, as there is no place to name."""
     metadata.setdefault("content_hash", chash)
     path = metadata.get("source_path")
-    return {
-        "id": chash if path is None else occurrence_id(path, metadata.get("source_line")),
-        "input": input_text,
-        "target": target_text,
-        "metadata": empty_metadata(**metadata),
-    }
+    return {"id": chash if path is None else occurrence_id(path, metadata.get("source_line")), **fields,
+            "metadata": empty_metadata(**metadata)}
+
+
+def make_record(input_text: str, target_text: str, **metadata) -> dict:
+    """A training record with its occurrence id and ``metadata.content_hash`` (``_identified``)."""
+    return _identified({"input": input_text, "target": target_text}, content_hash(input_text, target_text), metadata)
 
 
 def is_pair(record: dict) -> bool:
@@ -156,27 +163,13 @@ def is_pair(record: dict) -> bool:
 def pair_content_hash(prompt: str, chosen: str, rejected: str) -> str:
     """The text identity of a preference record, as content_hash: the normalised prompt + chosen
     (what dedup compares: the same preferred answer to the same prompt is one pair) + rejected."""
-    h = hashlib.sha256()
-    for i, text in enumerate((prompt, chosen, rejected)):
-        if i:
-            h.update(b"\x1f")
-        h.update(normalize_for_hash(text).encode("utf-8"))
-    return h.hexdigest()[:16]
+    return texts_hash(prompt, chosen, rejected)
 
 
 def make_pair(prompt: str, chosen: str, rejected: str, **metadata) -> dict:
-    """A preference record, with ids made as make_record makes them (occurrence id from the source
-    path + line, else the content hash)."""
-    chash = pair_content_hash(prompt, chosen, rejected)
-    metadata.setdefault("content_hash", chash)
-    path = metadata.get("source_path")
-    return {
-        "id": chash if path is None else occurrence_id(path, metadata.get("source_line")),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "metadata": empty_metadata(**metadata),
-    }
+    """A preference record, with ids made as make_record makes them (``_identified``)."""
+    return _identified({"prompt": prompt, "chosen": chosen, "rejected": rejected},
+                       pair_content_hash(prompt, chosen, rejected), metadata)
 
 
 def quarantine_row(

@@ -283,6 +283,20 @@ def check_lora_targets(model, ft) -> None:
                          f"(BERT-style encoders name them query, key, value, dense)")
 
 
+def save_tuned(tuned, tokenizer, out_dir: Path, method: str):
+    """Write a trained encoder as finetune outputs it: LoRA's adapter/ (canonical config), then the merged
+    model in merged/; returns the merged model in eval mode (classifier and reward model alike)."""
+    from corpus2model.tasks.model.modeling import save_model
+
+    if method == "lora":
+        tuned.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
+        tuned = tuned.merge_and_unload()
+    tuned.eval()
+    save_model(tuned, tokenizer, out_dir / "merged")
+    return tuned
+
+
 def lora_model(model, ft):
     """``model`` with peft LoRA (``SEQ_CLS``) on ``ft.lora.target_modules``; the head (and pooler) trained in
     full beside the adapter (modules_to_save), so the adapter folder carries them."""
@@ -388,12 +402,7 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) 
         torch.manual_seed(ft.seed)  # LoRA A matrices and dropout
         tuned = lora_model(model, ft) if ft.method == "lora" else model
         result = train_tuned(tuned, tokenizer, train, y, cc, ft, log=ctx.info)
-        if ft.method == "lora":
-            tuned.save_pretrained(out_dir / "adapter", safe_serialization=True)
-            canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
-            tuned = tuned.merge_and_unload()
-        tuned.eval()
-        save_model(tuned, tokenizer, out_dir / "merged")
+        tuned = save_tuned(tuned, tokenizer, out_dir, ft.method)
         tuned_val = accuracy_f1(y_val, predict(tuned, tokenizer, val, cc.max_length), len(labels)) if val else None
     finally:
         torch.set_num_threads(threads_before)

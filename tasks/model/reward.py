@@ -257,14 +257,7 @@ def finetune_run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext, 
             return last["pairwise_loss"]
 
         result = trainer.train(tuned, batches, evaluate, ft, pairwise_loss, ckpt_dir=ckpt_dir, log=ctx.info)
-        if ft.method == "lora":
-            from corpus2model.tasks.model.peft_methods import canonical_adapter_config
-
-            tuned.save_pretrained(out_dir / "adapter", safe_serialization=True)
-            canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
-            tuned = tuned.merge_and_unload()
-        tuned.eval()
-        save_model(tuned, tokenizer, out_dir / "merged")
+        tuned = classify.save_tuned(tuned, tokenizer, out_dir, ft.method)
     # The loop evaluates at its last step (max_steps, or the evaluation that stopped it early).
     after = dict(last)
     seconds = time.perf_counter() - t_start
