@@ -705,12 +705,16 @@ EVAL_COLUMNS = ["variant", "accuracy", "macro_f1", "latency_p50_ms", "latency_p9
                 "params", "speedup_vs_tuned", "size_ratio_vs_tuned", "accuracy_drop_points", "records"]
 
 
-def eval_markdown(rows: list[dict], split: str, labels: list[str], notes: list[str]) -> str:
+def table_markdown(title: str, columns: list[str], rows: list[dict], notes: list[str]) -> str:
+    """An encoder's evaluation table (eval.md): a title, one row per variant, the notes below."""
     def cell(v):
         return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
-    lines = [f"# Evaluation: held-out `{split}` split, labels {', '.join(labels)}", "",
-             "| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in EVAL_COLUMNS) + " |" for r in rows]
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     lines += [f"\n> {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def eval_markdown(rows: list[dict], split: str, labels: list[str], notes: list[str]) -> str:
+    return table_markdown(f"Evaluation: held-out `{split}` split, labels {', '.join(labels)}", EVAL_COLUMNS, rows, notes)

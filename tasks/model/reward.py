@@ -361,11 +361,5 @@ EVAL_COLUMNS = ["variant", "preference_accuracy", "preference_margin", "pairwise
 
 
 def eval_markdown(rows: list[dict], split: str, notes: list[str]) -> str:
-    def cell(v):
-        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-
-    lines = [f"# Evaluation: reward model on held-out `{split}` preference pairs", "",
-             "| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in EVAL_COLUMNS) + " |" for r in rows]
-    lines += [f"\n> {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return classify.table_markdown(f"Evaluation: reward model on held-out `{split}` preference pairs", EVAL_COLUMNS,
+                                   rows, notes)
