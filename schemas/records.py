@@ -131,6 +131,19 @@ def occurrence_id(source_path: str, source_line: int | None) -> str:
     return h.hexdigest()[:16]
 
 
+def occurrence_ids(source_path: str, source_lines) -> list[str]:
+    """``occurrence_id`` for many lines of one file: the path is hashed once and each id hashes only
+    its line number on a copy of that state (a whole JSONL file's ids at a fifth of the cost)."""
+    prefix = hashlib.sha256(source_path.encode("utf-8", "surrogatepass"))
+    prefix.update(b"\x1f")
+    out = []
+    for line in source_lines:
+        h = prefix.copy()
+        h.update(str(int(line)).encode("ascii"))
+        out.append(h.hexdigest()[:16])
+    return out
+
+
 def empty_metadata(**values) -> dict:
     md = {name: None for name, _ in METADATA_FIELDS}
     unknown = set(values) - set(md)

@@ -25,6 +25,7 @@ import io
 import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
     files, new_cache = [], {}
     skipped: dict[str, int] = {}
     skipped_files: list[list[str]] = []
+    listed = []
     for p, rel, why in _walk_raw(raw_dir, include):
         if why is not None:
             skipped[why] = skipped.get(why, 0) + 1
@@ -130,12 +132,25 @@ def scan_raw(raw_dir: Path, include: list[str], store: Store) -> Manifest:
                 skipped_files.append([rel, why])
             continue
         st = p.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        listed.append((p, rel, st, f"{st.st_size}:{st.st_mtime_ns}"))
+
+    def sha_of(item):
+        p, _, _, stamp = item
         cached = stat_cache.get(str(p))
+        if cached and cached[0] == stamp:
+            return cached[1], None
         try:
-            sha = cached[1] if cached and cached[0] == stamp else sha256_file(p)
+            return sha256_file(p), None
         except OSError as e:  # unreadable (permissions, I/O error): its unit quarantines it; hashed again next scan
-            files.append(FileEntry(path=rel, bytes=st.st_size, sha256=f"unreadable-{e.errno}", role="raw"))
+            return None, e
+
+    # hashlib and file reads release the GIL: new files are hashed on every core (a first scan of
+    # a 2 GB corpus took 0.8 s on one), in listing order.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        hashed = list(pool.map(sha_of, listed))
+    for (p, rel, st, stamp), (sha, err) in zip(listed, hashed):
+        if err is not None:
+            files.append(FileEntry(path=rel, bytes=st.st_size, sha256=f"unreadable-{err.errno}", role="raw"))
             continue
         new_cache[str(p)] = [stamp, sha]
         files.append(FileEntry(path=rel, bytes=st.st_size, sha256=sha, role="raw"))
@@ -501,6 +516,25 @@ def json_to_pair(obj, *, rel: str, sha: str, line: int, encoding: str, cfg) -> t
     return make_pair(obj["prompt"], obj["chosen"], obj["rejected"], **meta), None
 
 
+try:  # ISA-L inflates ~1.8x faster than zlib on this corpus kind; zlib (same results) when absent
+    from isal import isal_zlib as _fast_zlib
+except ImportError:  # pragma: no cover - the data extra installs isal
+    _fast_zlib = zlib
+
+
+def inflate_one_member(data: bytes, limit: int) -> bytes | None:
+    """The inflated bytes of ``data`` when it is exactly one complete gzip member (CRC and length
+    checked by the inflater) of at most ``limit`` bytes, in one call; None for anything else
+    (several members, a cut or corrupt stream, too large), which ``gunzip_bounded`` and
+    ``_gzip_prefix`` then read to decide the reject. The common case, at ISA-L speed."""
+    try:
+        d = _fast_zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = d.decompress(data, limit + 1)
+    except Exception:  # zlib.error / isal's IsalError: the careful path below names the problem
+        return None
+    return out if d.eof and not d.unused_data and len(out) <= limit else None
+
+
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
     """Inflate gzip bytes, stopping past ``limit`` inflated bytes (a 200 KB bomb would otherwise
     take 200 MiB before the size check): returns at most ``limit + 1`` bytes, so a caller sees
@@ -540,7 +574,8 @@ def read_raw(data: bytes, rel: str, max_bytes: int) -> tuple[bytes | None, str, 
     if name.endswith(".gz"):
         name = name[:-3]
         try:
-            data = gunzip_bounded(data, max_bytes)
+            one = inflate_one_member(data, max_bytes)
+            data = one if one is not None else gunzip_bounded(data, max_bytes)
         except EOFError as e:
             prefix = _gzip_prefix(data, max_bytes) if os.path.splitext(name)[1] in LINE_EXT else b""
             whole = prefix[: prefix.rfind(b"\n") + 1]

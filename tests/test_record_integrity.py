@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus2model.schemas.config import ConfigError, load_config
-from corpus2model.schemas.records import content_hash, occurrence_id
+from corpus2model.schemas.records import content_hash, occurrence_id, occurrence_ids
 from corpus2model.tasks import dedup, ingest
 from corpus2model.tasks.ingest import parse_file, scan_raw
 from corpus2model.tasks.stage import run_stage
@@ -198,3 +198,28 @@ def test_gzip_bomb_is_rejected_without_inflating_it(make_cfg):
     tracemalloc.stop()
     assert not records and rejects[0]["reason"] == "file_too_large"
     assert peak < 8 << 20  # the file inflates to 64 MiB; only the first MiB + 1 byte is held
+
+
+def test_occurrence_ids_batch_equals_one_by_one():
+    """The batch form (one path hash per file) gives the ids the one-by-one form gives: ids are stored keys."""
+    for path in ("a/b.jsonl.gz", "x\udcff.jsonl", "日本/文.jsonl"):
+        lines = [1, 2, 10, 99999]
+        assert occurrence_ids(path, lines) == [occurrence_id(path, n) for n in lines]
+
+
+def test_gzip_fast_inflate_agrees_with_the_careful_reader():
+    """ingest.inflate_one_member (ISA-L when installed) returns a single complete member's bytes and
+    None for what the careful reader must decide (cut, several members, corrupt, too large)."""
+    from corpus2model.tasks.ingest import inflate_one_member, read_raw
+
+    body = "".join(json.dumps({"id": str(i), "text": f"line {i} é"}) + "\n" for i in range(500)).encode()
+    gz = gzip.compress(body)
+    assert inflate_one_member(gz, 10**6) == body
+    assert inflate_one_member(gz[:-7], 10**6) is None  # cut
+    assert inflate_one_member(gz + gz, 10**6) is None  # two members
+    assert inflate_one_member(gz, len(body) - 1) is None  # over the limit
+    bad = bytearray(gz)
+    bad[-6] ^= 1  # CRC
+    assert inflate_one_member(bytes(bad), 10**6) is None
+    assert read_raw(gz + gz, "x.jsonl.gz", 10**6)[0] == body + body
+    assert read_raw(bytes(bad), "x.jsonl.gz", 10**6)[2]["reason"] == "corrupt_gzip"

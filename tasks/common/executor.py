@@ -19,6 +19,24 @@ import uuid
 from typing import Any, Callable, Iterator
 
 
+def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
+    """In a unit worker: let glibc keep memory a unit freed for the next unit instead of returning it.
+
+    Each unit allocates and frees tens of MB (an inflated file, its lines, joined text for hashing,
+    Arrow buffers); by default glibc serves each such block by mmap and unmaps it on free, so the next
+    unit page-faults all of it in again: on the anchor corpus that was a third of ``c2m dedup``'s CPU
+    as kernel time. With a high mmap threshold and no trimming, a worker's RSS stays at its largest
+    unit's working set (bounded by the unit, as before) and the faults drop ~6x. A no-op off glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 class LocalUnits:
     """Units in a process pool of ``workers`` (in this process when ``workers`` is 1 or there is one unit)."""
 
@@ -36,7 +54,7 @@ class LocalUnits:
             # pool.map keeps the items in order and ships them in chunks (a unit can be a 1 KB file): its
             # results still arrive one by one, in order, which is what progress needs.
             chunk = max(1, len(items) // (4 * self.workers))
-            with ProcessPoolExecutor(min(self.workers, len(items))) as pool:
+            with ProcessPoolExecutor(min(self.workers, len(items)), initializer=keep_freed_memory) as pool:
                 try:
                     yield from enumerate(pool.map(fn, items, chunksize=chunk))
                 except BaseException:  # a unit failed, or the caller stopped reading: drop what is queued

@@ -47,7 +47,7 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
 
     import orjson
 
-    from corpus2model.schemas.records import occurrence_id, quarantine_row
+    from corpus2model.schemas.records import occurrence_ids, quarantine_row
     from corpus2model.tasks.ingest import json_to_record, load_json
     from corpus2model.tasks.text.dedup_index import normalized_digests
 
@@ -63,8 +63,8 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
     default_type, default_domain = ingest_cfg.default_task_type, ingest_cfg.default_domain
     simple = {"text"}, {"id", "text"}
     loads = orjson.loads
-    add_id, add_input, add_target, add_type, add_domain, add_source, add_source_id, add_line, add_lang = (
-        cols[k].append for k in ("id", "input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang"))
+    add_input, add_target, add_type, add_domain, add_source, add_source_id, add_line, add_lang = (
+        cols[k].append for k in ("input", "target", "task_type", "domain", "source", "source_id", "source_line", "lang"))
     for i, raw in enumerate(physical, start=1):
         try:
             obj = loads(raw)
@@ -89,7 +89,6 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
             md = rec["metadata"]
             inp, tgt, task_type, domain, source, src_id, lang = (rec["input"], rec["target"], md["task_type"], md["domain"],
                                                                  md["source"], md["source_id"], md["lang"])
-        add_id(occurrence_id(rel, i))
         add_input(inp)
         add_target(tgt)
         add_type(task_type)
@@ -98,6 +97,7 @@ def parse_jsonl(data: bytes, rel: str, sha: str, ingest_cfg):
         add_source_id(src_id)
         add_line(i)
         add_lang(lang)
+    cols["id"] = occurrence_ids(rel, cols["source_line"])
     digests = normalized_digests(cols["input"], cols["target"])
     cols["content_hash"] = [d[:8].hex() for d in digests]
     return cols, digests, rejects, encoding
@@ -107,31 +107,20 @@ def read_jsonl_file(path: Path, rel: str, sha: str, ingest_cfg):
     """A JSONL(.gz) file -> ``parse_jsonl``'s (columns, digests, rejects, encoding), with ingest's
     file-level rejects (corrupt_gzip, file_too_large: ``tasks.ingest.read_raw_file``, which inflates
     with a bound). ``records_from_columns`` then gives the records table ingest would write for it."""
-    from corpus2model.tasks.ingest import read_raw_file
+    from corpus2model.tasks.ingest import inflate_one_member, read_raw_file
 
-    data, reject = _one_gzip_member(Path(path), rel, ingest_cfg.max_file_bytes), None
+    data, reject = None, None
+    if rel.lower().endswith(".gz"):  # the common case in one inflate call (GzipFile's chunked reads cost a third more)
+        try:
+            data = inflate_one_member(Path(path).read_bytes(), ingest_cfg.max_file_bytes)
+        except OSError:  # unreadable: read_raw_file quarantines it with the reason
+            data = None
     if data is None:  # not the common case: ingest's reader decides (multi-member, cut, corrupt, too large)
         data, _, reject = read_raw_file(Path(path), rel, ingest_cfg.max_file_bytes)
     if data is None:
         return _empty_columns(), [], [reject], "utf-8"
     cols, digests, rejects, encoding = parse_jsonl(data, rel, sha, ingest_cfg)
     return cols, digests, rejects + ([reject] if reject is not None else []), encoding  # a cut .gz: its tail
-
-
-def _one_gzip_member(path: Path, rel: str, max_bytes: int) -> bytes | None:
-    """The inflated bytes of a ``.gz`` file that is one complete gzip member (CRC and length
-    checked by zlib) within ``max_bytes``, in one zlib call (GzipFile's chunked reads cost a third
-    more); None for anything else, which ``tasks.ingest.read_raw_file`` then reads as ingest does."""
-    import zlib
-
-    if not rel.lower().endswith(".gz"):
-        return None
-    try:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out = d.decompress(Path(path).read_bytes(), max_bytes + 1)
-    except (OSError, zlib.error):
-        return None
-    return out if d.eof and not d.unused_data and len(out) <= max_bytes else None
 
 
 def _empty_columns() -> dict:
@@ -308,7 +297,8 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store, executor=None) -> dict
     for u, k in enumerate(out_keys):
         rel = f"parts/part-{u:05d}.parquet"
         link_or_copy(Path(parts[k]["dir"]) / "part.parquet", out_dir / rel)
-        files.append(FileEntry(rel, role="data", records=parts[k]["records"]))
+        # the unit hashed the bytes it wrote (a link or copy of them): not read again for the manifest
+        files.append(FileEntry(rel, role="data", records=parts[k]["records"], sha256=_unit_sha(parts[k], "part.parquet")))
     n_out = sum(f.records for f in files)
     rejected: dict[str, int] = {}
     n_rej = 0
@@ -319,7 +309,8 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store, executor=None) -> dict
             n_rej += k
         if (unit.dir / "quarantine.parquet").is_file():
             link_or_copy(unit.dir / "quarantine.parquet", out_dir / "quarantine" / f"part-{u:05d}.parquet")
-            files.append(FileEntry(f"quarantine/part-{u:05d}.parquet", role="quarantine", records=sum(info["rejected"].values())))
+            files.append(FileEntry(f"quarantine/part-{u:05d}.parquet", role="quarantine", records=sum(info["rejected"].values()),
+                                   sha256=_unit_sha(info, "quarantine.parquet")))
     n_removed = write_removed_jsonl(dec.removed, out_dir / "removed.jsonl")
     files.append(FileEntry("removed.jsonl", role="removed", records=n_removed))
     t3 = time.perf_counter()
@@ -341,6 +332,11 @@ def dedup_jsonl_folder(source, out_dir: Path, cfg, store, executor=None) -> dict
                                                          "stats": stats}})
     write_json_atomic(out_dir / "manifest.json", m.to_dict())
     return m
+
+
+def _unit_sha(info: dict, name: str) -> str:
+    """The sha256 a unit recorded for its file ``name`` ("": hashed when the output is finalized)."""
+    return next((f.get("sha256") or "" for f in info.get("files", []) if f["path"] == name), "")
 
 
 def write_removed_jsonl(removed, path: Path) -> int:
