@@ -1,7 +1,8 @@
 """Shard benchmark: corpus2model's shard stage vs pyarrow.dataset.write_dataset, in one run.
 
-Run (full scale, a quiet machine; corpus generation ~19 min at 5 GB on 2 cores, cached under --work):
+Run (full scale, a quiet machine; corpus generation ~1.5 h at 5 GB on 2 cores, cached under --work):
     python bench/shard_bench.py                       # 5 GB corpus, 1 GB target
+    python bench/shard_bench.py --from-corpus /tmp/anchorkit-data/c2000_s1234   # 5 GB from a 2 GB corpus, cycled
     python bench/shard_bench.py --small               # 50 MB corpus, 10 MB target (a smoke run)
     python bench/shard_bench.py --mb 1000 --target-mb 200 --rounds 2 --work /tmp/c2m-shard-bench
 
@@ -68,33 +69,71 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------
 # corpus
 # ---------------------------------------------------------------------------------------------
-def make_corpus(work: Path, mb: float, seed: int) -> dict:
-    """gen_corpus output -> record Parquet parts; cached in work/ by size and seed."""
+def _docs(files: list[Path]):
+    for src in files:
+        with gzip.open(src, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                yield src.name, json.loads(line)
+
+
+def make_corpus(work: Path, mb: float, seed: int, from_corpus: Path | None = None) -> dict:
+    """gen_corpus output -> PARTS record Parquet parts; cached in work/ by size and seed.
+
+    ``from_corpus``: the docs of an existing gen_corpus folder, read in order and cycled until the
+    size is reached, instead of generating one (5 GB takes ~1.5 h on 2 cores). Each pass gives its
+    records their own source paths, so ids stay unique. The shard stage neither deduplicates nor reads
+    content beyond compressing it page by page (1 MB Parquet pages, compressed one by one), so a text
+    seen again 2 GB later writes like a new one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from corpus2model.schemas.records import RECORD_SCHEMA, make_record
     from corpus2model.tasks.stage import sha256_file
 
-    corpus = work / f"corpus-{mb:g}-{seed}"
+    corpus = work / (f"corpus-{mb:g}-{seed}" + (f"-from-{from_corpus.name}" if from_corpus else ""))
     info_path = corpus / "parts.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
     shutil.rmtree(corpus, ignore_errors=True)
     gen_dir = corpus / "gen"
-    subprocess.run([sys.executable, str(GEN), "--mb", str(mb * PARTS / (PARTS - 1)), "--out-dir", str(gen_dir),
-                    "--seed", str(seed), "--shards", str(PARTS), "--workers", "2"], check=True, stdout=subprocess.DEVNULL)
+    if from_corpus is None:
+        subprocess.run([sys.executable, str(GEN), "--mb", str(mb * PARTS / (PARTS - 1)), "--out-dir", str(gen_dir),
+                        "--seed", str(seed), "--shards", str(PARTS), "--workers", "2"], check=True, stdout=subprocess.DEVNULL)
+        groups = [(f"{i:06d}", _docs([src])) for i, src in enumerate(sorted((gen_dir / "docs").glob("shard_*.jsonl.gz")))]
+    else:
+        files = sorted((from_corpus / "docs").glob("shard_*.jsonl.gz"))
+        if not files:
+            raise SystemExit(f"--from-corpus {from_corpus}: no docs/shard_*.jsonl.gz (a gen_corpus.py output folder)")
+        per_part = mb * 1e6 / (PARTS - 1)
+
+        def cycled():
+            k = 0
+            while True:
+                for name, d in _docs(files):
+                    yield f"pass{k}/{name}", d
+                k += 1
+
+        stream = cycled()
+
+        def part_docs():  # one part's share of text bytes
+            got = 0
+            while got < per_part:
+                name, d = next(stream)
+                got += len(d["text"].encode("utf-8"))
+                yield name, d
+
+        groups = [(f"{i:06d}", part_docs()) for i in range(PARTS)]
     parts = []
     (corpus / "parts").mkdir(parents=True)
-    for i, src in enumerate(sorted((gen_dir / "docs").glob("shard_*.jsonl.gz"))):
-        dst = corpus / "parts" / f"{i:06d}.parquet"
+    for stem, docs in groups:
+        dst = corpus / "parts" / f"{stem}.parquet"
         n = text = 0
-        with gzip.open(src, "rt", encoding="utf-8") as fh, pq.ParquetWriter(dst, RECORD_SCHEMA) as w:
+        with pq.ParquetWriter(dst, RECORD_SCHEMA) as w:
             rows = []
-            for line in fh:
-                d = json.loads(line)
+            for line_no, (name, d) in enumerate(docs, start=1):
+                md = {"source_path": name, "source_line": line_no} if from_corpus else {}
                 rows.append(make_record("", d["text"], task_type="text", domain="bench", source="gen_corpus",
-                                        source_id=d["id"]))
+                                        source_id=d["id"], **md))
                 text += len(d["text"].encode("utf-8"))
                 if len(rows) == 5000:
                     w.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
@@ -105,8 +144,8 @@ def make_corpus(work: Path, mb: float, seed: int) -> dict:
                 n += len(rows)
         parts.append({"path": f"parts/{dst.name}", "records": n, "text_bytes": text, "bytes": dst.stat().st_size,
                       "sha256": sha256_file(dst)})
-    shutil.rmtree(gen_dir)
-    info = {"dir": str(corpus), "parts": parts}
+    shutil.rmtree(gen_dir, ignore_errors=True)
+    info = {"dir": str(corpus), "parts": parts, "from_corpus": str(from_corpus) if from_corpus else None}
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -184,6 +223,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="cold runs of each system, alternating")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--work", default="/tmp/c2m-shard-bench")
+    ap.add_argument("--from-corpus", type=Path, default=None,
+                    help="build the corpus from this gen_corpus folder's docs (cycled) instead of generating one")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
@@ -203,7 +244,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = make_corpus(work, args.mb, args.seed)
+    info = make_corpus(work, args.mb, args.seed, args.from_corpus)
     gen_s = time.perf_counter() - t0
     info_path = work / "info.json"
     info_path.write_text(json.dumps(info))
@@ -254,7 +295,10 @@ def main() -> None:
         {"system": peer, "metric": "append % of cold", "value": round(100 * papp["seconds"] / psecs, 2),
          "unit": "%", "config": cfg + "; new part written into new files"},
     ]
-    notes = (f"Corpus: gen_corpus.py seed {args.seed}, generated + converted in {gen_s:.0f} s (not timed). "
+    origin = (f"the docs of {args.from_corpus.name} (gen_corpus.py) cycled to size, each pass under its own source "
+              f"paths (shard compresses 1 MB pages one by one, so a text repeated GBs later writes like a new one)"
+              if args.from_corpus else f"gen_corpus.py seed {args.seed}")
+    notes = (f"Corpus: {origin}, generated + converted in {gen_s:.0f} s (not timed). "
              f"Cold runs: ours {[round(r['seconds'], 1) for r in colds]} s (3 splits, "
              f"{len(ours_sizes) + len(cold['shards'])} shards, {out_bytes / 1e6:.0f} MB written), peer "
              f"{[round(r['seconds'], 1) for r in pcolds]} s (no split logic); CPU seconds (all threads) ours "
