@@ -54,17 +54,17 @@ path to make an occurrence id from, and keyed by content both routes put a pair 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import json
 import os
-import queue
 import tarfile
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -657,9 +657,10 @@ def _shard_kind(upstream: Manifest, kind: Kind, c, ctx: StageContext, out_dir: P
                 tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close,
                 use_dictionary=DICTIONARY_COLUMNS, text_columns=kind.text))
         if writers:
-            # Reading runs one batch ahead in a thread: pyarrow decompresses the next rows (GIL released)
-            # while this thread compresses and writes the current ones.
-            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names, kind)):
+            # Reading runs ahead in a thread (up to one row group's bytes): pyarrow decompresses the next
+            # rows (GIL released) while this thread compresses and writes the current ones.
+            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names, kind),
+                                    max_bytes=c.row_group_max_bytes, size=lambda item: item[1].nbytes):
                 writers[s].write(rows)
         for w in writers.values():
             w.close()
@@ -721,12 +722,15 @@ def _rows_to_write(parts: list, index: list[dict], streams: dict, splits: list[s
             bc = codes[offset:offset + batch.num_rows]
             offset += batch.num_rows
             for s in splits:
-                rows = np.flatnonzero(bc == names.index(s))
+                mask = bc == names.index(s)
+                n_rows = int(np.count_nonzero(mask))
                 skip = max(0, write_from[s] - pos[s])
-                pos[s] += len(rows)
-                if skip < len(rows):
-                    yield s, (batch if skip == 0 and len(rows) == batch.num_rows
-                              else batch.take(pa.array(rows[skip:], type=pa.int64())))
+                pos[s] += n_rows
+                if skip < n_rows:
+                    if skip:  # rows of this split already in reused shards
+                        mask[np.flatnonzero(mask)[:skip]] = False
+                    # a boolean filter, not take(indices): same rows in the same order at a fifth of the cost
+                    yield s, batch if skip == 0 and n_rows == batch.num_rows else batch.filter(pa.array(mask))
         if offset != len(codes):
             raise StageError(f"{path}: {offset} rows but its cached split index has {len(codes)}; rerun `c2m run`")
 
@@ -736,30 +740,52 @@ class _Failed:
         self.error = error
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """``items``, produced by a background thread at most ``depth`` ahead of the consumer.
+def prefetch(items: Iterator, depth: int = 2, max_bytes: int = 0, size: Callable[[Any], int] | None = None) -> Iterator:
+    """``items``, produced by a background thread at most ``depth`` items ahead of the consumer, or,
+    with ``max_bytes``, as many as fit in that many bytes (``size(item)``; one item always may wait).
 
     For a producer that spends its time in code that releases the GIL (pyarrow reading and
     decompressing Parquet), this overlaps it with the consumer's own such work (compressing and
-    writing): a second core at the cost of ``depth`` more items in memory. An exception in the
-    producer is raised in the consumer; a consumer that stops early stops the producer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    writing): a second core at the cost of the items held. The consumer of the shard stage blocks
+    in one row group's compression at a time, so the producer needs about a row group's worth of
+    room to keep going meanwhile: two items (the old bound) left it idle most of each group. An
+    exception in the producer is raised in the consumer; a consumer that stops early stops the producer."""
+    cond = threading.Condition()
+    q: collections.deque = collections.deque()
+    held = [0]  # bytes of the items waiting
     stop = threading.Event()
     done = object()
+    measure = size or (lambda _item: 0)
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def fits(n: int) -> bool:
+        if not q:
+            return True
+        return (held[0] + n <= max_bytes) if max_bytes else len(q) < depth
+
+    def put(item, n: int = 0) -> bool:
+        with cond:
+            while not stop.is_set() and not fits(n):
+                cond.wait(0.1)
+            if stop.is_set():
+                return False
+            q.append((item, n))
+            held[0] += n
+            cond.notify_all()
+            return True
+
+    def get():
+        with cond:
+            while not q:
+                cond.wait()
+            item, n = q.popleft()
+            held[0] -= n
+            cond.notify_all()
+            return item
 
     def produce() -> None:
         try:
             for item in items:
-                if not put(item):
+                if not put(item, measure(item) if max_bytes else 0):
                     return
             put(done)
         except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
@@ -769,7 +795,7 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
     thread.start()
     try:
         while True:
-            item = q.get()
+            item = get()
             if item is done:
                 return
             if isinstance(item, _Failed):

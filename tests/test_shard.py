@@ -142,6 +142,25 @@ def test_prefetch_keeps_order_raises_the_producers_error_and_stops_early():
     assert closed.is_set() and len(produced) <= 3 + 2 + 1
 
 
+def test_prefetch_bounded_by_bytes_holds_at_most_max_bytes_ahead():
+    """With max_bytes the producer runs ahead by bytes (the shard stage: about one row group), never more,
+    and an item larger than the bound still passes (alone)."""
+    import time
+
+    produced = []
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    it = shard.prefetch(items(), max_bytes=30, size=lambda i: 10 if i != 5 else 100)
+    assert next(it) == 0
+    time.sleep(0.3)  # let the producer fill what it may
+    assert len(produced) <= 1 + 3 + 1  # the consumed item, 30 bytes waiting, one blocked in put
+    assert list(it) == list(range(1, 20))
+
+
 def test_stage_reads_in_one_thread_while_it_writes_in_another(make_cfg, ctx, records_manifest, monkeypatch):
     """What lets a cold shard run use two cores: Parquet reading (decompression) runs in the prefetch
     thread, compressing and writing in the stage's own."""
