@@ -125,21 +125,20 @@ def occurrence_id(source_path: str, source_line: int | None) -> str:
     duplicate can name the record it duplicates. The source's own id stays in
     ``metadata.source_id``: sources repeat theirs (the demo's dirty file reuses ids for different
     records), so it cannot be the unique key."""
-    h = hashlib.sha256(source_path.encode("utf-8", "surrogatepass"))
-    h.update(b"\x1f")
-    h.update(b"" if source_line is None else str(int(source_line)).encode("ascii"))
-    return h.hexdigest()[:16]
+    return occurrence_ids(source_path, [source_line])[0]
 
 
 def occurrence_ids(source_path: str, source_lines) -> list[str]:
     """``occurrence_id`` for many lines of one file: the path is hashed once and each id hashes only
-    its line number on a copy of that state (a whole JSONL file's ids at a fifth of the cost)."""
+    its line number (nothing for None) on a copy of that state (a whole JSONL file's ids at a fifth
+    of the cost)."""
     prefix = hashlib.sha256(source_path.encode("utf-8", "surrogatepass"))
     prefix.update(b"\x1f")
     out = []
     for line in source_lines:
         h = prefix.copy()
-        h.update(str(int(line)).encode("ascii"))
+        if line is not None:
+            h.update(str(int(line)).encode("ascii"))
         out.append(h.hexdigest()[:16])
     return out
 

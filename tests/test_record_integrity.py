@@ -200,11 +200,19 @@ def test_gzip_bomb_is_rejected_without_inflating_it(make_cfg):
     assert peak < 8 << 20  # the file inflates to 64 MiB; only the first MiB + 1 byte is held
 
 
-def test_occurrence_ids_batch_equals_one_by_one():
-    """The batch form (one path hash per file) gives the ids the one-by-one form gives: ids are stored keys."""
+def test_occurrence_ids_keep_their_definition():
+    """Ids are stored keys: sha256(path + US + line number, nothing for a whole-file document)[:16], whether
+    made one by one or a file at a time (one path hash per file)."""
+    import hashlib
+
+    def defined(path, line):
+        raw = path.encode("utf-8", "surrogatepass") + b"\x1f" + (b"" if line is None else str(line).encode())
+        return hashlib.sha256(raw).hexdigest()[:16]
+
     for path in ("a/b.jsonl.gz", "x\udcff.jsonl", "日本/文.jsonl"):
-        lines = [1, 2, 10, 99999]
-        assert occurrence_ids(path, lines) == [occurrence_id(path, n) for n in lines]
+        lines = [1, 2, 10, 99999, None]
+        assert occurrence_ids(path, lines) == [defined(path, n) for n in lines]
+        assert [occurrence_id(path, n) for n in lines] == [defined(path, n) for n in lines]
 
 
 def test_gzip_fast_inflate_agrees_with_the_careful_reader():
