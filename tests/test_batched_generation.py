@@ -191,6 +191,67 @@ def test_batched_mode_is_undone(model, tokenizer):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("in_features,bias", [(32, True), (96, False), (600, True)])
+def test_row_int8_is_linear_dynamic_row_by_row(in_features, bias):
+    """_RowInt8 (a decode step's INT8 Linears for all rows at once) gives, bitwise, what the op gives each
+    row alone: rows of many ranges, an all-zero row, a row whose range is below ATen's smallest scale,
+    one all-negative, values a hair off a rounding tie; 600 inputs take the float64 GEMM path."""
+    torch.manual_seed(0)
+    mod = modeling.quantize_dynamic_int8(torch.nn.Sequential(torch.nn.Linear(in_features, 48, bias=bias)))[0]
+    emu = modeling._RowInt8(mod, reduce_range=True)
+    assert emu.acc_dtype == (torch.float64 if in_features > 514 else torch.float32)
+    assert emu.exact(mod, in_features)
+    x = torch.randn(9, in_features) * torch.logspace(-3, 2, 9)[:, None]
+    x[0] = 0.0
+    x[1] = 1e-5 * torch.rand(in_features)  # scale below 6.1e-5: ATen stretches the range
+    x[2] = -x[2].abs()
+    x[3, :] = (torch.arange(in_features) % 7 - 3 + 0.5) * (x[3].abs().max() / 63.5)  # near ties
+    with torch.inference_mode():
+        want = torch.cat([mod(x[i:i + 1]) for i in range(len(x))])
+        assert torch.equal(emu.linear(*emu.quantize(x)), want)
+        x[4, 0] = float("nan")
+        assert emu.quantize(x) is None  # not finite: the caller runs the op row by row
+
+
+def test_decode_steps_quantize_rows_together_or_fall_back(tokenizer, monkeypatch):
+    """A dynamic INT8 batch decodes through _RowInt8 (no per-row op call in a decode step, one
+    quantization for q/k/v); where its self-check fails the per-row calls run, with the same answers."""
+    import copy
+
+    float_model = modeling.build_model(ModelConfig(**TINY, seed=1), tokenizer, seq_len=64).eval()
+    qmodel = modeling.quantize_dynamic_int8(float_model)
+    budgets = [6, 3, 5, 4]
+    want = reference(qmodel, tokenizer, PROMPTS[:4], budgets)
+    calls = {"row": 0, "quantize": 0}
+    row_op, quantize = modeling._BatchedMode._row_op, modeling._RowInt8.quantize
+
+    def counting_row_op(mod):
+        fn = row_op(mod)
+        return lambda x: (calls.__setitem__("row", calls["row"] + 1), fn(x))[1]
+
+    def counting_quantize(self, x):
+        calls["quantize"] += 1
+        return quantize(self, x)
+
+    monkeypatch.setattr(modeling._BatchedMode, "_row_op", staticmethod(counting_row_op))
+    monkeypatch.setattr(modeling._RowInt8, "quantize", counting_quantize)
+    batch = modeling.DecodeBatch(qmodel, tokenizer, finish=lambda r: None)
+    with batch:
+        assert all(batch.mode._emulator(m) is not None for m in batch.mode.quantized)
+        batch.join([modeling.GenRequest(_ids(tokenizer, p), 5) for p in PROMPTS[:3]])
+        calls.update(row=0, quantize=0)
+        batch.step()
+    layers = qmodel.config.num_hidden_layers
+    assert calls == {"row": 0, "quantize": 4 * layers + 1}  # q/k/v, o, gate/up, down per layer; lm_head
+    assert modeling.generate_batched(qmodel, tokenizer, PROMPTS[:4], max_new_tokens=budgets, max_batch_size=4) == want
+
+    monkeypatch.setattr(modeling._RowInt8, "exact", lambda self, mod, n: False)
+    fallback = copy.deepcopy(qmodel)  # new modules: their self-check runs again (and fails)
+    calls.update(row=0, quantize=0)
+    got = modeling.generate_batched(fallback, tokenizer, PROMPTS[:4], max_new_tokens=budgets, max_batch_size=4)
+    assert got == want and calls["row"] > 0 and calls["quantize"] == 0
+
+
 def test_engine_batches_concurrent_requests_and_keeps_groups_apart(tokenizer):
     """Requests submitted together decode together; a request for another group (adapter) waits for
     the batch to drain instead of mixing; the worker survives a failing prefill; close fails the rest."""
