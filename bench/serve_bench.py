@@ -12,14 +12,19 @@ interpreter would share its GIL and count their own CPU time as the server's.
 
 Classifiers (/classify, one held-out-style NTREX sentence per request, `--requests` in all): requests/s,
 p50/p95 client latency, the server process's CPU ms per request, mean texts per forward pass from
-/metrics; and a forward-pass profile of the served model in this process (no HTTP): ms per text and
-the FLOP rate (2 x tokens x Linear weights + 4 x batch x length^2 x hidden x layers) of batch 1 against
-batch 8 (length-sorted and in arrival order), which says how much batching can give on this CPU.
+/metrics (`--variant` picks the served variant, onnx_int8_dynamic included); and a forward-pass profile of
+every variant the version ships, each loaded as the server loads it (classify.load_classifier), in this
+process (no HTTP): ms per text and the rate of useful FLOPs (real tokens only: 2 x tokens x encoder Linear
+weights + 4 x length^2 x hidden x layers per text) of batch 1 against batch 8 (length-sorted and in arrival
+order), which says how much batching can give on this CPU.
 
 Causal LMs (/generate, GSM8K-style prompts from the bundled sample, greedy, `--gen-max-new-tokens`,
 `--gen-requests` in all): tokens/s, requests/s, p50/p95 latency, mean prompts per decode step, whether
 both modes answered every prompt with the same text, and the speedup without HTTP (generate_batched
-against generate_text one prompt at a time, in this process).
+against generate_text one prompt at a time, in this process). Then the decode-bound regime, where answers
+run to max_new_tokens: a copy of the served version with random-init weights of the same shape (seed 0;
+dynamic_int8 made by the quantize stage's quantize_folder) in a temporary registry, first the engine alone,
+then served by the same app in both modes (rows `c2m serve /generate, decode-bound (...)`).
 
 Bounded in count and time; timed figures are only meaningful on a quiet machine.
 """
@@ -94,19 +99,23 @@ def serve_child(args) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.server)
-    app = create_app(cfg.paths.registry, cfg.registry.model_name, variant=args.variant,
+    # --registry: the decode-bound part serves a temporary registry (random-init weights), not the config's
+    app = create_app(args.registry or cfg.paths.registry, cfg.registry.model_name, variant=args.variant,
                      max_batch_size=args.max_batch_size, max_batch_wait_ms=args.wait)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     return 0
 
 
 class Server:
-    def __init__(self, config: Path, max_batch_size: int, wait_ms: float, threads: int, variant: str | None):
+    def __init__(self, config: Path, max_batch_size: int, wait_ms: float, threads: int, variant: str | None,
+                 registry: Path | None = None):
         self.port = free_port()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--server", str(config), "--port", str(self.port),
                "--max-batch-size", str(max_batch_size), "--wait", str(wait_ms), "--threads", str(threads)]
         if variant:
             cmd += ["--variant", variant]
+        if registry:
+            cmd += ["--registry", str(registry)]
         self.proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + 180
         while True:
@@ -187,8 +196,8 @@ def load(port: int, path: str, bodies: list[dict], concurrency: int, max_seconds
 
 
 def run_mode(config: Path, path: str, bodies: list[dict], warmup: list[dict], size: int, wait: float, args,
-             hist: str) -> dict:
-    server = Server(config, size, wait, args.threads, args.variant)
+             hist: str, registry: Path | None = None) -> dict:
+    server = Server(config, size, wait, args.threads, args.variant, registry)
     try:
         load(server.port, path, warmup, min(len(warmup), args.concurrency), args.max_seconds)
         before = server.get("/metrics")[1]
@@ -210,80 +219,104 @@ def run_mode(config: Path, path: str, bodies: list[dict], warmup: list[dict], si
 # ---------------------------------------------------------------------------------------------
 # /classify: forward-pass profile and load
 # ---------------------------------------------------------------------------------------------
-def encoder_flops(model, batch: int, length: int) -> float:
-    """2 x tokens x (weights of every Linear but the head) + attention's two matmuls, 4 x B x T^2 x hidden
-    per layer. Shapes only, so the same count for the float and the dynamic INT8 model."""
-    import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
-
-    weights = 0
-    for name, m in model.named_modules():
-        if name.endswith(("classifier", "score")):
-            continue
-        if isinstance(m, torch.nn.Linear):
-            weights += m.in_features * m.out_features
-        elif isinstance(m, DynLinear):
-            weights += m.weight().numel()
-    c = model.config
-    return 2.0 * batch * length * weights + 4.0 * batch * length * length * c.hidden_size * c.num_hidden_layers
+def encoder_flops(config, lengths: list[int]) -> float:
+    """Useful FLOPs of encoder passes over sequences of these real lengths (padding is not useful work):
+    2 x tokens x the encoder layers' Linear weights (4 h^2 attention projections + 2 h i feed-forward per
+    layer) + attention's two matmuls, 4 x T^2 x hidden per layer and sequence. From the model config's
+    shapes only, so the same count for the torch float, torch.ao INT8 and ONNX Runtime variants; the pooler
+    and the head run on one token per sequence and are left out."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inner = getattr(config, "intermediate_size", None) or 4 * h
+    weights = layers * (4 * h * h + 2 * h * inner)
+    return sum(2.0 * n * weights + 4.0 * n * n * h * layers for n in lengths)
 
 
 def profile_classifier(model, tokenizer, texts: list[str], max_length: int, repeats: int = 5) -> dict:
-    """Timed forward passes (each the best of ``repeats``) over the same texts in batches of 1 and of 8."""
+    """Timed forward passes over the same texts as single requests (batch 1) and in batches of 8 (in arrival
+    order, and length-sorted: the best a padding-aware batcher could do). The rounds interleave the plans
+    and each pass keeps its best round, so a burst of other load on this shared machine spoils one timing of
+    one pass, not one plan. GFLOP/s counts useful work only (encoder_flops of the real tokens): the same
+    total for every plan, so the ratio of two rates is the ratio of their texts/s."""
     import torch
 
     def enc(group):
         return tokenizer(group, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
 
-    lengths = {t: len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts}
-    by_len = sorted(texts, key=lambda t: lengths[t])
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
     t0 = time.perf_counter()
     for t in texts:
         enc([t])
     tokenize_ms = (time.perf_counter() - t0) * 1000 / len(texts)
-    plans = {"batch 1": [[t] for t in texts],
-             "batch 8 (arrival order)": [texts[i:i + 8] for i in range(0, len(texts), 8)],
-             "batch 8 (length-sorted)": [by_len[i:i + 8] for i in range(0, len(by_len), 8)]}
-    out = {"texts": len(texts), "tokenize_ms_per_text": round(tokenize_ms, 3), "threads": torch.get_num_threads()}
+    plans = {"batch 1": [[i] for i in range(len(texts))],
+             "batch 8 (arrival order)": [list(range(i, min(i + 8, len(texts)))) for i in range(0, len(texts), 8)],
+             "batch 8 (length-sorted)": [order[i:i + 8] for i in range(0, len(order), 8)]}
+    encs = {label: [enc([texts[i] for i in g]) for g in groups] for label, groups in plans.items()}
+    best = {label: [float("inf")] * len(es) for label, es in encs.items()}
     with torch.inference_mode():
-        for label, groups in plans.items():
-            encs = [enc(g) for g in groups]
-            for e in encs[:2]:
+        for es in encs.values():
+            for e in es[:2]:
                 model(**e)  # warm-up
-            # Each pass's best of ``repeats``, summed: a burst of other load on a shared machine spoils
-            # one timing of a pass, not the whole plan.
-            best = 0.0
-            for e in encs:
-                times = []
-                for _ in range(repeats):
+        for _ in range(repeats):
+            for label, es in encs.items():
+                for j, e in enumerate(es):
                     t0 = time.perf_counter()
                     model(**e)
-                    times.append(time.perf_counter() - t0)
-                best += min(times)
-            flops = sum(encoder_flops(model, *e["input_ids"].shape) for e in encs)
-            padded = sum(e["input_ids"].numel() for e in encs)
-            real = sum(int(e["attention_mask"].sum()) for e in encs)
-            out[label] = {"ms_per_text": round(best * 1000 / len(texts), 3), "gflops": round(flops / best / 1e9, 2),
-                          "padding": round(1 - real / padded, 3)}
-    b1, b8 = out["batch 1"], out["batch 8 (length-sorted)"]
-    out["batch1_share_of_batch8_flop_rate"] = round(b1["gflops"] / b8["gflops"], 3)
-    out["batch8_texts_per_s_gain"] = round(b1["ms_per_text"] / b8["ms_per_text"], 2)
+                    best[label][j] = min(best[label][j], time.perf_counter() - t0)
+    useful = encoder_flops(model.config, lengths)
+    out = {"texts": len(texts), "tokens": sum(lengths), "tokenize_ms_per_text": round(tokenize_ms, 3),
+           "threads": torch.get_num_threads(), "repeats": repeats}
+    for label, es in encs.items():
+        seconds = sum(best[label])
+        padded = sum(e["input_ids"].numel() for e in es)
+        out[label] = {"ms_per_text": round(seconds * 1000 / len(texts), 4), "gflops": round(useful / seconds / 1e9, 3),
+                      "padding": round(1 - sum(lengths) / padded, 3)}
+    # Same useful FLOPs in every plan: the rate ratio is the time ratio (unrounded here).
+    b1, b8 = sum(best["batch 1"]), sum(best["batch 8 (length-sorted)"])
+    out["batch1_share_of_batch8_flop_rate"] = round(b8 / b1, 3)
+    out["batch8_texts_per_s_gain"] = round(b1 / b8, 2)
+    return out
+
+
+VARIANT_ORDER = ("tuned", "dynamic_int8", "onnx_fp32", "onnx_int8_dynamic")
+
+
+def profile_variants(folder: Path, texts: list[str], max_length: int, repeats: int = 5) -> dict:
+    """profile_classifier for every variant the served version ships (its serve.json), each loaded by
+    classify.load_classifier, the loader `c2m serve` uses, with this process's thread count."""
+    import gc
+
+    from corpus2model.tasks.model.classify import load_classifier
+
+    version_dir = Path(folder).parent
+    shipped = json.loads((version_dir / "serve.json").read_text(encoding="utf-8"))["variants"]
+    out = {}
+    for variant in sorted(shipped, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER)):
+        model, tokenizer = load_classifier(version_dir / shipped[variant])
+        out[variant] = profile_classifier(model, tokenizer, texts, max_length, repeats)
+        print("profile", variant, json.dumps(out[variant]), flush=True)
+        del model
+        gc.collect()
     return out
 
 
 def bench_classify(config: Path, cfg, loaded: dict, args) -> tuple[list[dict], list[str], dict]:
     texts = _jsonl(NTREX, "text")
-    prof = profile_classifier(loaded["model"], loaded["tokenizer"], texts[:64], loaded["max_length"])
-    print("profile", json.dumps(prof), flush=True)
+    served = loaded["variant"]
+    profiles = profile_variants(Path(loaded["folder"]), texts[:64], loaded["max_length"], args.profile_repeats)
     bodies = [{"texts": [t]} for t in cycle(texts, args.requests)]
     warmup = [{"texts": [t]} for t in texts[-16:]]
-    modes = {"batched": (cfg.serve.max_batch_size, cfg.serve.max_batch_wait_ms), "unbatched": (1, 0.0)}
+    # A config that serves unbatched (max_batch_size 1: configs/minilm.yaml, whose ORT INT8 variant runs single
+    # requests fastest on CPU) is compared against the serve section's default batching.
+    batching = (cfg.serve.max_batch_size, cfg.serve.max_batch_wait_ms) if cfg.serve.max_batch_size > 1 else \
+        (type(cfg.serve)().max_batch_size, type(cfg.serve)().max_batch_wait_ms)
+    modes = {"batched": batching, "unbatched": (1, 0.0)}
     results, rows = {}, []
     for mode, (size, wait) in modes.items():
         res = results[mode] = run_mode(config, "/classify", bodies, warmup, size, wait, args, "c2m_batch_size")
         print(mode, {k: v for k, v in res.items() if k != "answers"}, flush=True)
-        conf = (f"{res['requests']} requests, {args.concurrency} concurrent, 1 text each; max_batch_size {size}, "
-                f"wait {wait} ms; {args.threads} torch threads; mean batch {res['mean_batch']}")
+        conf = (f"{cfg.registry.model_name} {served}; {res['requests']} requests, {args.concurrency} concurrent, "
+                f"1 text each; max_batch_size {size}, wait {wait} ms; {args.threads} threads; mean batch {res['mean_batch']}")
         system = f"c2m serve ({mode})"
         rows += [{"system": system, "metric": "requests/s", "value": res["rps"], "unit": "req/s", "config": conf},
                  {"system": system, "metric": "p50 ms", "value": res["p50_ms"], "unit": "ms", "config": conf},
@@ -294,33 +327,49 @@ def bench_classify(config: Path, cfg, loaded: dict, args) -> tuple[list[dict], l
     labels = [[r["label"] for r in a["results"]] if a else None for a in b["answers"]]
     same = sum(x == y for x, y in zip(labels, [[r["label"] for r in a["results"]] if a else None for a in u["answers"]]))
     speedup = round(b["rps"] / u["rps"], 2)
-    fwd = f"{prof['threads']} torch threads, {prof['texts']} NTREX texts"
-    rows += [{"system": "c2m serve", "metric": "classify batched speedup x", "value": speedup, "unit": "x",
-              "config": f"requests/s batched / unbatched; p95 {b['p95_ms']} vs {u['p95_ms']} ms"},
-             {"system": "forward pass (no HTTP)", "metric": "GFLOP/s batch 1", "value": prof["batch 1"]["gflops"],
-              "unit": "GFLOP/s", "config": fwd},
-             {"system": "forward pass (no HTTP)", "metric": "GFLOP/s batch 8", "value":
-              prof["batch 8 (length-sorted)"]["gflops"], "unit": "GFLOP/s", "config": fwd + ", length-sorted batches"},
-             {"system": "forward pass (no HTTP)", "metric": "texts/s gain batch 8 over batch 1",
-              "value": prof["batch8_texts_per_s_gain"], "unit": "x", "config": fwd + ", length-sorted batches"}]
-    b8a = prof["batch 8 (arrival order)"]
-    notes = [f"/classify ({cfg.registry.model_name}, variant {loaded['variant']}): batched/unbatched {speedup}x "
-             f"requests/s, p95 {b['p95_ms']} vs {u['p95_ms']} ms; server CPU {b['server_cpu_ms_per_request']} vs "
-             f"{u['server_cpu_ms_per_request']} ms per request; {same}/{len(labels)} answers with the same label.",
-             f"Forward-pass profile (this process, no HTTP): batch 1 {prof['batch 1']['ms_per_text']} ms/text at "
-             f"{prof['batch 1']['gflops']} GFLOP/s; batch 8 length-sorted {prof['batch 8 (length-sorted)']['ms_per_text']} "
-             f"ms/text at {prof['batch 8 (length-sorted)']['gflops']} GFLOP/s (padding "
-             f"{prof['batch 8 (length-sorted)']['padding']}); batch 8 in arrival order {b8a['ms_per_text']} ms/text "
-             f"(padding {b8a['padding']}). A single request runs at {prof['batch1_share_of_batch8_flop_rate']:.0%} of "
-             f"the batched FLOP rate; tokenizing costs {prof['tokenize_ms_per_text']} ms/text."]
-    return rows, notes, {"classify": {"profile": prof, **{m: {k: v for k, v in r.items() if k != "answers"}
-                                                          for m, r in results.items()}}}
+    rows.append({"system": "c2m serve", "metric": "classify batched speedup x", "value": speedup, "unit": "x",
+                 "config": f"{served}: requests/s batched / unbatched; p95 {b['p95_ms']} vs {u['p95_ms']} ms"})
+    http_met = speedup >= 2.0 and b["p95_ms"] <= u["p95_ms"]
+    notes = [f"/classify ({cfg.registry.model_name}, served variant {served}): batched/unbatched {speedup}x requests/s "
+             f"({b['rps']} vs {u['rps']}), p95 {b['p95_ms']} vs {u['p95_ms']} ms; server CPU "
+             f"{b['server_cpu_ms_per_request']} vs {u['server_cpu_ms_per_request']} ms per request; {same}/{len(labels)} "
+             f"answers with the same label. Issue 16's HTTP branch (>= 2x at p95 no worse): "
+             + ("met." if http_met else f"missed ({speedup}x of 2x; p95 {'no worse' if b['p95_ms'] <= u['p95_ms'] else 'worse'})."),
+             "Forward-pass profile (this process, no HTTP, every shipped variant through classify.load_classifier; "
+             "GFLOP/s of useful work, real tokens only; issue 16's profile branch: batch 1 at >= 80% of the "
+             "length-sorted batch-8 rate):"]
+    for variant, prof in profiles.items():
+        b1, b8, b8a = prof["batch 1"], prof["batch 8 (length-sorted)"], prof["batch 8 (arrival order)"]
+        share = prof["batch1_share_of_batch8_flop_rate"]
+        fwd = (f"{cfg.registry.model_name} {variant}; {prof['threads']} threads, {prof['texts']} NTREX texts "
+               f"({prof['tokens']} tokens), max_length {loaded['max_length']}, best of {prof['repeats']} interleaved rounds")
+        system = f"c2m classify forward pass, {variant} (no HTTP)"
+        rows += [{"system": system, "metric": "GFLOP/s batch 1", "value": b1["gflops"], "unit": "GFLOP/s", "config": fwd},
+                 {"system": system, "metric": "GFLOP/s batch 8", "value": b8["gflops"], "unit": "GFLOP/s",
+                  "config": fwd + ", length-sorted batches"},
+                 {"system": system, "metric": "single-request FLOP rate / batched x", "value": share, "unit": "x",
+                  "config": fwd + "; batch 1 over length-sorted batch 8; >= 0.8: batching cannot help on this CPU"},
+                 {"system": system, "metric": "ms/text batch 1", "value": b1["ms_per_text"], "unit": "ms", "config": fwd},
+                 {"system": system, "metric": "ms/text batch 8", "value": b8["ms_per_text"], "unit": "ms",
+                  "config": fwd + ", length-sorted batches"}]
+        notes.append(f"- {variant}{' (served)' if variant == served else ''}: batch 1 {b1['ms_per_text']} ms/text at "
+                     f"{b1['gflops']} GFLOP/s; batch 8 length-sorted {b8['ms_per_text']} ms/text at {b8['gflops']} "
+                     f"GFLOP/s (padding {b8['padding']}); batch 8 in arrival order {b8a['ms_per_text']} ms/text (padding "
+                     f"{b8a['padding']}). A single request runs at {share:.0%} of the batched FLOP rate: profile branch "
+                     + ("met (batching cannot add model throughput here)." if share >= 0.8 else "missed.")
+                     + f" Tokenizing costs {prof['tokenize_ms_per_text']} ms/text.")
+    return rows, ["\n".join(notes)], {"classify": {"variant": served, "profiles": profiles,
+                                                   **{m: {k: v for k, v in r.items() if k != "answers"}
+                                                      for m, r in results.items()}}}
 
 
 # ---------------------------------------------------------------------------------------------
 # /generate
 # ---------------------------------------------------------------------------------------------
 def bench_generate(config: Path, cfg, loaded: dict, args) -> tuple[list[dict], list[str], dict]:
+    import tempfile
+
+    from corpus2model.flows.serve import load_version
     from corpus2model.tasks.model.modeling import generate_batched, generate_text
 
     model, tokenizer = loaded["model"], loaded["tokenizer"]
@@ -330,30 +379,45 @@ def bench_generate(config: Path, cfg, loaded: dict, args) -> tuple[list[dict], l
     warmup = [{"prompt": p, "max_new_tokens": 4} for p in prompts[-8:]]
     size = cfg.serve.max_batch_size
     modes = {"batched": (size, cfg.serve.max_batch_wait_ms), "unbatched": (1, 0.0)}
-    results, rows = {}, []
 
     def count_tokens(answers) -> int:
         # Both modes return the same texts (checked below), so the ratio of tokens/s is exact; the count
         # itself re-tokenizes the answer text.
         return sum(len(tokenizer(a["text"], add_special_tokens=False)["input_ids"]) for a in answers if a)
 
-    for mode, (bs, wait) in modes.items():
-        res = results[mode] = run_mode(config, "/generate", bodies, warmup, bs, wait, args, "c2m_generate_batch_size")
-        res["tokens"] = count_tokens(res["answers"])
-        res["tokens_per_s"] = round(res["tokens"] / res["wall_s"], 1)
-        print(mode, {k: v for k, v in res.items() if k != "answers"}, flush=True)
-        conf = (f"{res['requests']} prompts, {args.concurrency} concurrent, greedy, max_new_tokens {n_new}; "
-                f"max_batch_size {bs}, wait {wait} ms; {args.threads} torch threads"
-                + (f"; mean {res['mean_batch']} prompts per decode step" if res["mean_batch"] else ""))
-        system = f"c2m serve /generate ({mode})"
-        rows += [{"system": system, "metric": "tokens/s", "value": res["tokens_per_s"], "unit": "tokens/s", "config": conf},
-                 {"system": system, "metric": "requests/s", "value": res["rps"], "unit": "req/s", "config": conf},
-                 {"system": system, "metric": "p50 ms", "value": res["p50_ms"], "unit": "ms", "config": conf},
-                 {"system": system, "metric": "p95 ms", "value": res["p95_ms"], "unit": "ms", "config": conf}]
+    def over_http(part: str, registry: Path | None = None, count=count_tokens):
+        """Both modes through `c2m serve`'s app (a child process serving ``registry``, default the config's):
+        rows of systems `c2m serve /generate{part} (batched|unbatched)` and the speedup row."""
+        results, rows = {}, []
+        for mode, (bs, wait) in modes.items():
+            res = results[mode] = run_mode(config, "/generate", bodies, warmup, bs, wait, args,
+                                           "c2m_generate_batch_size", registry)
+            res["tokens"] = count(res["answers"])
+            res["tokens_per_s"] = round(res["tokens"] / res["wall_s"], 1)
+            print(f"/generate{part}", mode, {k: v for k, v in res.items() if k != "answers"}, flush=True)
+            conf = (f"{res['requests']} prompts, {args.concurrency} concurrent, greedy, max_new_tokens {n_new}; "
+                    f"max_batch_size {bs}, wait {wait} ms; {args.threads} torch threads"
+                    + (f"; mean {res['mean_batch']} prompts per decode step" if res["mean_batch"] else "")
+                    + (f"; {res['tokens'] / max(res['requests'], 1):.1f} tokens per answer" if part else ""))
+            system = f"c2m serve /generate{part} ({mode})"
+            rows += [{"system": system, "metric": "tokens/s", "value": res["tokens_per_s"], "unit": "tokens/s", "config": conf},
+                     {"system": system, "metric": "requests/s", "value": res["rps"], "unit": "req/s", "config": conf},
+                     {"system": system, "metric": "p50 ms", "value": res["p50_ms"], "unit": "ms", "config": conf},
+                     {"system": system, "metric": "p95 ms", "value": res["p95_ms"], "unit": "ms", "config": conf}]
+        b, u = results["batched"], results["unbatched"]
+        pairs = [(x, y) for x, y in zip(b["answers"], u["answers"]) if x and y]
+        same = sum(x["text"] == y["text"] for x, y in pairs)
+        speedup = round(b["tokens_per_s"] / u["tokens_per_s"], 2)
+        rows.append({"system": f"c2m serve /generate{part}", "metric": "generate batched speedup x", "value": speedup,
+                     "unit": "x", "config": f"tokens/s batched / unbatched over HTTP, {args.concurrency} concurrent; "
+                                            f"{same}/{len(pairs)} answers identical"})
+        for r in results.values():
+            r["identical"], r["compared"] = same, len(pairs)
+        return results, rows, speedup
+
+    results, rows, speedup = over_http("")
     b, u = results["batched"], results["unbatched"]
-    pairs = [(x, y) for x, y in zip(b["answers"], u["answers"]) if x and y]
-    same = sum(x["text"] == y["text"] for x, y in pairs)
-    speedup = round(b["tokens_per_s"] / u["tokens_per_s"], 2)
+    same, n_pairs = b["identical"], b["compared"]
 
     # The engine alone, no HTTP: the same prompts (rendered as the server does), one at a time vs batched.
     k = min(len(bodies), 2 * size)
@@ -365,54 +429,145 @@ def bench_generate(config: Path, cfg, loaded: dict, args) -> tuple[list[dict], l
     t2 = time.perf_counter()
     inproc = round((t1 - t0) / (t2 - t1), 2)
     same_inproc = sum(x == y for x, y in zip(alone, together))
-    decode = decode_bound(loaded, rendered[:size], n_new, size)
-    print("decode-bound", decode, flush=True)
-    rows += [{"system": "c2m serve /generate", "metric": "generate batched speedup x", "value": speedup, "unit": "x",
-              "config": f"tokens/s batched / unbatched over HTTP, {args.concurrency} concurrent; "
-                        f"{same}/{len(pairs)} answers identical"},
-             {"system": "generate_batched vs generate_text (no HTTP)", "metric": "generate batched speedup x",
+
+    # Decode-bound: a copy of the served version with random-init weights of the same shape (they rarely emit
+    # eos, so answers run to max_new_tokens), in a temporary registry; the engine alone, then over HTTP.
+    with tempfile.TemporaryDirectory(prefix="c2m-serve-bench-decode-bound-") as tmp:
+        registry = decode_bound_registry(loaded, cfg, Path(tmp))
+        random_loaded = load_version(registry, cfg.registry.model_name, variant=loaded["variant"])
+        rendered_all = [loaded["template"].format(input=x["prompt"]) if loaded["template"] else x["prompt"]
+                        for x in bodies]
+        decode = decode_bound(random_loaded, rendered_all[:size], n_new, size)
+        # Exact new-token counts (random tokens' text re-tokenizes into ~10% more tokens than were generated).
+        reference = new_token_counts(random_loaded, rendered_all, n_new, size)
+        decode["tokens"] = sum(n for _, n in reference[:size])
+        print("decode-bound", decode, flush=True)
+        del random_loaded
+        matched: list[int] = []  # per mode, in order: answers equal to the in-process engine's
+
+        def exact_tokens(answers) -> int:
+            # Answers equal to the in-process engine's count its exact tokens; any other is re-tokenized.
+            same = [a is not None and a["text"] == reference[i][0] for i, a in enumerate(answers)]
+            matched.append(sum(same))
+            return (sum(reference[i][1] for i, ok in enumerate(same) if ok)
+                    + count_tokens([a for a, ok in zip(answers, same) if not ok]))
+
+        d_results, d_rows, d_speedup = over_http(", decode-bound", registry, exact_tokens)
+    for r, m in zip(d_results.values(), matched):
+        r["same_as_in_process"] = m
+    db, du = d_results["batched"], d_results["unbatched"]
+    random_conf = (f"random-init weights (seed 0) of the served shape, {loaded['variant']} made by the quantize "
+                   f"stage's quantize_folder, served from a temporary registry")
+    rows += [{"system": "generate_batched vs generate_text (no HTTP)", "metric": "generate batched speedup x",
               "value": inproc, "unit": "x", "config": f"{k} prompts, max_batch_size {size}, max_new_tokens {n_new}; "
                                                       f"{same_inproc}/{k} answers identical"},
              {"system": "generate_batched vs generate_text, decode-bound (no HTTP)", "metric": "generate batched speedup x",
               "value": decode["speedup"], "unit": "x",
-              "config": f"random-init weights of the served shape ({loaded['variant']}), which rarely emit eos: "
-                        f"{decode['prompts']} prompts x {n_new} new tokens ({decode['tokens']} in all), max_batch_size "
-                        f"{size}; {decode['identical']}/{decode['prompts']} answers identical"}]
+              "config": f"{random_conf}: {decode['prompts']} prompts x {n_new} new tokens ({decode['tokens']} in all), "
+                        f"max_batch_size {size}; {decode['identical']}/{decode['prompts']} answers identical"}]
+    for r in d_rows:
+        r["config"] = f"{random_conf}; {r['config']}"
+    rows += d_rows
     notes = [f"/generate ({cfg.registry.model_name}, variant {loaded['variant']}): continuous batching "
              f"{b['tokens_per_s']} vs one prompt at a time {u['tokens_per_s']} tokens/s ({speedup}x), p95 "
-             f"{b['p95_ms']} vs {u['p95_ms']} ms, mean {b['mean_batch']} prompts per decode step; {same}/{len(pairs)} "
+             f"{b['p95_ms']} vs {u['p95_ms']} ms, mean {b['mean_batch']} prompts per decode step; {same}/{n_pairs} "
              f"greedy answers identical. Without HTTP: {inproc}x ({same_inproc}/{k} identical). The served model "
              f"answers these prompts in a few tokens, so each request is mostly its prefill (~100 prompt tokens), "
              f"which batching shares only the per-pass overhead of; with random weights of the same shape, which "
-             f"rarely stop early ({n_new} new tokens each), the batched engine gives {decode['speedup']}x."]
-    return rows, notes, {"generate": {m: {k: v for k, v in r.items() if k != "answers"} for m, r in results.items()}
+             f"rarely stop early ({n_new} new tokens each), the batched engine gives {decode['speedup']}x.",
+             f"/generate, decode-bound over HTTP (the same app, {random_conf}): {db['tokens_per_s']} vs "
+             f"{du['tokens_per_s']} tokens/s ({d_speedup}x), p95 {db['p95_ms']} vs {du['p95_ms']} ms, mean "
+             f"{db['mean_batch']} prompts per decode step, {db['tokens'] / max(db['requests'], 1):.1f} tokens per "
+             f"answer (counted exactly: {db['same_as_in_process']}/{db['requests']} batched answers are those of the engine "
+             f"in this process); {db['identical']}/{db['compared']} answers identical. Issue 16's target "
+             f"(>= 3x tokens/s at {args.concurrency} concurrent, same greedy outputs): "
+             + ("met." if d_speedup >= 3.0 and db["identical"] == db["compared"] else
+                f"missed ({d_speedup}x of 3x)." if d_speedup < 3.0 else "missed (answers differ).")]
+    strip = lambda res: {m: {k: v for k, v in r.items() if k != "answers"} for m, r in res.items()}  # noqa: E731
+    return rows, notes, {"generate": strip(results)
                          | {"in_process": {"prompts": k, "one_at_a_time_s": round(t1 - t0, 3),
                                            "batched_s": round(t2 - t1, 3), "speedup": inproc,
-                                           "identical": same_inproc}, "decode_bound": decode}}
+                                           "identical": same_inproc}, "decode_bound": decode,
+                            "decode_bound_http": strip(d_results) | {"speedup": d_speedup}}}
 
 
-def decode_bound(loaded: dict, prompts: list[str], n_new: int, size: int) -> dict:
-    """generate_text vs generate_batched on a random-init model of the served config (dynamic INT8 when the
-    served variant is): a workload where decoding, not the prefill, is the work."""
+DECODE_BOUND_VARIANTS = {"tuned": "model", "dynamic_int8": "dynamic_int8"}
+
+
+def random_init_model(folder):
+    """The architecture in ``folder``'s config.json with random-init weights (seed 0), float, eval mode: a
+    model that rarely emits eos, so every answer runs to max_new_tokens and decoding, not the prefill, is
+    the work."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from corpus2model.tasks.model.modeling import generate_batched, generate_text, quantize_dynamic_int8
-
-    config = AutoConfig.from_pretrained(loaded["folder"])
+    config = AutoConfig.from_pretrained(str(folder))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    if loaded["variant"] == "dynamic_int8":
-        model = quantize_dynamic_int8(model)
-    tok = loaded["tokenizer"]
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def decode_bound_registry(loaded: dict, cfg, root: Path) -> Path:
+    """A registry under ``root`` whose production version is a copy of the served one (serve.json with its
+    prompt template, card, lineage) holding random_init_model's weights in model/ and, made from them by
+    the quantize stage's own code (tasks.quantize.quantize_folder with the config's quantize.skip_modules),
+    dynamic_int8/. Other variant folders, and per-task adapters (trained on the real weights), are left out.
+    Returns the registry root, for `c2m serve`'s create_app."""
+    import shutil
+
+    from corpus2model.tasks.model.export import write_variant_info
+    from corpus2model.tasks.model.modeling import save_model
+    from corpus2model.tasks.quantize import quantize_folder
+    from corpus2model.tasks.registry import ALIASES, PRODUCTION, VARIANT_DIRS
+
+    if loaded["variant"] not in DECODE_BOUND_VARIANTS:
+        raise ValueError(f"decode-bound serving rebuilds {sorted(DECODE_BOUND_VARIANTS)} only, not "
+                         f"{loaded['variant']!r}; pass --variant dynamic_int8 or tuned")
+    src = Path(loaded["folder"]).parent
+    dst = Path(root) / cfg.registry.model_name / src.name
+    drop = set(VARIANT_DIRS.values()) | {"adapter"}
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in drop])
+    save_model(random_init_model(loaded["folder"]), loaded["tokenizer"], dst / "model")
+    quantize_folder(dst / "model", dst / "dynamic_int8", cfg.quantize.skip_modules)
+    write_variant_info(dst / "dynamic_int8", {"variant": "dynamic_int8", "kind": "hf", "dtype": "int8"})
+    info = json.loads((dst / "serve.json").read_text(encoding="utf-8"))
+    info["variants"] = dict(DECODE_BOUND_VARIANTS)
+    (dst / "serve.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    (dst.parent / ALIASES).write_text(json.dumps({PRODUCTION: src.name, "history": []}, indent=1), encoding="utf-8")
+    return Path(root)
+
+
+def decode_bound(loaded: dict, prompts: list[str], n_new: int, size: int) -> dict:
+    """generate_text vs generate_batched on ``loaded`` (load_version of decode_bound_registry: the served
+    variant with random_init_model's weights): a workload where decoding, not the prefill, is the work."""
+    from corpus2model.tasks.model.modeling import generate_batched, generate_text
+
+    model, tok = loaded["model"], loaded["tokenizer"]
     t0 = time.perf_counter()
     alone = generate_text(model, tok, prompts, max_new_tokens=n_new)
     t1 = time.perf_counter()
     together = generate_batched(model, tok, prompts, max_new_tokens=n_new, max_batch_size=size)
     t2 = time.perf_counter()
-    return {"prompts": len(prompts), "tokens": sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in alone),
-            "one_at_a_time_s": round(t1 - t0, 3), "batched_s": round(t2 - t1, 3),
+    return {"prompts": len(prompts), "one_at_a_time_s": round(t1 - t0, 3), "batched_s": round(t2 - t1, 3),
             "speedup": round((t1 - t0) / (t2 - t1), 2), "identical": sum(a == b for a, b in zip(alone, together))}
+
+
+def new_token_counts(loaded: dict, prompts: list[str], n_new: int, size: int) -> list[tuple[str, int]]:
+    """(answer text, new tokens generated) per prompt, greedy, from the batched engine in this process
+    (generate_batched's loop; its answers are the server's): the exact count, which re-tokenizing an answer's
+    text does not give back when the tokens are random (their byte pieces merge and split differently)."""
+    from corpus2model.tasks.model.modeling import DecodeBatch, GenRequest, _prompt_ids
+
+    model, tok = loaded["model"], loaded["tokenizer"]
+    out: dict[int, tuple[str, int]] = {}
+    batch = DecodeBatch(model, tok, finish=lambda r: out.__setitem__(r.done, (batch.text(r), len(r.out))))
+    waiting = [GenRequest(*_prompt_ids(model, tok, p, n_new), done=i) for i, p in enumerate(prompts)][::-1]
+    with batch:
+        while waiting or len(batch):
+            free = size - len(batch)
+            if waiting and free > 0:
+                batch.join([waiting.pop() for _ in range(min(free, len(waiting)))])
+            batch.step()
+    return [out[i] for i in range(len(prompts))]
 
 
 def main(argv=None) -> int:
@@ -423,7 +578,9 @@ def main(argv=None) -> int:
     p.add_argument("--gen-max-new-tokens", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=120.0, help="per mode: stop sending after this long")
-    p.add_argument("--variant", default=None, help="tuned or dynamic_int8 (default: the registered serve variant)")
+    p.add_argument("--variant", default=None, help="variant to serve: tuned, dynamic_int8 or onnx_int8_dynamic "
+                   "(default: the registered serve variant)")
+    p.add_argument("--profile-repeats", type=int, default=5, help="/classify profile: timed rounds per pass")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (server and profile)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     # internal: the child process that serves one config
@@ -431,6 +588,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--max-batch-size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--wait", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--registry", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.server:
         return serve_child(args)
