@@ -447,7 +447,8 @@ def train_task_adapters(merged, tok: Manifest, shard: Manifest, tokenizer, ft, c
 
 def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None) -> dict:
     """Train exactly as the stage does and keep no files: one hyperparameter-search trial
-    (flows/tune.py). Returns tasks.model.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
+    (flows/tune.py), from the same start (``finetune.init``: the parent's weights, its replay blocks and
+    EWC penalty). Returns tasks.model.trainer.train's result; ``on_eval(step, loss) -> True`` prunes."""
     import torch
 
     from corpus2model.tasks.model import peft_methods, trainer
@@ -456,6 +457,7 @@ def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None
 
     seq_len = int(tok.stats.get("seq_len") or 0)
     tokenizer = load_tokenizer(tokenizer_dir(tok))
+    parent, _ = _continual_parent(ft, tok)  # finetune.init: a trial starts where the stage would
     threads_before = torch.get_num_threads()
     if ft.threads > 0:
         torch.set_num_threads(ft.threads)
@@ -463,6 +465,8 @@ def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None
         with tempfile.TemporaryDirectory(prefix="c2m-trial-", dir=work_dir) as tmp:
             tmp = Path(tmp)
             model = build_model(mc, tokenizer, seq_len)
+            if parent is not None:
+                continual.load_weights(model, parent)
             if ft.method == "qlora":
                 save_model(model, tokenizer, tmp / "base")
             if torch.cuda.is_available() and ft.method != "qlora":
@@ -473,14 +477,15 @@ def train_only(tok: Manifest, ft, mc, on_eval=None, work_dir: Path | None = None
             elif ft.objective == "distill":
                 from corpus2model.tasks.model import distill
 
-                batches, evaluate, loss_fn, *_ = distill.setup(_sft_setup(tok, ft, model, tmp / "hf-cache"), ft, model,
-                                                               tokenizer)
+                batches, evaluate, loss_fn, *_ = distill.setup(_sft_setup(tok, ft, model, tmp / "hf-cache", parent), ft,
+                                                               model, tokenizer)
             elif ft.objective == "grpo":
                 from corpus2model.tasks.model import grpo
 
                 batches, evaluate, loss_fn, *_ = grpo.setup(tok, shard_of(tok), ft, model, tokenizer)
             else:
-                batches, evaluate, loss_fn, *_ = _sft_setup(tok, ft, model, tmp / "hf-cache")
+                batches, evaluate, loss_fn, *_ = _sft_setup(tok, ft, model, tmp / "hf-cache", parent)
+            loss_fn, _ = _with_ewc(model, loss_fn, ft, parent, [])
             return trainer.train(model, batches, evaluate, ft, loss_fn, on_eval=on_eval, progress=False)
     finally:
         torch.set_num_threads(threads_before)

@@ -245,6 +245,16 @@ def test_two_runs_with_new_data_ewc_forgets_less(tmp_path):
     assert rise[0.0] > 0 and forgot[0.0] > 0, msg  # training on the new task alone forgets the old one
     assert rise[3e4] < rise[0.0], msg
 
+    # a `c2m tune` trial (finetune.train_only) starts where the stage did: v1's weights and its EWC penalty,
+    # so its losses are the stage's step for step
+    trial = finetune.train_only(new["tokenize"], cfg(ewc_lambda=3e4).finetune, cfg().model, work_dir=tmp_path)
+    stage_hist = json.loads((ft2.dir / "loss.json").read_text())["rows"]
+    evals = [r.get("eval_loss") for r in stage_hist]
+    assert len([e for e in evals if e is not None]) >= 2
+    assert [r.get("eval_loss") for r in trial["history"]] == evals
+    scratch = finetune.train_only(new["tokenize"], cfg(init="scratch").finetune, cfg().model, work_dir=tmp_path)
+    assert [r.get("eval_loss") for r in scratch["history"]] != [r.get("eval_loss") for r in stage_hist]
+
     # the version made by run 2 names its parent and the data added
     reg2 = registry.register({**new, "finetune": ft2, "evaluate": fake_evaluate(tmp_path, "ev2", BASE_ROWS)},
                              cfg(ewc_lambda=3e4))
