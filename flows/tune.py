@@ -7,7 +7,8 @@ log-uniform, LoRA rank with alpha = 2 r, warmup steps). Each trial trains exactl
 stage does (tasks/finetune.train_only) and reports its eval loss at every evaluation; Optuna's
 MedianPruner stops a trial that is worse than the median of the finished ones at the same step.
 
-A trial's Prefect cache key is the tokenize key + the trial's finetune/model sections, so running
+A trial's Prefect cache key is the tokenize key + the trial's finetune/model sections + what the
+finetune stage's key adds (objective files, ``finetune.init``'s parent version), so running
 the same search again (same seed, so the same proposals) replays every trial from the cache, and a
 longer search (more trials) computes only the new ones. The best trial's config, the input config
 with the best settings applied, is written to ``<store>/_tune/<name>/best.yaml`` beside
@@ -52,8 +53,11 @@ def with_overrides(cfg, overrides: dict):
 
 
 def trial_key(tok: Manifest, cfg) -> str:
+    # + what the finetune stage's key adds beyond its sections (objective files, finetune.init's parent
+    # version): a trial replayed from the cache must have started where a new one would
     return sha256_bytes(canonical_json({"tokenize": tok.key, "finetune": cfg.section("finetune"),
-                                        "model": cfg.section("model")}).encode())[:24]
+                                        "model": cfg.section("model"),
+                                        "extra": finetune.key_extra(cfg, [f"tokenize:{tok.key}"])}).encode())[:24]
 
 
 def run_trial_local(tok: Manifest, cfg, number: int) -> dict:

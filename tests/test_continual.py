@@ -51,6 +51,21 @@ def test_key_names_the_parent_and_stays_put_on_a_rerun(tmp_path):
     assert finetune.key_extra(cfg, ["tokenize:T2"])["continual"] == {"parent": {"lineage_key": "L1"}}
 
 
+def test_tune_trial_key_names_the_parent_too(tmp_path):
+    """A cached `c2m tune` trial is replayed only when it would start from the same parent."""
+    from corpus2model.flows.tune import trial_key
+
+    root = tmp_path / "registry"
+    (root / "m" / "v1").mkdir(parents=True)
+    (root / "m" / "v1" / "lineage.json").write_text(json.dumps(LIN_V1))
+    cfg = parse_config({"paths": {"registry": str(root)}, "registry": {"model_name": "m"},
+                        "finetune": {"init": "production"}})
+    tok = Manifest(stage="tokenize", key="T2")
+    before = trial_key(tok, cfg)  # no production yet
+    (root / "m" / "aliases.json").write_text(json.dumps({"production": "v1", "history": []}))
+    assert trial_key(tok, cfg) != before
+
+
 def test_config_switches_are_checked():
     with pytest.raises(ValueError, match="need a parent"):
         FinetuneConfig(ewc_lambda=1.0)
