@@ -553,21 +553,11 @@ def decode_bound(loaded: dict, prompts: list[str], n_new: int, size: int) -> dic
 
 def new_token_counts(loaded: dict, prompts: list[str], n_new: int, size: int) -> list[tuple[str, int]]:
     """(answer text, new tokens generated) per prompt, greedy, from the batched engine in this process
-    (generate_batched's loop; its answers are the server's): the exact count, which re-tokenizing an answer's
-    text does not give back when the tokens are random (their byte pieces merge and split differently)."""
-    from corpus2model.tasks.model.modeling import DecodeBatch, GenRequest, _prompt_ids
+    (its answers are the server's): the exact count, which re-tokenizing an answer's text does not give
+    back when the tokens are random (their byte pieces merge and split differently)."""
+    from corpus2model.tasks.model.modeling import generate_batched
 
-    model, tok = loaded["model"], loaded["tokenizer"]
-    out: dict[int, tuple[str, int]] = {}
-    batch = DecodeBatch(model, tok, finish=lambda r: out.__setitem__(r.done, (batch.text(r), len(r.out))))
-    waiting = [GenRequest(*_prompt_ids(model, tok, p, n_new), done=i) for i, p in enumerate(prompts)][::-1]
-    with batch:
-        while waiting or len(batch):
-            free = size - len(batch)
-            if waiting and free > 0:
-                batch.join([waiting.pop() for _ in range(min(free, len(waiting)))])
-            batch.step()
-    return [out[i] for i in range(len(prompts))]
+    return generate_batched(loaded["model"], loaded["tokenizer"], prompts, n_new, max_batch_size=size, with_counts=True)
 
 
 def main(argv=None) -> int:

@@ -738,15 +738,17 @@ def _nullcontext():
 
 
 def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int] = 32,
-                     temperature: float | list[float] = 0.0, max_batch_size: int = 8) -> list[str]:
+                     temperature: float | list[float] = 0.0, max_batch_size: int = 8,
+                     with_counts: bool = False) -> list[str] | list[tuple[str, int]]:
     """``generate_text`` for many prompts at once: up to ``max_batch_size`` decode together, and free
     places are refilled from the waiting prompts (prefilled together). Greedy answers are those of
-    ``generate_text``."""
+    ``generate_text``. ``with_counts``: (answer, new tokens generated) pairs, the exact count (re-tokenizing
+    an answer's text does not give it back when its byte pieces merge differently)."""
     n = len(prompts)
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * n
     temps = temperature if isinstance(temperature, list) else [temperature] * n
-    texts: dict[int, str] = {}
-    batch = DecodeBatch(model, tokenizer, finish=lambda r: texts.__setitem__(r.done, batch.text(r)))
+    texts: dict[int, tuple[str, int]] = {}
+    batch = DecodeBatch(model, tokenizer, finish=lambda r: texts.__setitem__(r.done, (batch.text(r), len(r.out))))
     waiting = []
     for i, (p, m, t) in enumerate(zip(prompts, budgets, temps)):
         ids, budget = _prompt_ids(model, tokenizer, p, m)
@@ -758,7 +760,7 @@ def generate_batched(model, tokenizer, prompts: list[str], max_new_tokens: int |
             if waiting and free > 0:
                 batch.join([waiting.pop() for _ in range(min(free, len(waiting)))])
             batch.step()
-    return [texts[i] for i in range(n)]
+    return [texts[i] if with_counts else texts[i][0] for i in range(n)]
 
 
 class GenerationEngine:
