@@ -245,6 +245,13 @@ class ChecksConfig(Section):
     severity_overrides: dict[str, Literal["error", "warn"]] = {}
 
 
+def listed_once(v: list[str], message: str) -> list[str]:
+    """``v`` when no value repeats, else a config error ``"<message>: <v>"`` (list-valued switches)."""
+    if len(set(v)) != len(v):
+        raise ValueError(f"{message}: {v}")
+    return v
+
+
 class ShardConfig(Section):
     # Bytes per Parquet shard as written (compressed, footer included); every shard of a split but
     # the last is within +-10 % of it (tasks/shard.py explains how).
@@ -271,9 +278,7 @@ class ShardConfig(Section):
     def _parquet_always(cls, v: list[str]) -> list[str]:
         if "parquet" not in v:
             raise ValueError("formats must include 'parquet' (the shard index and tokenize read it)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"formats lists a format twice: {v}")
-        return v
+        return listed_once(v, "formats lists a format twice")
 
     @field_validator("splits")
     @classmethod
@@ -603,9 +608,7 @@ class QuantizeConfig(Section):
     @field_validator("methods")
     @classmethod
     def _no_repeats(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"quantize.methods lists a variant twice: {v}")
-        return v
+        return listed_once(v, "quantize.methods lists a variant twice")
 
     @model_validator(mode="after")
     def _gpu_variants_need_cuda(self) -> "QuantizeConfig":
@@ -632,9 +635,7 @@ class RagConfig(Section):
     @field_validator("models")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"evaluate.rag.models lists a model twice: {v}")
-        return v
+        return listed_once(v, "evaluate.rag.models lists a model twice")
 
 
 class EvaluateConfig(Section):
@@ -664,9 +665,7 @@ class EvaluateConfig(Section):
         if unknown:
             raise ValueError(f"evaluate.ablate: unknown ablation target(s) {unknown}; supported: {sorted(ABLATIONS)} "
                              f"(e.g. evaluate.ablate: [augment] adds the row tuned_no_augment)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"evaluate.ablate lists a target twice: {v}")
-        return v
+        return listed_once(v, "evaluate.ablate lists a target twice")
 
     def hashed(self) -> dict:
         out = super().hashed()
