@@ -111,43 +111,45 @@ def failing_rows_table(report: ValidationReport, table: pa.Table, stage: str = S
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
-def _read_records(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
-    paths = up.files_with("data")
-    names = [p.name for p in paths]
-    unique = len(set(names)) == len(names)
+def _read_parts(up: Manifest, stage: str, role: str, folder: str, schema: pa.Schema, conform) -> tuple[pa.Table, list]:
+    """The upstream's parts of ``role`` as one ``schema`` table (each read table passed through
+    ``conform(table, path)``, which checks and shapes it), and where each part is linked to
+    (``<folder>/<name>``, prefixed by its position where two parts share a name)."""
+    paths = up.files_with(role)
+    unique = len({p.name for p in paths}) == len(paths)
+    what = "part" if role == "data" else f"{role} part"
     tables, parts = [], []
     for i, p in enumerate(paths):
         try:
             t = pq.read_table(p)
         except (OSError, pa.ArrowInvalid) as e:
-            raise StageError(f"{stage}: cannot read upstream part {p} ({e}); rerun the {up.stage} stage") from None
+            raise StageError(f"{stage}: cannot read upstream {what} {p} ({e}); rerun the {up.stage} stage") from None
+        t = conform(t, p)
+        tables.append(t)
+        parts.append((p, f"{folder}/{p.name if unique else f'{i:06d}-{p.name}'}", t.num_rows))
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), parts
+
+
+def _read_records(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
+    def conform(t: pa.Table, p: Path) -> pa.Table:
         missing = set(RECORD_SCHEMA.names) - set(t.column_names)
         if missing:
             raise StageError(f"{stage}: upstream part {p} lacks record columns {sorted(missing)}")
-        t = t.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
-        tables.append(t)
-        parts.append((p, f"parts/{p.name if unique else f'{i:06d}-{p.name}'}", t.num_rows))
-    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-    return table, parts
+        return t.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+
+    return _read_parts(up, stage, "data", "parts", RECORD_SCHEMA, conform)
 
 
 def _read_pairs(up: Manifest, stage: str) -> tuple[pa.Table, list[tuple[Path, str, int]]]:
     """The upstream's preference-record parts (role "pairs") as one PAIR_SCHEMA table, and where each
     part is linked to (``pairs/<name>``)."""
-    paths = up.files_with("pairs")
-    unique = len({p.name for p in paths}) == len(paths)
-    tables, parts = [], []
-    for i, p in enumerate(paths):
-        try:
-            t = pq.read_table(p)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise StageError(f"{stage}: cannot read upstream pairs part {p} ({e}); rerun the {up.stage} stage") from None
+    def conform(t: pa.Table, p: Path) -> pa.Table:
         if not t.schema.equals(PAIR_SCHEMA, check_metadata=False):
             raise StageError(f"{stage}: upstream part {p} does not hold preference records (schemas.records.PAIR_SCHEMA); "
                              f"rerun the {up.stage} stage")
-        tables.append(t)
-        parts.append((p, f"pairs/{p.name if unique else f'{i:06d}-{p.name}'}", t.num_rows))
-    return (pa.concat_tables(tables) if tables else PAIR_SCHEMA.empty_table()), parts
+        return t
+
+    return _read_parts(up, stage, "pairs", "pairs", PAIR_SCHEMA, conform)
 
 
 def _count_pairs(up: Manifest, stage: str) -> int:
