@@ -54,6 +54,7 @@ path to make an occurrence id from, and keyed by content both routes put a pair 
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import hashlib
@@ -63,6 +64,7 @@ import os
 import tarfile
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,7 +75,7 @@ import pyarrow.parquet as pq
 
 from corpus2model.schemas.records import PAIR_SCHEMA, PAIR_TEXT_FIELDS, RECORD_SCHEMA, pair_content_hash
 from corpus2model.tasks.stage import (FileEntry, Manifest, StageContext, StageError, Store, Unit, canonical_json,
-                                      link_or_copy, map_units)
+                                      compute_units, link_or_copy)
 
 STAGE = "shard"
 VERSION = "3"  # 3: dictionary encoding only on columns whose values repeat (DICTIONARY_COLUMNS)
@@ -140,11 +142,12 @@ def split_codes(batch: pa.RecordBatch | pa.Table, splits: dict[str, float], seed
     parents = pc.struct_field(batch.column("metadata"), "parent_id")
     # split_key: the parent's id when there is one (an empty one counts as none), else the record's own.
     keys = pc.if_else(pc.fill_null(pc.not_equal(parents, ""), False), parents, ids)
-    prefix = f"{seed}:".encode("utf-8")
+    # f"{seed}:{key}" as UTF-8 bytes, joined by Arrow; only the digest stays a per-row Python call.
+    salted = pc.binary_join_element_wise(pa.scalar(f"{seed}:"), keys, "").cast(pa.binary()).to_pylist()
     sha = hashlib.sha256
+    digests = np.frombuffer(b"".join([sha(k).digest() for k in salted]), dtype=">u8").reshape(-1, 4)
     # The first 15 hex digits of the digest are its first 60 bits: the top 8 bytes shifted right by 4.
-    top = np.fromiter((int.from_bytes(sha(prefix + k.encode("utf-8")).digest()[:8], "big") >> 4
-                       for k in keys.to_pylist()), dtype=np.uint64, count=len(keys))
+    top = digests[:, 0].astype(np.uint64) >> np.uint64(4)
     # A 60-bit integer over 2**60, as split_bucket's int / 16**15: float64 rounds the integer to 53 bits
     # and the division by a power of two is exact, the same correctly rounded quotient.
     buckets = top.astype(np.float64) / float(_BUCKETS)
@@ -252,6 +255,48 @@ class TarSampleWriter:
         self._tar.close()
 
 
+class GrowingHash:
+    """sha256 of a file that is only ever appended to, read and hashed on ``executor`` while it grows.
+
+    ``advance(end)`` hashes up to byte ``end`` (bytes the writer has handed to the OS); ``finish(size)``
+    returns a future of the whole file's hex digest. When a shard closes, its digest is all but done,
+    instead of a read of the whole file (~0.5 s per GB here) at the end of the pass. ``executor`` must
+    run one job at a time, in order (a one-thread pool)."""
+
+    def __init__(self, path: Path, executor):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        self._sha = hashlib.sha256()
+        self._executor = executor
+        self._jobs: list[Future] = []
+
+    def _read_to(self, end: int) -> None:
+        while (left := end - self._file.tell()) > 0:
+            block = self._file.read(min(left, 1 << 20))
+            if not block:
+                raise StageError(f"{self.path} is shorter than the {end} bytes written to it: the disk or "
+                                 f"another process changed it; rerun `c2m run`")
+            self._sha.update(block)
+
+    def advance(self, end: int) -> None:
+        self._jobs.append(self._executor.submit(self._read_to, end))
+
+    def finish(self, size: int) -> Future:
+        def digest() -> str:
+            try:
+                for job in self._jobs:  # done (one thread, in order): raises an earlier read's error
+                    job.result()
+                self._read_to(size)
+                return self._sha.hexdigest()
+            finally:
+                self._file.close()
+
+        return self._executor.submit(digest)
+
+    def abort(self) -> None:
+        self._executor.submit(self._file.close)
+
+
 class RollingParquetWriter:
     """Write record batches into ``folder/<prefix>-NNNNN.parquet`` files of about ``target_bytes``.
 
@@ -266,8 +311,9 @@ class RollingParquetWriter:
     arrive in, which is what makes shards reusable units.
 
     ``on_close(info)`` is called for every finished file with ``{"path", "records", "bytes",
-    "text_bytes", "closed_by": "size"|"end", "tar"}``; ``tar_sample_bytes`` adds a WebDataset tar
-    (``.tar`` beside each Parquet file, same rows).
+    "text_bytes", "closed_by": "size"|"end", "tar", "sha256"}``; ``tar_sample_bytes`` adds a WebDataset tar
+    (``.tar`` beside each Parquet file, same rows). With ``hash_on`` (a one-thread executor) each Parquet
+    file is hashed there as it grows (``GrowingHash``) and ``sha256`` is a future of its digest, else None.
     """
 
     def __init__(self, folder: Path, prefix: str, target_bytes: int, schema: pa.Schema = RECORD_SCHEMA,
@@ -275,7 +321,8 @@ class RollingParquetWriter:
                  max_row_group_bytes: int = 64_000_000, max_row_group_rows: int = 100_000,
                  write_statistics: bool | list[str] = True, tar_sample_bytes: int | None = None,
                  start_index: int = 0, on_close: Callable[[dict], None] | None = None,
-                 use_dictionary: bool | list[str] = True, text_columns: tuple[str, ...] = RECORD_TEXT):
+                 use_dictionary: bool | list[str] = True, text_columns: tuple[str, ...] = RECORD_TEXT,
+                 hash_on=None):
         if target_bytes <= 0 or row_groups_per_file <= 0 or max_row_group_rows <= 0 or max_row_group_bytes <= 0:
             raise ValueError("target_bytes, row_groups_per_file and the row group caps must be positive")
         self.folder = Path(folder)
@@ -291,12 +338,13 @@ class RollingParquetWriter:
         self.text_columns = text_columns
         self.tar_sample_bytes = tar_sample_bytes
         self.on_close = on_close
+        self.hash_on = hash_on
         self.index = start_index
         self.files: list[dict] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_sizes: list[np.ndarray] = []
         self._pending_rows = 0
-        self._writer = None
+        self._writer = self._hash = None
 
     # -- writing --------------------------------------------------------------------------
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
@@ -350,6 +398,8 @@ class RollingParquetWriter:
         self._written_data += self._sink.tell() - before
         if self._tar is not None:
             self._tar.write_rows(group.to_pylist())
+        if self._hash is not None:
+            self._hash.advance(self._sink.tell())
         if self._sink.tell() + self._footer_bytes() >= self.target_bytes:
             self._finish_file("size")
 
@@ -363,6 +413,7 @@ class RollingParquetWriter:
                                         write_statistics=self.write_statistics, use_dictionary=self.use_dictionary)
         self._tar = (TarSampleWriter(self._path.with_suffix(".tar"), self.tar_sample_bytes)
                      if self.tar_sample_bytes else None)
+        self._hash = GrowingHash(self._path, self.hash_on) if self.hash_on is not None else None
         self._rows_in_file = self._groups = self._file_text = self._written_data = 0
 
     def _finish_file(self, closed_by: str) -> None:
@@ -372,10 +423,11 @@ class RollingParquetWriter:
         if self._tar is not None:
             self._tar.close()
             tar = self._tar.path
-        info = {"path": self._path, "records": self._rows_in_file, "bytes": self._path.stat().st_size,
-                "text_bytes": self._file_text, "closed_by": closed_by, "tar": tar}
+        size = self._path.stat().st_size
+        info = {"path": self._path, "records": self._rows_in_file, "bytes": size, "text_bytes": self._file_text,
+                "closed_by": closed_by, "tar": tar, "sha256": self._hash.finish(size) if self._hash else None}
         self.files.append(info)
-        self._writer = self._sink = self._tar = None
+        self._writer = self._sink = self._tar = self._hash = None
         self.index += 1
         if self.on_close is not None:
             self.on_close(info)
@@ -396,7 +448,9 @@ class RollingParquetWriter:
             self._sink.close()
             if self._tar is not None:
                 self._tar.close()
-            self._writer = None
+            if self._hash is not None:
+                self._hash.abort()
+            self._writer = self._hash = None
 
     def __enter__(self) -> "RollingParquetWriter":
         return self
@@ -486,16 +540,56 @@ def _key(*parts) -> str:
     return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()[:24]
 
 
-def _index_units(parts: list[tuple[Path, str]], splits: dict[str, float], seed: int, ctx: StageContext,
-                 kind: Kind = RECORDS) -> list[dict]:
-    """Per-split record counts of every upstream part and each row's split code, cached by the part's
-    sha256; the missing ones are units on the stage's executor (a Dask cluster: all its workers)."""
-    units = []
-    for path, sha in parts:
-        key = _key("index", VERSION, sha, splits, seed, *kind.key)
-        size = path.stat().st_size if path.is_file() else 0  # a missing part fails in _open_part, with the fix
-        units.append(Unit(key, path.stem, path.name, (str(ctx.store.root), key, str(path), splits, seed, kind.name), size))
-    return map_units(STAGE + "-index", units, _index_unit, ctx)
+class _PartIndex:
+    """Every upstream part's split index (``_index_unit``: each row's split code, a unit cached by the part's
+    sha256) and, per split, the record counts of the parts resolved so far, in part order.
+
+    ``complete()`` computes every missing part at once on the stage's executor (a Dask cluster: all its
+    workers): what a rerun needs before it can match cached shards and decide on compaction.
+    ``resolve(i)`` computes the parts up to ``i`` here, one by one: a cold write pass calls it from its
+    reader thread as it reaches each part, so the index (a sha256 per record, ~0.6 s per GB) runs on the
+    core the compressing thread leaves idle instead of before the pass. Counts only ever grow by whole
+    parts, in order, so a thread reading them sees the parts below ``resolved`` complete."""
+
+    def __init__(self, parts: list[tuple[Path, str]], splits: dict[str, float], seed: int, ctx: StageContext,
+                 kind: Kind = RECORDS):
+        self.ctx = ctx
+        self.units = []
+        for path, sha in parts:
+            key = _key("index", VERSION, sha, splits, seed, *kind.key)
+            size = path.stat().st_size if path.is_file() else 0  # a missing part fails in _open_part, with the fix
+            self.units.append(Unit(key, path.stem, path.name,
+                                   (str(ctx.store.root), key, str(path), splits, seed, kind.name), size))
+        self.infos: list[dict | None] = [ctx.store.unit_lookup(STAGE + "-index", u.key) for u in self.units]
+        self.counts: dict[str, list[int]] = {s: [] for s in splits}
+        self.starts: dict[str, list[int]] = {s: [0] for s in splits}
+        self.resolved = 0
+        self._advance()
+
+    def __getitem__(self, i: int) -> dict:
+        return self.infos[i]
+
+    def _advance(self) -> None:
+        while self.resolved < len(self.infos) and self.infos[self.resolved] is not None:
+            for s, n in self.infos[self.resolved]["counts"].items():
+                self.counts[s].append(n)
+                self.starts[s].append(self.starts[s][-1] + n)
+            self.resolved += 1
+
+    def resolve(self, i: int) -> None:
+        """Index parts up to ``i`` (those not cached) in this thread."""
+        while self.resolved <= i:
+            j = self.resolved
+            self.infos[j] = _index_unit(self.units[j].args)
+            self._advance()
+
+    def complete(self) -> None:
+        """Index every part not indexed yet, on the stage's executor."""
+        todo = [u for u, info in zip(self.units, self.infos) if info is None]
+        if todo:
+            done = compute_units(STAGE + "-index", todo, _index_unit, self.ctx)
+            self.infos = [info or done[u.key] for u, info in zip(self.units, self.infos)]
+            self._advance()
 
 
 def _index_unit(args) -> dict:
@@ -509,8 +603,9 @@ def _index_unit(args) -> dict:
         if kind is PAIRS:  # bucketed by content (pair_split_key), which needs the texts when no hash was stored
             codes = [split_codes(pair_split_batch(b), splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS)]
         else:
+            # only the columns split_codes reads (the metadata struct cut down to parent_id)
             codes = [split_codes(b, splits, seed) for b in pf.iter_batches(batch_size=READ_BATCH_ROWS * 8,
-                                                                             columns=["id", "metadata"])]
+                                                                             columns=["id", "metadata.parent_id"])]
         codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int8)
         pq.write_table(pa.table({"split": codes}), tmp / "splits.parquet", compression="zstd")
         counts = {name: int((codes == c).sum()) for c, name in enumerate(splits)}
@@ -520,22 +615,26 @@ def _index_unit(args) -> dict:
 
 
 class _Stream:
-    """One split's record stream over the upstream parts: global position <-> (part, row of split)."""
+    """One split's record stream over the upstream parts: global position <-> (part, row of split), over
+    the parts its index has resolved (all of them, except during a cold write pass)."""
 
-    def __init__(self, split: str, parts: list[tuple[Path, str]], counts: list[int], kind: "Kind" = None):
+    def __init__(self, split: str, parts: list[tuple[Path, str]], index: _PartIndex, kind: "Kind" = None):
         self.split = split
         self.kind = kind or RECORDS
         self.parts = parts
-        self.counts = counts
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.total = int(self.starts[-1])
+        self.counts = index.counts[split]
+        self.starts = index.starts[split]
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
 
     def locate(self, g: int) -> tuple[int, int]:
         """(part index, row among that part's split rows) of global position g < total."""
-        i = int(np.searchsorted(self.starts, g, side="right")) - 1
+        i = bisect.bisect_right(self.starts, g) - 1
         while self.counts[i] == 0:
             i += 1
-        return i, g - int(self.starts[i])
+        return i, g - self.starts[i]
 
     def span(self, g: int, n: int) -> list[list] | None:
         """[[part sha256, first row, end row], ...] of rows [g, g+n); None if the stream is shorter."""
@@ -579,6 +678,17 @@ def _reusable_chain(stream: _Stream, cfg_hash: dict, target: int, ctx: StageCont
         if sum(u["bytes"] for u in opens) + new_records * per_record >= COMPACT_AT * target:
             chain = chain[:len(chain) - len(opens)]
     return chain
+
+
+def _starts_cold(index: _PartIndex, streams: dict[str, _Stream], splits: dict[str, float], cfg_hash: dict,
+                 ctx: StageContext) -> bool:
+    """True when no split has a cached shard where its stream starts, judged from the first part alone
+    (indexed here if it is not): a cold pass rewrites every split from its start. A split missing from
+    the first part (tiny parts) makes it False: the caller then indexes everything first, as a rerun does."""
+    index.resolve(0)
+    live = [s for s in streams if splits[s] > 0]
+    return all(streams[s].counts[0] > 0 and ctx.store.unit_lookup(STAGE, _shard_key(cfg_hash, streams[s], 0)) is None
+               for s in live)
 
 
 def run(inputs: list[Manifest], cfg, out_dir: Path, ctx: StageContext) -> Manifest:
@@ -627,43 +737,64 @@ def _shard_kind(upstream: Manifest, kind: Kind, c, ctx: StageContext, out_dir: P
     parts = [(upstream.dir / e.path, e.sha256 or _sha_of(upstream.dir / e.path)) for e in entries]
 
     # 1. per-part index (cached per part): how many records of each split every part holds.
-    index = _index_units(parts, splits, c.seed, ctx, kind)
-    n_in = sum(sum(ix["counts"].values()) for ix in index)
-    streams = {s: _Stream(s, parts, [ix["counts"][s] for ix in index], kind) for s in names}
+    index = _PartIndex(parts, splits, c.seed, ctx, kind)
+    streams = {s: _Stream(s, parts, index, kind) for s in names}
+    # A cold pass (no cached shard where any split's stream starts) needs no counts before writing: its
+    # reader indexes each part as it reaches it. Anything else (a rerun, an append) matches cached shards
+    # against the whole index first.
+    cold = index.resolved < len(parts) and _starts_cold(index, streams, splits, cfg_hash, ctx)
+    if not cold:
+        index.complete()
 
     # 2. per split: the shards that can be reused as they are, and where writing starts.
-    chains = {s: _reusable_chain(streams[s], cfg_hash, c.target_bytes, ctx) for s in names}
+    chains = {s: [] if cold else _reusable_chain(streams[s], cfg_hash, c.target_bytes, ctx) for s in names}
     write_from = {s: (chains[s][-1]["start"] + chains[s][-1]["records"]) if chains[s] else 0 for s in names}
-    shards: dict[str, list[dict]] = {s: [{**u, "reused": True} for u in chains[s]] for s in names}
+    shards: dict[str, list] = {s: [{**u, "reused": True} for u in chains[s]] for s in names}
 
     # 3. one pass over the parts that hold rows still to be written, every split's writer fed at once.
     tmp_root = ctx.store.root / "_tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shard-work-", dir=tmp_root) as work, contextlib.ExitStack() as stack:
         work = Path(work)
+        # Shards are hashed as they grow and moved into their units on a thread of its own (hashing releases
+        # the GIL): the writer goes on meanwhile. Shut down (waiting) before the work dir goes.
+        storing = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="c2m-shard-store"))
         writers = {}
         for s in names:
-            if write_from[s] >= streams[s].total:
+            if not cold and write_from[s] >= streams[s].total or splits[s] <= 0:
                 continue
             state = {"g": write_from[s]}
 
             def on_close(info: dict, s=s, state=state) -> None:
-                shards[s].append(_store_shard(info, streams[s], state["g"], cfg_hash, ctx))
-                state["g"] += info["records"]
+                g, state["g"] = state["g"], state["g"] + info["records"]
+                # the parts this shard holds are indexed: the reader resolves a part before yielding its rows
+                span = streams[s].span(g, info["records"])
+                shards[s].append(storing.submit(_store_shard, info, span, _shard_key(cfg_hash, streams[s], g), g, ctx))
 
             writers[s] = stack.enter_context(RollingParquetWriter(
                 work / s, "part", c.target_bytes, kind.schema, c.compression, c.row_groups_per_shard,
                 c.row_group_max_bytes, c.row_group_rows, write_statistics=STATISTICS_COLUMNS,
                 tar_sample_bytes=tar_bytes, start_index=len(chains[s]), on_close=on_close,
-                use_dictionary=DICTIONARY_COLUMNS, text_columns=kind.text))
+                use_dictionary=DICTIONARY_COLUMNS, text_columns=kind.text, hash_on=storing))
         if writers:
             # Reading runs ahead in a thread (up to one row group's bytes): pyarrow decompresses the next
             # rows (GIL released) while this thread compresses and writes the current ones.
-            for s, rows in prefetch(_rows_to_write(parts, index, streams, list(writers), write_from, names, kind),
-                                    max_bytes=c.row_group_max_bytes, size=lambda item: item[1].nbytes):
+            big = max(writers, key=lambda s: splits[s])
+
+            def feed():
+                for s, rows in _rows_to_write(parts, index, streams, list(writers), write_from, names, kind):
+                    if s == big:
+                        yield s, rows
+                    else:
+                        writers[s].write(rows)
+
+            for s, rows in prefetch(feed(), max_bytes=c.row_group_max_bytes, size=lambda item: item[1].nbytes):
                 writers[s].write(rows)
         for w in writers.values():
             w.close()
+        shards = {s: [u.result() if isinstance(u, Future) else u for u in us] for s, us in shards.items()}
+    index.complete()  # a cold pass resolved every part it read; parts holding no rows at all are counted here
+    n_in = sum(streams[s].total for s in names)
 
     # 4. link every shard into the output, build the shard index.
     files: list[FileEntry] = []
@@ -705,12 +836,13 @@ def _sha_of(path: Path) -> str:
     return sha256_file(path)
 
 
-def _rows_to_write(parts: list, index: list[dict], streams: dict, splits: list[str], write_from: dict,
+def _rows_to_write(parts: list, index: _PartIndex, streams: dict, splits: list[str], write_from: dict,
                    names: list, kind: Kind = RECORDS) -> Iterator[tuple[str, pa.RecordBatch]]:
     """(split, rows) in stream order: every part's rows of the splits still being written, from where
     each split's writing starts (parts holding none of them are not opened)."""
-    first = min(streams[s].locate(write_from[s])[0] for s in splits)
+    first = min(streams[s].locate(write_from[s])[0] if write_from[s] else 0 for s in splits)
     for i in range(first, len(parts)):
+        index.resolve(i)  # a no-op unless a cold pass indexes as it reads
         if not any(streams[s].starts[i + 1] > write_from[s] and streams[s].counts[i] for s in splits):
             continue
         path, index_i = parts[i][0], index[i]
@@ -809,12 +941,12 @@ def prefetch(items: Iterator, depth: int = 2, max_bytes: int = 0, size: Callable
             close()  # a generator's own finally blocks (open files) run now, not at garbage collection
 
 
-def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: StageContext) -> dict:
-    """Move a finished shard (and its tar) into its unit, keyed by where it starts in the stream."""
-    span = stream.span(g, info["records"])
+def _store_shard(info: dict, span: list[list], key: str, g: int, ctx: StageContext) -> dict:
+    """Move a finished shard (and its tar) into its unit, keyed by where it starts in the stream (``key``)."""
 
     def write(tmp: Path) -> dict:
-        files = [FileEntry("shard.parquet", role="data", records=info["records"])]
+        sha = info["sha256"].result() if isinstance(info.get("sha256"), Future) else ""  # "": hashed on store
+        files = [FileEntry("shard.parquet", role="data", records=info["records"], sha256=sha)]
         os.replace(info["path"], tmp / "shard.parquet")
         if info["tar"] is not None:
             os.replace(info["tar"], tmp / "shard.tar")
@@ -822,7 +954,7 @@ def _store_shard(info: dict, stream: _Stream, g: int, cfg_hash: dict, ctx: Stage
         return {"files": files, "records": info["records"], "bytes": info["bytes"], "span": span,
                 "text_bytes": info["text_bytes"], "closed_by": info["closed_by"]}
 
-    unit = ctx.store.unit_write(STAGE, _shard_key(cfg_hash, stream, g), write)
+    unit = ctx.store.unit_write(STAGE, key, write)
     return {**unit, "start": g, "reused": False}
 
 

@@ -162,26 +162,54 @@ def test_prefetch_bounded_by_bytes_holds_at_most_max_bytes_ahead():
 
 
 def test_stage_reads_in_one_thread_while_it_writes_in_another(make_cfg, ctx, records_manifest, monkeypatch):
-    """What lets a cold shard run use two cores: Parquet reading (decompression) runs in the prefetch
-    thread, compressing and writing in the stage's own."""
+    """What lets a cold shard run use two cores: Parquet reading (decompression), the split index and the
+    small splits' writers run in the prefetch thread; compressing and writing the largest split (most of
+    the bytes) in the stage's own."""
     import threading
 
-    readers, writers = set(), set()
-    iter_batches, write = pq.ParquetFile.iter_batches, RollingParquetWriter.write
+    readers, writers, indexers = set(), {}, set()
+    iter_batches, write, index_unit = pq.ParquetFile.iter_batches, RollingParquetWriter.write, shard._index_unit
 
     def spy_iter_batches(self, *a, **kw):
-        if "columns" not in kw:  # the index reads id + metadata only, before writing starts
+        if "columns" not in kw:  # the index reads id + parent id only
             readers.add(threading.current_thread().name)
         return iter_batches(self, *a, **kw)
 
     def spy_write(self, data):
-        writers.add(threading.current_thread().name)
+        writers.setdefault(self.folder.name, set()).add(threading.current_thread().name)
         return write(self, data)
+
+    def spy_index_unit(args):
+        indexers.add(threading.current_thread().name)
+        return index_unit(args)
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy_iter_batches)
     monkeypatch.setattr(RollingParquetWriter, "write", spy_write)
+    monkeypatch.setattr(shard, "_index_unit", spy_index_unit)
     run_stage(shard, [records_manifest(synthetic(400, seed=22), stage="validate", parts=2)], make_cfg(), ctx)
-    assert readers == {"c2m-prefetch"} and writers == {threading.current_thread().name}
+    me = threading.current_thread().name
+    assert readers == {"c2m-prefetch"}
+    assert writers == {"train": {me}, "validation": {"c2m-prefetch"}, "test": {"c2m-prefetch"}}
+    # a cold pass indexes the first part before it starts (to know it is cold), the others as it reads them
+    assert indexers == {me, "c2m-prefetch"}
+
+
+def test_cold_pass_writes_what_a_pass_after_a_full_index_writes(make_cfg, ctx, records_manifest):
+    """The cold pass indexes parts while it writes; a rerun with the index cached (a new shard config)
+    indexes nothing and walks the complete index first. Same records, same files, byte for byte."""
+    up = records_manifest(synthetic(900, seed=23), stage="validate", parts=3)
+    cfg = make_cfg({"shard": {"target_bytes": 20_000, "row_groups_per_shard": 4}})
+    cold = run_stage(shard, [up], cfg, ctx)
+    index_dir = ctx.store.unit_dir("shard-index", "-").parent
+    assert len(list(index_dir.iterdir())) == 3  # written by the cold pass, for the next run
+    # Same shards, other unit keys (a tar beside each): the index is reused, the pass is not cold.
+    other = make_cfg({"shard": {"target_bytes": 20_000, "row_groups_per_shard": 4, "formats": ["parquet", "webdataset"]}})
+    warm = run_stage(shard, [up], other, ctx)
+    assert warm.stats["units_reused"] == 0 and len(list(index_dir.iterdir())) == 3
+    assert cold.stats["shards"]["train"] and len(cold.stats["shards"]["train"]) >= 3
+    for s in cold.stats["shards"]:
+        assert [(e["path"], e["sha256"], e["records"]) for e in cold.stats["shards"][s]] == \
+            [(e["path"], e["sha256"], e["records"]) for e in warm.stats["shards"][s]]
 
 
 # ---------------------------------------------------------------------------------------------
