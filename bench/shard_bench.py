@@ -304,9 +304,11 @@ def main() -> None:
              f"{[round(r['seconds'], 1) for r in pcolds]} s (no split logic); CPU seconds (all threads) ours "
              f"{[round(r['cpu_seconds'], 1) for r in colds]}, peer {[round(r['cpu_seconds'], 1) for r in pcolds]}. Append of {add_mb:.0f} MB: ours "
              f"{app['seconds']:.2f} s, peer {papp['seconds']:.2f} s. The peer's rows-per-file comes from our "
-             "measured bytes per row (it has no byte target). Ours reads the next record batch in a second "
-             "thread while it compresses and writes the current one, and dictionary-encodes only the columns "
-             "whose values repeat (tasks/shard.py DICTIONARY_COLUMNS).")
+             "measured bytes per row (it has no byte target). Ours compresses the largest split in the stage's "
+             "thread while a second thread reads ahead (up to one row group), indexes each part's splits as it "
+             "reaches it and writes the small splits, and a third hashes each shard as it grows; it "
+             "dictionary-encodes only the columns whose values repeat (tasks/shard.py DICTIONARY_COLUMNS). "
+             "Peak RSS is VmHWM in MiB (2^20 bytes).")
     path = write_results("shard_bench", rows, notes, Path(args.results), "shard benchmark",
                          extra={"cold_seconds": {ours: [r["seconds"] for r in colds],
                                                  peer: [r["seconds"] for r in pcolds]}})

@@ -37,8 +37,15 @@ Three decisions live here:
   cache hit); their sha256 is verified by the reader (tokenize) before use.
 
 The per-part index (split of every row, a cached unit per upstream part sha256) is computed from
-the ``id`` and ``metadata`` columns only, so an append reads the text of new parts only (plus the
-records of shards it compacts).
+the ``id`` and ``metadata.parent_id`` columns only, so an append reads the text of new parts only (plus
+the records of shards it compacts). A cold pass (no cached shard where any split's stream starts) does
+not wait for it: its reader thread indexes each part as it reaches it (``_PartIndex.resolve``).
+
+Threads of the write pass (two cores' worth; the stage is one process, docs/scale.md): the stage's own
+thread compresses and writes the largest split (most of the bytes: zstd is most of the pass); a reader
+thread decodes the parts, indexes them (cold pass), splits each batch and writes the small splits
+itself; a store thread hashes each shard as it grows (``GrowingHash``) and moves finished shards into
+their units.
 
 Readers: Hugging Face ``datasets`` (``load_dataset("parquet", data_files=...)``, also with
 ``streaming=True``; tasks/tokenize.py) and ``webdataset`` for the tars (``read_webdataset``).
