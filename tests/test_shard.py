@@ -430,11 +430,12 @@ def test_stage_rejects_a_non_record_file(make_cfg, ctx, records_manifest, tmp_pa
         run_stage(shard, [up], make_cfg(), ctx)
 
 
-def test_stage_names_a_truncated_part(make_cfg, ctx, records_manifest):
-    up = records_manifest(synthetic(50), stage="validate")
-    bad = up.files_with("data")[0]
+@pytest.mark.parametrize("which", [0, 2])  # 2: indexed by the cold pass's reader thread, after writing began
+def test_stage_names_a_truncated_part(make_cfg, ctx, records_manifest, which):
+    up = records_manifest(synthetic(300), stage="validate", parts=3)
+    bad = sorted(up.files_with("data"))[which]
     bad.write_bytes(bad.read_bytes()[:-100])
-    with pytest.raises(StageError, match=r"000000\.parquet: not a readable Parquet file.*c2m run"):
+    with pytest.raises(StageError, match=rf"{bad.name}: not a readable Parquet file.*c2m run"):
         run_stage(shard, [up], make_cfg(), ctx)
 
 
