@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from corpus2model.tasks.common.parquet import open_parquet
 from corpus2model.tasks.stage import StageError
 
 SUBCOMMANDS = ("ingest", "clean", "dedup")
@@ -206,7 +207,7 @@ def _check_record_parquet(path: Path, fix: str) -> int:
     from corpus2model.schemas.records import RECORD_SCHEMA
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
     except (OSError, pa.ArrowException) as e:
         raise StageError(f"{path}: not a readable Parquet file ({e}); {fix}") from None
     if not pf.schema_arrow.equals(RECORD_SCHEMA, check_metadata=False):
@@ -426,7 +427,7 @@ def _id_stream(paths):
     import pyarrow.parquet as pq
 
     for p in paths:
-        pf = pq.ParquetFile(p)
+        pf = open_parquet(p)
         for batch in pf.iter_batches(batch_size=8192, columns=["id", "metadata"]):
             for rid, md in zip(batch.column("id").to_pylist(), batch.column("metadata").to_pylist()):
                 md = md or {}

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from corpus2model.tasks.common.parquet import open_parquet
 from corpus2model.tasks.text.filters import filter_document, strip_gutenberg
 from corpus2model.tasks.text.pii import mask_pii
 from corpus2model.schemas.records import (PAIR_SCHEMA, PAIR_TEXT_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, pairs_table,
@@ -337,7 +338,7 @@ def clean_record(record: dict, cfg) -> tuple[dict | None, str | None, str]:
 # one unit = one input part
 # ---------------------------------------------------------------------------------------------
 def _check_schema(path: Path, pairs: bool = False) -> pq.ParquetFile:
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path)
     schema = pf.schema_arrow
     expected, what, name = (PAIR_SCHEMA, "preference records", "PAIR_SCHEMA") if pairs else \
         (RECORD_SCHEMA, "training records", "RECORD_SCHEMA")

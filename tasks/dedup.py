@@ -41,6 +41,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus2model.tasks.common.parquet import open_parquet
 from corpus2model.schemas.records import (PAIR_SCHEMA, PAIR_TEXT_FIELDS, QUARANTINE_SCHEMA, RECORD_SCHEMA, REMOVED_SCHEMA,
                                            normalize_for_hash, quarantine_row, quarantine_table)
 from corpus2model.tasks.common.jsonl import iter_json_objects
@@ -254,7 +255,7 @@ def iter_record_batches(paths: list[Path], stage: str, batch_rows: int = BATCH_R
     or PAIR_SCHEMA for preference records)."""
     what, name = ("preference records", "PAIR_SCHEMA") if schema.equals(PAIR_SCHEMA) else ("training records", "RECORD_SCHEMA")
     for path in paths:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         if not pf.schema_arrow.equals(schema, check_metadata=False):
             raise StageError(
                 f"{stage}: {path} does not hold {what} (schema {pf.schema_arrow}); "
@@ -439,7 +440,7 @@ def _dedup_kind(upstream: Manifest, kind: Kind, c, out_dir: Path, ctx: StageCont
         p = upstream.dir / e.path
         if not p.is_file():
             raise StageError(f"dedup: upstream {upstream.stage} output {upstream.path} lists {e.path} but it is missing; rerun {upstream.stage}")
-        pf = pq.ParquetFile(p)
+        pf = open_parquet(p)
         if not pf.schema_arrow.equals(kind.schema, check_metadata=False):
             raise StageError(f"dedup: {p} does not hold {kind.name} (schema {pf.schema_arrow}); expected schemas.records."
                              f"{'PAIR_SCHEMA' if kind is PAIRS else 'RECORD_SCHEMA'}: rerun the upstream stage that wrote it")

@@ -65,6 +65,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus2model.tasks.common.parquet import open_parquet
 from corpus2model.tasks.stage import (FileEntry, Manifest, StageContext, StageError, Store, Unit, canonical_json,
                                       compute_units, sha256_file)
 
@@ -430,7 +431,7 @@ def iter_records(path: Path, batch_size: int = ENCODE_BATCH) -> Iterator[dict[st
     (it loads torch: seconds and ~150 MB per worker process) and a lock-file cache folder, for the
     same two columns."""
     try:
-        for b in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["input", "target"]):
+        for b in open_parquet(path).iter_batches(batch_size=batch_size, columns=["input", "target"]):
             yield {"input": b.column(0).to_pylist(), "target": b.column(1).to_pylist()}
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"shard {path} could not be read ({e}); rerun `c2m run`") from None
@@ -485,7 +486,7 @@ def _pair_texts(paths: list[Path], max_bytes: int) -> Iterator[list[str]]:
     seen = 0
     for path in paths:
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=ENCODE_BATCH, columns=["prompt", "chosen", "rejected"])
+            batches = open_parquet(path).iter_batches(batch_size=ENCODE_BATCH, columns=["prompt", "chosen", "rejected"])
             for b in batches:
                 texts = [t or "" for col in b.columns for t in col.to_pylist()]
                 yield texts

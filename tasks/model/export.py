@@ -289,9 +289,10 @@ def calibration_sequences(packed_train: Path, n: int, length: int, seed: int = 0
     train blocks with a seeded generator: the same data and settings give the same calibration set.
     Each is a block's first ``length`` tokens with trailing padding removed."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(packed_train)
+    from corpus2model.tasks.common.parquet import open_parquet
+
+    pf = open_parquet(packed_train)
     total = pf.metadata.num_rows
     if total == 0:
         raise ExportError(f"{packed_train}: no packed train blocks to calibrate static INT8 on")
