@@ -771,7 +771,9 @@ def _shard_kind(upstream: Manifest, kind: Kind, c, ctx: StageContext, out_dir: P
         storing = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="c2m-shard-store"))
         writers = {}
         for s in names:
-            if not cold and write_from[s] >= streams[s].total or splits[s] <= 0:
+            # a split with nothing to write gets no writer (a cold pass knows no totals yet: every split with
+            # a positive fraction has rows in the first part, _starts_cold checked it)
+            if splits[s] <= 0 or (not cold and write_from[s] >= streams[s].total):
                 continue
             state = {"g": write_from[s]}
 
